@@ -1,0 +1,10 @@
+"""bisup: W4A4 / W3A3 LLM quantization with bidirectional error suppression.
+
+Public API grows here; kernels are reached through `bisup.ops`, semantics in `bisup.reference`.
+"""
+import torch  # noqa: F401  (must be imported before the extension)
+
+from bisup import ops, reference  # noqa: F401
+from bisup._ext import has_cuda_kernels  # noqa: F401
+
+__version__ = "0.1.0"

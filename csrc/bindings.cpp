@@ -1,0 +1,48 @@
+// Operator schemas (torch.ops.bisup.*), their CPU/CUDA registrations, and the pybind11 module.
+// Each op family keeps its lines together; semantics live in bisup/reference.py.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(bisup, m) {
+  // packing
+  m.def("pack_int4(Tensor q, bool is_signed=True) -> Tensor");
+  m.def("unpack_int4(Tensor packed, bool is_signed=True) -> Tensor");
+  m.def("pack_int3(Tensor q, bool is_signed=True) -> Tensor");
+  m.def("unpack_int3(Tensor packed, bool is_signed=True) -> Tensor");
+  // activation quantization
+  m.def("quantize_pack(Tensor x, int bits, int group_size, bool sym=True, float clip_ratio=1.0) -> (Tensor, Tensor, Tensor)");
+  m.def("dequantize(Tensor q, Tensor scale, Tensor? zero, int group_size, ScalarType out_dtype) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(bisup, CPU, m) {
+  m.impl("pack_int4", &bisup::pack_int4_cpu);
+  m.impl("unpack_int4", &bisup::unpack_int4_cpu);
+  m.impl("pack_int3", &bisup::pack_int3_cpu);
+  m.impl("unpack_int3", &bisup::unpack_int3_cpu);
+  m.impl("quantize_pack", &bisup::quantize_pack_cpu);
+  m.impl("dequantize", &bisup::dequantize_cpu);
+}
+
+#ifdef BISUP_WITH_CUDA
+TORCH_LIBRARY_IMPL(bisup, CUDA, m) {
+  m.impl("pack_int4", &bisup::pack_int4_cuda);
+  m.impl("unpack_int4", &bisup::unpack_int4_cuda);
+  m.impl("pack_int3", &bisup::pack_int3_cuda);
+  m.impl("unpack_int3", &bisup::unpack_int3_cuda);
+  m.impl("quantize_pack", &bisup::quantize_pack_cuda);
+  m.impl("dequantize", &bisup::dequantize_cuda);
+}
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "bisup C++/CUDA kernels; the ops are registered as torch.ops.bisup.*";
+  m.def("has_cuda_kernels", [] {
+#ifdef BISUP_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether this build contains the CUDA kernels");
+}
