@@ -35,8 +35,7 @@ test-python:
 	$(PYTHON) -m pytest -q tests/python
 
 test-cpp:
-	$(BUILD_LOCK) cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release \
-		-DCMAKE_PREFIX_PATH="$$($(PYTHON) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
+	$(BUILD_LOCK) cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$$(command -v $(PYTHON))"
 	$(BUILD_LOCK) cmake --build build/cmake -j $(MAX_JOBS)
 	cd build/cmake && ctest --output-on-failure
 

@@ -1,0 +1,25 @@
+"""Shared fixtures: every parity test runs on CPU, and on CUDA when a GPU is visible."""
+import pytest
+import torch
+
+import bisup
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and bisup.has_cuda_kernels() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def gen():
+    """A seeded generator so every test's random data is reproducible."""
+    return torch.Generator().manual_seed(0)
+
+
+def poison_like(t: torch.Tensor) -> torch.Tensor:
+    """A tensor of t's shape filled with a value no kernel should produce (NaN / -1 bytes)."""
+    if t.is_floating_point():
+        return torch.full_like(t, float("nan"))
+    return torch.full_like(t, -1 if t.dtype.is_signed else 0xAB)
