@@ -14,6 +14,8 @@ namespace bisup {
 
 constexpr float kFp16Max = 65504.0f;
 
+BISUP_HD float clampf(float v, float lo, float hi) { return fminf(fmaxf(v, lo), hi); }
+
 // fp32 -> nearest fp16 value, returned as fp32 (round to nearest even, like a.to(float16)).
 BISUP_HD float round_to_fp16(float v);
 
@@ -25,6 +27,15 @@ BISUP_HD float finalize_scale(float s) {
   return h > 0.0f ? h : 1.0f;
 }
 
+BISUP_HD float round_half_even(float v);
+
+// Asymmetric zero point: z = round(-(clip * min) / s), NOT clamped to the code range (a group
+// that lies entirely on one side of 0 still uses all 2^b codes), then rounded to fp16 as stored.
+BISUP_HD float zero_point(float lo_clipped, float s) {
+  const float z = clampf(round_half_even(-lo_clipped / s), -kFp16Max, kFp16Max);
+  return z < 0.0f ? -round_to_fp16(-z) : round_to_fp16(z);
+}
+
 BISUP_HD float round_half_even(float v) {
 #ifdef __CUDA_ARCH__
   return rintf(v);
@@ -32,8 +43,6 @@ BISUP_HD float round_half_even(float v) {
   return std::nearbyint(v);
 #endif
 }
-
-BISUP_HD float clampf(float v, float lo, float hi) { return fminf(fmaxf(v, lo), hi); }
 
 // Symmetric: q = clamp(round(x / s), -2^(b-1), 2^(b-1)-1).
 BISUP_HD int quantize_sym(float x, float s, int bits) {

@@ -5,8 +5,10 @@ One formula serves the fake-quant used in simulation and QA fine-tuning and the 
 
     symmetric : s = (clip * max|x|) / (2^(b-1) - 1),            q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1)
     asymmetric: s = (clip_hi * max x - clip_lo * min x) / (2^b - 1),
-                z = clamp(round(-(clip_lo * min x) / s), 0, 2^b - 1),  q = clamp(round(x / s) + z, 0, 2^b - 1)
+                z = round(-(clip_lo * min x) / s)  (not clamped: one-sided groups keep all codes),
+                q = clamp(round(x / s) + z, 0, 2^b - 1)
 
+With scale_dtype=float16 (what the kernels store) s and z are rounded to fp16 before use.
 Scales that come out as 0 (an all-zero group, or fp16 underflow) become 1, never 0 or NaN.
 Rounding is round-half-to-even everywhere (torch.round, std::nearbyint, rintf).
 
@@ -83,7 +85,9 @@ def group_params(
     lo = xf.amin(dim=-1, keepdim=True)
     lo_c = lo_clip * lo
     s = _finalize_scale((clip_hi * hi - lo_c) / qmax, scale_dtype)
-    z = torch.clamp(round_ste(-lo_c / s), 0, qmax)
+    z = round_ste(-lo_c / s)
+    if scale_dtype is not None:
+        z = z.clamp(-FP16_MAX, FP16_MAX).to(scale_dtype).to(torch.float32)
     return s, z
 
 

@@ -66,7 +66,7 @@ void quantize_rows(const T* x, uint8_t* q, c10::Half* scale, c10::Half* zero, in
       } else {
         const float qmax = float((1 << bits) - 1);
         s = finalize_scale((clip * hi - clip * lo) / qmax);
-        z = clampf(round_half_even(-(clip * lo) / s), 0.f, qmax);
+        z = zero_point(clip * lo, s);
         zero[rg] = c10::Half(z);
       }
       scale[rg] = c10::Half(s);

@@ -55,7 +55,7 @@ __global__ void quantize_pack_kernel(const T* __restrict__ x, uint8_t* __restric
   } else {
     const float qmax = float((1 << bits) - 1);
     s = finalize_scale((clip * hi - clip * lo) / qmax);
-    z = clampf(round_half_even(-(clip * lo) / s), 0.f, qmax);
+    z = zero_point(clip * lo, s);
   }
   if (lane == 0) {
     scale[rg] = __float2half_rn(s);
