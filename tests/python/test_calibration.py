@@ -1,0 +1,102 @@
+"""Block-by-block calibration: layer inputs, collected statistics and memory vs a full-model run."""
+import gc
+import weakref
+
+import pytest
+import torch
+
+from bisup.methods.calibration import capture_layer_inputs, iterate_layers
+from bisup.models.adapters import get_adapter
+from bisup.models.tiny import FAMILIES, random_tokens, tiny_model
+
+
+def _direct_inputs(model, adapter, ids):
+    """Every decoder linear's input, from hooks during one ordinary model forward."""
+    seen = {}
+    handles = []
+    for i, layer in enumerate(adapter.layers()):
+        for name in adapter.linear_names():
+            def hook(module, args, key=(i, name)):
+                seen.setdefault(key, []).append(args[0].detach().reshape(-1, args[0].shape[-1]).double())
+            handles.append(adapter.get_linear(layer, name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: torch.cat(v) for k, v in seen.items()}, out.hidden_states
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stats_and_layer_outputs_match_full_model(family):
+    model = tiny_model(family, num_layers=3)
+    adapter = get_adapter(model)
+    ids = random_tokens(5, 24, seed=1)  # seq 24 > Gemma3's sliding window of 8
+    direct, hidden_states = _direct_inputs(model, adapter, ids)
+
+    visited = []
+    # batch_size 2 makes an uneven last chunk; stats must still add up over all 5 x 24 tokens
+    for index, layer, inputs in iterate_layers(model, adapter, ids, progress=False, stats=("hessian", "channel"),
+                                               sequential=False, batch_size=2):
+        visited.append(index)
+        torch.testing.assert_close(torch.cat(inputs.hidden).double(), hidden_states[index].double(), rtol=1e-5, atol=1e-5)
+        for name in adapter.linear_names():
+            x = direct[(index, name)]
+            st = inputs.stats[name]
+            assert st.tokens == x.shape[0] == 5 * 24
+            torch.testing.assert_close(st.hessian().double(), x.T @ x / x.shape[0], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(st.abs_max.double(), x.abs().amax(0), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(st.mean_square().double(), x.square().mean(0), rtol=1e-4, atol=1e-6)
+    assert visited == list(range(adapter.num_layers))
+
+
+def test_sequential_feeds_modified_layer_output():
+    """With sequential=True the next layer sees the outputs of the layer as the caller left it."""
+    model = tiny_model("llama", num_layers=2)
+    adapter = get_adapter(model)
+    ids = random_tokens(3, 16, seed=2)
+    seen = {}
+    for index, layer, inputs in iterate_layers(model, adapter, ids, progress=False, sequential=True):
+        seen[index] = torch.cat(inputs.hidden)
+        if index == 0:
+            with torch.no_grad():
+                adapter.o_proj(layer).weight.mul_(0.5)  # "quantize" layer 0
+    _, hidden_states = _direct_inputs(model, adapter, ids)  # the model now holds the modified layer 0
+    torch.testing.assert_close(seen[1], hidden_states[1], rtol=1e-5, atol=1e-5)
+
+    # and sequential=False would have passed the unmodified output on
+    model2 = tiny_model("llama", num_layers=2)
+    _, fp_states = _direct_inputs(model2, get_adapter(model2), ids)
+    assert not torch.allclose(seen[1], fp_states[1], atol=1e-4)
+
+
+def test_memory_bounded_to_one_layer():
+    """The inputs of layer i are released by the time layer i+1 is yielded; the model is restored."""
+    model = tiny_model("llama", num_layers=4)
+    adapter = get_adapter(model)
+    ids = random_tokens(4, 16, seed=3)
+    refs = []
+    for index, layer, inputs in iterate_layers(model, adapter, ids, progress=False, stats=()):
+        gc.collect()
+        if index > 0:
+            assert all(r() is None for r in refs[index - 1]), f"layer {index - 1} inputs still alive at layer {index}"
+        refs.append([weakref.ref(h) for h in inputs.hidden])
+        del inputs
+    # the stubs are gone and the model runs normally again
+    assert all("forward" not in layer.__dict__ for layer in adapter.layers())
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_capture_records_every_layer_and_rejects_bad_batches():
+    model = tiny_model("gemma3", num_layers=2)
+    adapter = get_adapter(model)
+    cap = capture_layer_inputs(model, adapter, random_tokens(3, 12), batch_size=2)
+    assert [h.shape[0] for h in cap.hidden] == [2, 1]
+    assert len(cap.layer_kwargs) == 2 and all(len(kw) == 2 for kw in cap.layer_kwargs)
+    assert "position_embeddings" in cap.layer_kwargs[0][0]
+    with pytest.raises(ValueError, match="LongTensor"):
+        capture_layer_inputs(model, adapter, torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="unknown statistics"):
+        next(iterate_layers(model, adapter, random_tokens(1, 4), progress=False, stats=("bogus",)))
