@@ -19,10 +19,12 @@ CPU_SOURCES = [
     "csrc/bindings.cpp",
     "csrc/cpu/pack.cpp",
     "csrc/cpu/quantize.cpp",
+    "csrc/cpu/hadamard.cpp",
 ]
 CUDA_SOURCES = [
     "csrc/cuda/pack.cu",
     "csrc/cuda/quantize.cu",
+    "csrc/cuda/hadamard.cu",
 ]
 DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0a"
 

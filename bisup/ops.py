@@ -99,3 +99,21 @@ def _(x, bits, group_size, sym=True, clip_ratio=1.0):
 @torch.library.register_fake("bisup::dequantize")
 def _(q, scale, zero, group_size, out_dtype):
     return q.new_empty(_with_last(q, q.shape[-1] * 2), dtype=out_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# hadamard transform
+# --------------------------------------------------------------------------------------------
+def hadamard(x: torch.Tensor, base: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Fast orthonormal transform y = x @ (S_p / sqrt(p) (x) base)^T along the last dim n = p * m.
+
+    x: contiguous fp16/bf16/fp32 [..., n]; base: contiguous fp32 [m, m] on x's device (None: m = 1,
+    a plain normalized Walsh-Hadamard transform). bisup.rotation.hadamard_base(n) gives the base
+    for which this equals x @ bisup.rotation.hadamard_matrix(n)^T. CUDA: n <= 32768.
+    """
+    return _ops.hadamard(x, base)
+
+
+@torch.library.register_fake("bisup::hadamard")
+def _(x, base=None):
+    return torch.empty_like(x)

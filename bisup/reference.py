@@ -119,3 +119,32 @@ def dequantize(
     z = 0.0 if zero is None else zero.to(torch.float32).unsqueeze(-1)
     out = (vg - z) * scale.to(torch.float32).unsqueeze(-1)
     return out.reshape(vals.shape).to(out_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# hadamard transform
+# --------------------------------------------------------------------------------------------
+def hadamard(x: torch.Tensor, base: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x @ (S_p / sqrt(p) (x) B)^T along the last dim n = p * m (p a power of two).
+
+    S_p is the Sylvester (Walsh-Hadamard) matrix of order p, B an orthonormal m x m base
+    (fp32; None means m = 1), so y is an orthonormal transform of x: with
+    B = bisup.rotation.hadamard_base(n) it is x @ hadamard_matrix(n)^T. Computed in float64,
+    returned in x's dtype.
+    """
+    n = x.shape[-1]
+    m = 1 if base is None else base.shape[0]
+    if base is not None and (base.dim() != 2 or base.shape[1] != m):
+        raise ValueError(f"hadamard: base must be square, got {tuple(base.shape)}")
+    p = n // m if n % m == 0 else 0
+    if p < 1 or p & (p - 1):
+        raise ValueError(f"hadamard: n / m must be a power of two, got n={n}, m={m}")
+    y = x.to(torch.float64).reshape(-1, p, m)
+    if base is not None:
+        y = y @ base.to(torch.float64).T
+    h = 1
+    while h < p:  # butterflies over the chunk index: pairs (a, a + h) with bit h of a clear
+        y = y.reshape(-1, p // (2 * h), 2, h, m)
+        y = torch.stack([y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]], dim=2)
+        h *= 2
+    return (y.reshape(x.shape) / p**0.5).to(x.dtype)

@@ -14,6 +14,8 @@ TORCH_LIBRARY(bisup, m) {
   // activation quantization
   m.def("quantize_pack(Tensor x, int bits, int group_size, bool sym=True, float clip_ratio=1.0) -> (Tensor, Tensor, Tensor)");
   m.def("dequantize(Tensor q, Tensor scale, Tensor? zero, int group_size, ScalarType out_dtype) -> Tensor");
+  // hadamard transform
+  m.def("hadamard(Tensor x, Tensor? base=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bisup, CPU, m) {
@@ -23,6 +25,7 @@ TORCH_LIBRARY_IMPL(bisup, CPU, m) {
   m.impl("unpack_int3", &bisup::unpack_int3_cpu);
   m.impl("quantize_pack", &bisup::quantize_pack_cpu);
   m.impl("dequantize", &bisup::dequantize_cpu);
+  m.impl("hadamard", &bisup::hadamard_cpu);
 }
 
 #ifdef BISUP_WITH_CUDA
@@ -33,6 +36,7 @@ TORCH_LIBRARY_IMPL(bisup, CUDA, m) {
   m.impl("unpack_int3", &bisup::unpack_int3_cuda);
   m.impl("quantize_pack", &bisup::quantize_pack_cuda);
   m.impl("dequantize", &bisup::dequantize_cuda);
+  m.impl("hadamard", &bisup::hadamard_cuda);
 }
 #endif
 

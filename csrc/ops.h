@@ -33,7 +33,13 @@ void check_quantize_pack_args(const at::Tensor& x, int64_t bits, int64_t group_s
 void check_dequantize_args(const at::Tensor& q, const at::Tensor& scale,
                            const std::optional<at::Tensor>& zero, int64_t group_size);
 
+// ---- hadamard transform (hadamard.cpp / hadamard.cu) ----
+// y = x @ (S_p / sqrt(p) (x) base)^T along the last dim n = p * m; base: fp32 [m, m] or none (m = 1).
+int64_t check_hadamard_args(const at::Tensor& x, const std::optional<at::Tensor>& base);  // returns m
+at::Tensor hadamard_cpu(const at::Tensor& x, const std::optional<at::Tensor>& base);
+
 #ifdef BISUP_WITH_CUDA
+at::Tensor hadamard_cuda(const at::Tensor& x, const std::optional<at::Tensor>& base);
 at::Tensor pack_int4_cuda(const at::Tensor& q, bool is_signed);
 at::Tensor unpack_int4_cuda(const at::Tensor& packed, bool is_signed);
 at::Tensor pack_int3_cuda(const at::Tensor& q, bool is_signed);
