@@ -19,6 +19,9 @@ CPU_SOURCES = [
     "csrc/bindings.cpp",
     "csrc/cpu/pack.cpp",
     "csrc/cpu/quantize.cpp",
+    "csrc/cpu/gemm.cpp",
+    "csrc/cpu/kv_quantize.cpp",
+    "csrc/cpu/attention.cpp",
     "csrc/cpu/hadamard.cpp",
 ]
 CUDA_SOURCES = [

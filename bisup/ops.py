@@ -102,6 +102,44 @@ def _(q, scale, zero, group_size, out_dtype):
 
 
 # --------------------------------------------------------------------------------------------
+# W4A4 / W3A3 group-scaled GEMM
+# --------------------------------------------------------------------------------------------
+def gemm(
+    a_q: torch.Tensor,
+    a_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    *,
+    a_bits: int,
+    w_bits: int,
+    group_size: int,
+    out_dtype: torch.dtype = torch.float16,
+    bias: Optional[torch.Tensor] = None,
+    a_outlier: Optional[torch.Tensor] = None,
+    a_outlier_scale: Optional[torch.Tensor] = None,
+    w_outlier: Optional[torch.Tensor] = None,
+    w_outlier_scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """y[M, N] = sum_g a_scale*w_scale*dot_g (+ INT8 outlier segment) (+ bias), in out_dtype.
+
+    a_q: quantize_pack output uint8 [M, K/2] (values of a_bits in {3, 4}), a_scale fp16 [M, G];
+    w_q: pack_int4 (w_bits=4) or pack_int3 (w_bits=3) of [N, K], w_scale fp16 [N, G];
+    outliers (all or none): a_outlier int8 [M, Ko], a_outlier_scale fp16 [M], w_outlier int8
+    [N, Ko], w_outlier_scale fp16 [N]. K % 32 == 0, Ko % 16 == 0. Semantics: reference.gemm.
+    """
+    return _ops.gemm(
+        a_q, a_scale, w_q, w_scale, a_bits, w_bits, group_size, out_dtype,
+        bias, a_outlier, a_outlier_scale, w_outlier, w_outlier_scale,
+    )
+
+
+@torch.library.register_fake("bisup::gemm")
+def _(a_q, a_scale, w_q, w_scale, a_bits, w_bits, group_size, out_dtype, bias=None,
+      a_outlier=None, a_outlier_scale=None, w_outlier=None, w_outlier_scale=None):
+    return a_q.new_empty([a_q.shape[0], w_q.shape[0]], dtype=out_dtype)
+
+
+# --------------------------------------------------------------------------------------------
 # hadamard transform
 # --------------------------------------------------------------------------------------------
 def hadamard(x: torch.Tensor, base: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -117,3 +155,75 @@ def hadamard(x: torch.Tensor, base: Optional[torch.Tensor] = None) -> torch.Tens
 @torch.library.register_fake("bisup::hadamard")
 def _(x, base=None):
     return torch.empty_like(x)
+
+
+# --------------------------------------------------------------------------------------------
+# KV cache quantization and mixed-precision attention
+# --------------------------------------------------------------------------------------------
+def _kv_row_bytes(head_dim: int, bits: int) -> int:
+    return {8: head_dim, 4: head_dim // 2, 3: head_dim // 32 * 12}.get(bits, head_dim)
+
+
+def kv_quantize(x: torch.Tensor, bits: int, group_size: int = -1) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric per-token, per-head quantization of KV x [..., D] along head_dim.
+
+    Returns (codes uint8 [..., D*bits/8], scale fp16 [..., G], zero fp16 [..., G]); bits in {3, 4, 8}
+    (4 bits: the same bytes as quantize_pack(x, 4, group_size, sym=False)).
+    """
+    return _ops.kv_quantize(x, bits, group_size)
+
+
+def kv_dequantize(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int = -1,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Inverse of kv_quantize: (code - zero) * scale in fp32, returned as out_dtype [..., D]."""
+    return _ops.kv_dequantize(q, scale, zero, bits, group_size, out_dtype)
+
+
+def attention(
+    q: torch.Tensor,
+    k_prompt: torch.Tensor,
+    v_prompt: torch.Tensor,
+    k_q: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_zero: torch.Tensor,
+    v_q: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_zero: torch.Tensor,
+    *,
+    kv_bits: int,
+    group_size: int = -1,
+    softmax_scale: Optional[float] = None,
+    causal: bool = True,
+    seq_lens: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Attention over concat(prompt K/V [B, Hkv, P, D] in q's dtype, dequant(packed K/V [B, Hkv, S, ...])).
+
+    q [B, Hq, Tq, D] -> [B, Hq, Tq, D]. GQA (Hq multiple of Hkv); causal masking aligned to the end
+    of the logical sequence (query i sees keys j <= P + len - Tq + i); seq_lens [B]: valid length of
+    the quantized segment per batch entry. Rows that see no key are zero. See bisup/reference.py.
+    """
+    return _ops.attention(q, k_prompt, v_prompt, k_q, k_scale, k_zero, v_q, v_scale, v_zero,
+                          kv_bits, group_size, softmax_scale, causal, seq_lens)
+
+
+@torch.library.register_fake("bisup::kv_quantize")
+def _(x, bits, group_size=-1):
+    d = x.shape[-1]
+    groups = 1 if group_size == -1 else d // group_size
+    q = x.new_empty(_with_last(x, _kv_row_bytes(d, bits)), dtype=torch.uint8)
+    scale = x.new_empty(_with_last(x, groups), dtype=torch.float16)
+    return q, scale, torch.empty_like(scale)
+
+
+@torch.library.register_fake("bisup::kv_dequantize")
+def _(q, scale, zero, bits, group_size, out_dtype):
+    d = {8: q.shape[-1], 4: q.shape[-1] * 2, 3: q.shape[-1] // 12 * 32}.get(bits, q.shape[-1])
+    return q.new_empty(_with_last(q, d), dtype=out_dtype)
+
+
+@torch.library.register_fake("bisup::attention")
+def _(q, k_prompt, v_prompt, k_q, k_scale, k_zero, v_q, v_scale, v_zero, kv_bits, group_size=-1,
+      softmax_scale=None, causal=True, seq_lens=None):
+    return torch.empty_like(q)

@@ -122,6 +122,113 @@ def dequantize(
 
 
 # --------------------------------------------------------------------------------------------
+# KV cache quantization and mixed-precision attention (docs/formats.md, "KV cache")
+# --------------------------------------------------------------------------------------------
+KV_BITS = (3, 4, 8)
+
+
+def kv_row_bytes(head_dim: int, bits: int) -> int:
+    """Bytes of one packed KV row (one token of one head)."""
+    return {8: head_dim, 4: head_dim // 2, 3: head_dim // 32 * 12}[bits]
+
+
+def kv_quantize(
+    x: torch.Tensor, bits: int, group_size: int = -1
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric per-token, per-head quantization along head_dim: x [..., D] ->
+    (codes uint8 [..., kv_row_bytes(D, bits)], scale fp16 [..., G], zero fp16 [..., G]).
+
+    bits 4 is exactly quantize_pack(x, 4, group_size, sym=False); bits 8 stores one code per
+    byte; bits 3 uses the INT3 block layout.
+    """
+    if bits not in KV_BITS:
+        raise ValueError(f"kv_quantize: bits must be one of {KV_BITS}, got {bits}")
+    if bits == 4:
+        return quantize_pack(x, 4, group_size, sym=False)
+    q, s, z = quantize_groups(x, bits, group_size, sym=False, scale_dtype=torch.float16)
+    codes = q.reshape(x.shape).to(torch.int8 if bits == 3 else torch.uint8)
+    packed = pack_int3(codes, is_signed=False) if bits == 3 else codes
+    return packed, s.squeeze(-1).to(torch.float16), z.squeeze(-1).to(torch.float16)
+
+
+def kv_dequantize(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int = -1,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """(code - zero) * scale in fp32 for packed KV rows; returns [..., D] in out_dtype."""
+    if bits not in KV_BITS:
+        raise ValueError(f"kv_dequantize: bits must be one of {KV_BITS}, got {bits}")
+    if bits == 4:
+        codes = unpack_int4(q, is_signed=False)
+    elif bits == 3:
+        codes = unpack_int3(q, is_signed=False)
+    else:
+        codes = q
+    vals = codes.to(torch.float32)
+    d = vals.shape[-1]
+    g = d if group_size == -1 else group_size
+    vg = vals.reshape(*vals.shape[:-1], d // g, g)
+    out = (vg - zero.to(torch.float32).unsqueeze(-1)) * scale.to(torch.float32).unsqueeze(-1)
+    return out.reshape(vals.shape).to(out_dtype)
+
+
+def attention_mask(
+    batch: int, tq: int, prompt_len: int, quant_len: int, causal: bool,
+    seq_lens: Optional[torch.Tensor] = None, device=None,
+) -> torch.Tensor:
+    """Bool [B, Tq, L] (True = attend) of bisup.ops.attention: key j of batch b is valid when
+    j < P + seq_lens[b]; with causal, query i sees j <= P + seq_lens[b] - Tq + i (queries aligned
+    to the END of the logical sequence)."""
+    total = prompt_len + quant_len
+    lens = torch.full((batch,), quant_len, dtype=torch.int64, device=device) if seq_lens is None else seq_lens.to(device, torch.int64)
+    lens = (lens + prompt_len).view(batch, 1, 1)
+    j = torch.arange(total, device=device).view(1, 1, total)
+    allowed = (j < lens).expand(batch, tq, total)
+    if causal:
+        i = torch.arange(tq, device=device).view(1, tq, 1)
+        allowed = allowed & (j <= lens - tq + i)
+    return allowed
+
+
+def attention(
+    q: torch.Tensor,
+    k_prompt: torch.Tensor,
+    v_prompt: torch.Tensor,
+    k_q: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_zero: torch.Tensor,
+    v_q: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_zero: torch.Tensor,
+    *,
+    kv_bits: int,
+    group_size: int = -1,
+    softmax_scale: Optional[float] = None,
+    causal: bool = True,
+    seq_lens: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """softmax(q K^T * scale) V over K/V = concat(prompt segment, dequant(quantized segment)).
+
+    q [B, Hq, Tq, D]; k/v_prompt [B, Hkv, P, D] (q's dtype); k/v_q packed [B, Hkv, S, row bytes]
+    with scale/zero [B, Hkv, S, G]. GQA: query head h uses KV head h // (Hq / Hkv). Masking:
+    attention_mask(). A query row that sees no key returns zeros. Computed in float64.
+    """
+    b, hq, tq, d = q.shape
+    hkv, p = k_prompt.shape[1], k_prompt.shape[2]
+    s = k_q.shape[2]
+    k = torch.cat([k_prompt.double(), kv_dequantize(k_q, k_scale, k_zero, kv_bits, group_size).double()], dim=2)
+    v = torch.cat([v_prompt.double(), kv_dequantize(v_q, v_scale, v_zero, kv_bits, group_size).double()], dim=2)
+    k = k.repeat_interleave(hq // hkv, dim=1)
+    v = v.repeat_interleave(hq // hkv, dim=1)
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    scores = torch.matmul(q.double(), k.transpose(-1, -2)) * scale  # [B, Hq, Tq, L]
+    allowed = attention_mask(b, tq, p, s, causal, seq_lens, q.device).unsqueeze(1)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key -> 0
+    return torch.matmul(probs, v).to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------
 # hadamard transform
 # --------------------------------------------------------------------------------------------
 def hadamard(x: torch.Tensor, base: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -148,3 +255,59 @@ def hadamard(x: torch.Tensor, base: Optional[torch.Tensor] = None) -> torch.Tens
         y = torch.stack([y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]], dim=2)
         h *= 2
     return (y.reshape(x.shape) / p**0.5).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# GEMM (W4A4 / W3A3 with group scales, optional INT8 outlier segment)
+# --------------------------------------------------------------------------------------------
+def gemm(
+    a_q: torch.Tensor,
+    a_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    *,
+    a_bits: int,
+    w_bits: int,
+    group_size: int,
+    out_dtype: torch.dtype = torch.float16,
+    bias: Optional[torch.Tensor] = None,
+    a_outlier: Optional[torch.Tensor] = None,
+    a_outlier_scale: Optional[torch.Tensor] = None,
+    w_outlier: Optional[torch.Tensor] = None,
+    w_outlier_scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """y[m, n] = sum_g a_scale[m, g] * w_scale[n, g] * dot_g(qa[m], qw[n])
+                 (+ a_outlier_scale[m] * w_outlier_scale[n] * dot(a_outlier[m], w_outlier[n])) (+ bias[n]).
+
+    a_q: INT4 nibbles uint8 [M, K/2] (values of a_bits in {3, 4}); w_q: pack_int4 (w_bits=4,
+    [N, K/2]) or pack_int3 (w_bits=3, [N, 3K/8]); scales fp16 [rows, K/group_size]. Exact: the
+    integer dots and the scaling are done in float64 (integers < 2^53), cast to out_dtype at the end.
+    """
+    if a_bits not in (3, 4) or w_bits not in (3, 4):
+        raise ValueError(f"gemm: a_bits and w_bits must be 3 or 4, got a_bits={a_bits}, w_bits={w_bits}")
+    qa = unpack_int4(a_q).to(torch.float64)
+    qw = (unpack_int4(w_q) if w_bits == 4 else unpack_int3(w_q)).to(torch.float64)
+    m, k = qa.shape
+    n = qw.shape[0]
+    if qw.shape[1] != k:
+        raise ValueError(f"gemm: a_q holds K={k} but w_q holds K={qw.shape[1]}")
+    g = k if group_size == -1 else group_size
+    if g <= 0 or k % g:
+        raise ValueError(f"gemm: K={k} must be a multiple of group_size={group_size}")
+    sa = a_scale.to(torch.float64)
+    sw = w_scale.to(torch.float64)
+    if sa.shape != (m, k // g) or sw.shape != (n, k // g):
+        raise ValueError(f"gemm: scales must be [{m}, {k // g}] and [{n}, {k // g}], got {tuple(sa.shape)}, {tuple(sw.shape)}")
+    y = torch.zeros(m, n, dtype=torch.float64, device=qa.device)
+    for i in range(k // g):  # one float64 matmul per group keeps memory at M*N
+        sl = slice(i * g, (i + 1) * g)
+        y += (qa[:, sl] @ qw[:, sl].T) * sa[:, i : i + 1] * sw[:, i]
+    outliers = (a_outlier, a_outlier_scale, w_outlier, w_outlier_scale)
+    if any(t is not None for t in outliers):
+        if any(t is None for t in outliers):
+            raise ValueError("gemm: give all four outlier tensors or none")
+        dot = a_outlier.to(torch.float64) @ w_outlier.to(torch.float64).T
+        y += dot * a_outlier_scale.to(torch.float64)[:, None] * w_outlier_scale.to(torch.float64)
+    if bias is not None:
+        y += bias.to(torch.float64)
+    return y.to(out_dtype)

@@ -14,8 +14,14 @@ TORCH_LIBRARY(bisup, m) {
   // activation quantization
   m.def("quantize_pack(Tensor x, int bits, int group_size, bool sym=True, float clip_ratio=1.0) -> (Tensor, Tensor, Tensor)");
   m.def("dequantize(Tensor q, Tensor scale, Tensor? zero, int group_size, ScalarType out_dtype) -> Tensor");
+  // KV cache quantization and mixed-precision attention
+  m.def("kv_quantize(Tensor x, int bits, int group_size=-1) -> (Tensor, Tensor, Tensor)");
+  m.def("kv_dequantize(Tensor q, Tensor scale, Tensor zero, int bits, int group_size, ScalarType out_dtype) -> Tensor");
+  m.def("attention(Tensor q, Tensor k_prompt, Tensor v_prompt, Tensor k_q, Tensor k_scale, Tensor k_zero, Tensor v_q, Tensor v_scale, Tensor v_zero, int kv_bits, int group_size=-1, float? softmax_scale=None, bool causal=True, Tensor? seq_lens=None) -> Tensor");
   // hadamard transform
   m.def("hadamard(Tensor x, Tensor? base=None) -> Tensor");
+  // W4A4 / W3A3 group-scaled GEMM
+  m.def("gemm(Tensor a_q, Tensor a_scale, Tensor w_q, Tensor w_scale, int a_bits, int w_bits, int group_size, ScalarType out_dtype, Tensor? bias=None, Tensor? a_outlier=None, Tensor? a_outlier_scale=None, Tensor? w_outlier=None, Tensor? w_outlier_scale=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bisup, CPU, m) {
@@ -25,7 +31,11 @@ TORCH_LIBRARY_IMPL(bisup, CPU, m) {
   m.impl("unpack_int3", &bisup::unpack_int3_cpu);
   m.impl("quantize_pack", &bisup::quantize_pack_cpu);
   m.impl("dequantize", &bisup::dequantize_cpu);
+  m.impl("kv_quantize", &bisup::kv_quantize_cpu);
+  m.impl("kv_dequantize", &bisup::kv_dequantize_cpu);
+  m.impl("attention", &bisup::attention_cpu);
   m.impl("hadamard", &bisup::hadamard_cpu);
+  m.impl("gemm", &bisup::gemm_cpu);
 }
 
 #ifdef BISUP_WITH_CUDA

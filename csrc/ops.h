@@ -38,6 +38,47 @@ void check_dequantize_args(const at::Tensor& q, const at::Tensor& scale,
 int64_t check_hadamard_args(const at::Tensor& x, const std::optional<at::Tensor>& base);  // returns m
 at::Tensor hadamard_cpu(const at::Tensor& x, const std::optional<at::Tensor>& base);
 
+// ---- KV-cache quantization (kv_quantize.cpp / kv_quantize.cu) ----
+// Asymmetric per-row (token, head) quantization along head_dim into 3/4/8-bit codes
+// (csrc/kv_format.h). Returns (codes uint8 [..., row bytes], scale fp16 [..., G], zero fp16 [..., G]).
+void check_float_dtype(at::ScalarType dt, const char* what);
+void check_kv_bits_and_group(int64_t head_dim, int64_t bits, int64_t group_size);
+void check_kv_quantize_args(const at::Tensor& x, int64_t bits, int64_t group_size);
+int64_t check_kv_dequantize_args(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
+                                 int64_t bits, int64_t group_size);  // returns head_dim
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_quantize_cpu(const at::Tensor& x, int64_t bits,
+                                                               int64_t group_size);
+at::Tensor kv_dequantize_cpu(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
+                             int64_t bits, int64_t group_size, at::ScalarType out_dtype);
+
+// ---- mixed-precision attention (attention.cpp / attention.cu) ----
+// Attention over concat(prompt K/V in q's dtype, dequant(quantized K/V)); bisup/reference.py.
+struct AttentionDims {
+  int64_t b, hq, hkv, tq, d, p, s, bits, group;
+  double scale;
+};
+AttentionDims check_attention_args(const at::Tensor& q, const at::Tensor& k_prompt, const at::Tensor& v_prompt,
+                                   const at::Tensor& k_q, const at::Tensor& k_scale, const at::Tensor& k_zero,
+                                   const at::Tensor& v_q, const at::Tensor& v_scale, const at::Tensor& v_zero,
+                                   int64_t kv_bits, int64_t group_size, std::optional<double> softmax_scale,
+                                   const std::optional<at::Tensor>& seq_lens);
+at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_prompt, const at::Tensor& v_prompt,
+                         const at::Tensor& k_q, const at::Tensor& k_scale, const at::Tensor& k_zero,
+                         const at::Tensor& v_q, const at::Tensor& v_scale, const at::Tensor& v_zero, int64_t kv_bits,
+                         int64_t group_size, std::optional<double> softmax_scale, bool causal,
+                         const std::optional<at::Tensor>& seq_lens);
+#ifdef BISUP_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_quantize_cuda(const at::Tensor& x, int64_t bits,
+                                                                int64_t group_size);
+at::Tensor kv_dequantize_cuda(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
+                              int64_t bits, int64_t group_size, at::ScalarType out_dtype);
+at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_prompt, const at::Tensor& v_prompt,
+                          const at::Tensor& k_q, const at::Tensor& k_scale, const at::Tensor& k_zero,
+                          const at::Tensor& v_q, const at::Tensor& v_scale, const at::Tensor& v_zero, int64_t kv_bits,
+                          int64_t group_size, std::optional<double> softmax_scale, bool causal,
+                          const std::optional<at::Tensor>& seq_lens);
+#endif
+
 #ifdef BISUP_WITH_CUDA
 at::Tensor hadamard_cuda(const at::Tensor& x, const std::optional<at::Tensor>& base);
 at::Tensor pack_int4_cuda(const at::Tensor& q, bool is_signed);
@@ -51,6 +92,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cuda(const at::Tens
 at::Tensor dequantize_cuda(const at::Tensor& q, const at::Tensor& scale,
                            const std::optional<at::Tensor>& zero, int64_t group_size,
                            at::ScalarType out_dtype);
+#endif
+
+// ---- W4A4 / W3A3 group-scaled GEMM (gemm.cpp / gemm.cu) ----
+// y[M, N] = sum_g sa*sw*dot_g (+ INT8 outlier segment) (+ bias); bisup/reference.py::gemm.
+struct GemmDims {
+  int64_t m, n, k, group, groups, ko;  // ko = 0: no outlier segment
+};
+GemmDims check_gemm_args(const at::Tensor& a_q, const at::Tensor& a_scale, const at::Tensor& w_q, const at::Tensor& w_scale,
+    int64_t a_bits, int64_t w_bits, int64_t group_size, at::ScalarType out_dtype,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& a_outlier,
+    const std::optional<at::Tensor>& a_outlier_scale, const std::optional<at::Tensor>& w_outlier,
+    const std::optional<at::Tensor>& w_outlier_scale);
+at::Tensor gemm_cpu(const at::Tensor& a_q, const at::Tensor& a_scale, const at::Tensor& w_q, const at::Tensor& w_scale,
+    int64_t a_bits, int64_t w_bits, int64_t group_size, at::ScalarType out_dtype,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& a_outlier,
+    const std::optional<at::Tensor>& a_outlier_scale, const std::optional<at::Tensor>& w_outlier,
+    const std::optional<at::Tensor>& w_outlier_scale);
+#ifdef BISUP_WITH_CUDA
+at::Tensor gemm_cuda(const at::Tensor& a_q, const at::Tensor& a_scale, const at::Tensor& w_q, const at::Tensor& w_scale,
+    int64_t a_bits, int64_t w_bits, int64_t group_size, at::ScalarType out_dtype,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& a_outlier,
+    const std::optional<at::Tensor>& a_outlier_scale, const std::optional<at::Tensor>& w_outlier,
+    const std::optional<at::Tensor>& w_outlier_scale);
 #endif
 
 }  // namespace bisup
