@@ -1,0 +1,83 @@
+"""Tiny random-init causal LMs of every supported family, for fast tests (no downloads).
+
+Widths are deliberately not powers of two (48, 80, 96, 160, 192) so that rotations and group
+quantization are exercised on awkward sizes; every width is a multiple of 16 (the test group size).
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config
+
+FAMILIES = ("llama", "qwen2", "qwen3", "gemma3")
+TINY_VOCAB = 128
+TINY_GROUP = 16  # divides every width below
+
+
+def tiny_config(family: str, num_layers: int = 2):
+    """A small config of `family` (llama / qwen2 / qwen3 / gemma3)."""
+    common = dict(vocab_size=TINY_VOCAB, num_hidden_layers=num_layers, max_position_embeddings=256, rms_norm_eps=1e-6)
+    if family == "llama":
+        # head_dim 32, GQA 3:1, hidden 96, intermediate 160, tied embeddings like SmolLM2
+        return LlamaConfig(hidden_size=96, intermediate_size=160, num_attention_heads=3, num_key_value_heads=1,
+                           tie_word_embeddings=True, **common)
+    if family == "qwen2":
+        # q/k/v biases, untied head
+        return Qwen2Config(hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2,
+                           tie_word_embeddings=False, **common)
+    if family == "qwen3":
+        # explicit head_dim, q/k norms
+        return Qwen3Config(hidden_size=80, intermediate_size=96, num_attention_heads=5, num_key_value_heads=1,
+                           head_dim=16, tie_word_embeddings=True, **common)
+    if family == "gemma3":
+        # heads*head_dim (64) != hidden (48), (1 + w) norms, sliding + full layers, scaled embeddings
+        return Gemma3TextConfig(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                                head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                                layer_types=(["sliding_attention", "full_attention"] * num_layers)[:num_layers],
+                                tie_word_embeddings=True, **common)
+    raise ValueError(f"unknown tiny family {family!r}; expected one of {list(FAMILIES)}")
+
+
+def tiny_model(family: str, seed: int = 0, num_layers: int = 2, dtype: torch.dtype = torch.float32,
+               randomize_norms: bool = True):
+    """A random-init model in eval mode. randomize_norms perturbs every RMSNorm weight, so that tests
+    of norm folding / rotation cannot pass by accident with all-ones (or all-zeros for Gemma) norms."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, num_layers), dtype=dtype, attn_implementation="sdpa")
+    if randomize_norms:
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if type(module).__name__.endswith("RMSNorm"):
+                    w = module.weight
+                    w.copy_(w + 0.2 * torch.randn(w.shape, generator=gen).to(w.dtype))
+    return model.eval()
+
+
+def tiny_models(seed: int = 0) -> Dict[str, torch.nn.Module]:
+    return {f: tiny_model(f, seed) for f in FAMILIES}
+
+
+def random_tokens(n: int, seq_len: int, seed: int = 0, vocab: int = TINY_VOCAB) -> torch.Tensor:
+    """LongTensor [n, seq_len] of token ids (calibration / eval data for tiny models)."""
+    return torch.randint(0, vocab, (n, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+class ByteTokenizer:
+    """A stand-in tokenizer for tiny models: UTF-8 bytes folded into the tiny vocabulary."""
+
+    def __init__(self, vocab_size: int = TINY_VOCAB):
+        self.vocab_size = vocab_size
+        self.eos_token_id = 0
+        self.bos_token_id = None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> List[int]:
+        return [b % self.vocab_size for b in text.encode("utf-8")]
+
+    def __call__(self, text: str, return_tensors=None, add_special_tokens: bool = False):
+        ids = self.encode(text)
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
