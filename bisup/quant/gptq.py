@@ -12,9 +12,10 @@ Choices made here (all of them visible in the tests):
   (pending lazy-block updates included). Without act-order that is textbook GPTQ; with act-order
   (columns processed by descending diag(H)) a group's columns may be scattered over the sequence,
   and its scale still sees all of them, already error-compensated.
-- keep_idx (Atom's outlier input channels) leave the group quantizer: they are quantized
-  symmetrically at `keep_bits` with one scale per output row, and are processed LAST, so the
-  high-precision channels absorb the error of the low-bit ones (as Atom does).
+- keep_idx (Atom's outlier input channels) leave the group quantizer: they are quantized at
+  `keep_bits` with one scale per output row (symmetric unless keep_sym=False; default: like the
+  rest, as FakeQuantLinear does), and are processed LAST, so the high-precision channels absorb
+  the error of the low-bit ones (as Atom does).
   The remaining ("normal") channels form the groups: normal channel j (in original order, keep
   channels removed) belongs to group j // group_size; a last partial group is allowed.
 - Dead inputs (H[i, i] == 0: the channel never fired) get H[i, i] = 1 and a zero weight column.
@@ -32,15 +33,17 @@ IndexLike = Union[torch.Tensor, Sequence[int], None]
 
 
 class GPTQResult(NamedTuple):
-    """weight: dequantized [N, K] (weight's dtype); codes: int8 [N, K] in the original column order;
-    scales: fp16 [N, G] of the normal groups; zeros: fp16 [N, G] (all 0 when sym);
-    keep_scales: fp16 [N, 1] of the keep (outlier) channels, or None without keep_idx."""
+    """weight: dequantized [N, K] (weight's dtype); codes: int8 [N, K] in the original column order
+    (int16 only if an asymmetric 8-bit keep segment needs codes above 127); scales/zeros: fp16 [N, G]
+    of the normal groups (zeros all 0 when sym); keep_scales/keep_zeros: fp16 [N, 1] of the keep
+    (outlier) channels, or None without keep_idx."""
 
     weight: torch.Tensor
     codes: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor
     keep_scales: Optional[torch.Tensor] = None
+    keep_zeros: Optional[torch.Tensor] = None
 
 
 def normal_group_index(k: int, group_size: int, keep_idx: IndexLike = None) -> Tuple[torch.Tensor, int]:
@@ -101,6 +104,7 @@ def gptq_quantize(
     block_size: int = 128,
     keep_idx: IndexLike = None,
     keep_bits: int = 8,
+    keep_sym: Optional[bool] = None,
     scale_dtype: Optional[torch.dtype] = torch.float16,
 ) -> GPTQResult:
     """GPTQ-quantize weight [N, K] given the input Hessian [K, K] (any positive scale).
@@ -115,7 +119,8 @@ def gptq_quantize(
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     qmin, qmax = qrange(bits, sym)
-    kmin, kmax = qrange(keep_bits, True)
+    keep_sym = sym if keep_sym is None else keep_sym
+    kmin, kmax = qrange(keep_bits, keep_sym)
     dev = weight.device
 
     keep = _as_index(keep_idx, k)
@@ -164,7 +169,7 @@ def gptq_quantize(
                 cur = _current_columns(w, w1, err1, u, members[g], i1, i2, i)
                 in_keep = g == n_groups
                 s, z = group_params(cur.unsqueeze(1), keep_bits if in_keep else bits,
-                                    True if in_keep else sym, clip, scale_dtype=scale_dtype)
+                                    keep_sym if in_keep else sym, clip, scale_dtype=scale_dtype)
                 scales[:, g], zeros[:, g] = s[:, 0, 0], z[:, 0, 0]
                 ready[g] = True
             lo, hi = (kmin, kmax) if g == n_groups else (qmin, qmax)
@@ -181,10 +186,12 @@ def gptq_quantize(
 
     inv = pos_of.to(dev)
     q_w = q_out[:, inv].to(weight.dtype)
-    codes = codes[:, inv].to(torch.int8)
+    codes = codes[:, inv]
+    codes = codes.to(torch.int8 if codes.numel() == 0 or codes.max() <= 127 else torch.int16)
     half = scale_dtype if scale_dtype is not None else torch.float16
-    keep_scales = scales[:, n_groups:].to(half) if has_keep else None
-    return GPTQResult(q_w, codes, scales[:, :n_groups].to(half), zeros[:, :n_groups].to(half), keep_scales)
+    keep_s = scales[:, n_groups:].to(half) if has_keep else None
+    keep_z = zeros[:, n_groups:].to(half) if has_keep else None
+    return GPTQResult(q_w, codes, scales[:, :n_groups].to(half), zeros[:, :n_groups].to(half), keep_s, keep_z)
 
 
 def _current_columns(w, w1, err1, u, cols, i1, i2, i):
