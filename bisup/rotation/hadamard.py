@@ -250,7 +250,7 @@ def random_orthogonal(n: int, seed: int = 0, dtype=torch.float64) -> torch.Tenso
     a = torch.randn(n, n, generator=g, dtype=torch.float64)
     q, r = torch.linalg.qr(a)
     q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(n, dtype=torch.float64))
-    return q.to(dtype)
+    return q.to(dtype).contiguous()
 
 
 _warned: set = set()
@@ -258,7 +258,7 @@ _warned: set = set()
 
 def hadamard_base(n: int, dtype=torch.float32, device=None) -> torch.Tensor:
     """The orthonormal base B (m x m) of the factored order-n transform (see module doc)."""
-    return _base_f64(n).to(dtype=dtype, device=device)
+    return _base_f64(n).to(dtype=dtype, device=device).contiguous()
 
 
 @functools.lru_cache(maxsize=64)
