@@ -6,5 +6,7 @@ import torch  # noqa: F401  (must be imported before the extension)
 
 from bisup import ops, reference  # noqa: F401
 from bisup._ext import has_cuda_kernels  # noqa: F401
+from bisup.api import load_quantized, quantize_model, save_quantized  # noqa: F401
+from bisup.config import QuantConfig  # noqa: F401
 
 __version__ = "0.1.0"

