@@ -1,0 +1,112 @@
+"""QuaRot: computational invariance of the rotated (unquantized) model, and the quantized paths."""
+import pytest
+import torch
+
+from bisup.config import QuantConfig
+from bisup.methods import quarot
+from bisup.models.adapters import get_adapter
+from bisup.models.tiny import FAMILIES, random_tokens, tiny_model
+from bisup.nn.fake_attention import KVQuantSpec, set_kv_quant
+from bisup.nn.fake_quant import FakeQuantLinear
+from bisup.rotation import fuse
+
+# The models' RMSNorms compute in fp32 even for float64 weights, so float64 bottoms out near 1e-7.
+REL_TOL = {torch.float32: 1e-4, torch.float64: 2e-6}
+FP = dict(method="quarot", w_bits=16, a_bits=16, kv_bits=16)
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rotation_is_invariant(family, dtype):
+    model = tiny_model(family, dtype=dtype)
+    ids = random_tokens(2, 24, seed=1)
+    want = model(ids).logits
+    emb_before = model.get_input_embeddings().weight.detach().clone()
+    adapter = get_adapter(model)
+    quarot.apply(model, adapter, QuantConfig(**FP), None, progress=False)
+    # Q/K head rotation inside attention (what rotate_kv does), with 16-bit "quantization"
+    set_kv_quant(model, [adapter.attention(layer) for layer in adapter.layers()], KVQuantSpec(bits=16, rotate=True))
+    got = model(ids).logits
+    assert rel_err(got, want) < REL_TOL[dtype]
+    # the rotation really happened: embeddings moved, down_proj carries the online Hadamard
+    assert rel_err(model.get_input_embeddings().weight, emb_before) > 0.5
+    down = adapter.down_proj(adapter.layers()[0])
+    assert isinstance(down, FakeQuantLinear) and isinstance(down.input_transform, fuse.HadamardTransform)
+    assert not adapter.tied_embeddings
+    # and is needed: dropping the online Hadamard breaks the model
+    down.input_transform = None
+    assert rel_err(model(ids).logits, want) > 1e-2
+
+
+def test_post_norms_only_for_gemma3():
+    for family, expected in [("llama", []), ("qwen3", []),
+                             ("gemma3", ["post_attention_layernorm", "post_feedforward_layernorm"])]:
+        model = tiny_model(family, num_layers=1)
+        adapter = get_adapter(model)
+        assert quarot._post_norms(adapter, adapter.layers()[0]) == expected
+
+
+def test_fold_online_hadamard_and_hessian():
+    lin = torch.nn.Linear(160, 7, bias=False).double()
+    t = fuse.HadamardTransform(160)
+    x = torch.randn(11, 160, dtype=torch.float64)
+    want = lin(x)
+    quarot.fold_online_hadamard(lin, t)
+    torch.testing.assert_close(lin(t(x)), want)
+    xt = t(x)
+    torch.testing.assert_close(quarot.transform_hessian(x.T @ x, t), xt.T @ xt)
+
+
+@pytest.mark.parametrize("use_gptq", [False, True])
+def test_quantized_quarot_runs_and_beats_plain_rtn_on_outliers(use_gptq):
+    """W4A4 KV4 on a tiny Llama whose residual stream has a few huge channels (what rotations fix)."""
+    model = tiny_model("llama", seed=3)
+    with torch.no_grad():  # massive activation outliers in 3 residual channels
+        model.get_input_embeddings().weight[:, [5, 40, 77]] *= 30
+    ids = random_tokens(2, 32, seed=2)
+    calib = random_tokens(4, 32, seed=5)
+    want = model(ids).logits
+    cfg = QuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_group_size=-1, a_group_size=-1,  # per channel / token
+                      method="quarot", gptq=use_gptq)
+
+    from bisup.methods import rtn
+    plain = tiny_model("llama", seed=3)
+    with torch.no_grad():
+        plain.get_input_embeddings().weight[:, [5, 40, 77]] *= 30
+    rtn.apply(plain, get_adapter(plain), cfg.replace(method="rtn"), calib, progress=False)
+    err_rtn = rel_err(plain(ids).logits, want)
+
+    adapter = get_adapter(model)
+    quarot.apply(model, adapter, cfg, calib, progress=False)
+    got = model(ids).logits
+    assert torch.isfinite(got).all()
+    for layer in adapter.layers():
+        for name in adapter.linear_names():
+            lin = adapter.get_linear(layer, name)
+            assert isinstance(lin, FakeQuantLinear) and lin.quantized and lin.act_quantizer.bits == 4
+        assert adapter.attention(layer).bisup_kv.rotate
+    err_quarot = rel_err(got, want)
+    assert err_quarot < err_rtn, (err_quarot, err_rtn)
+
+
+def test_gptq_needs_calibration():
+    model = tiny_model("qwen2", num_layers=1)
+    with pytest.raises(ValueError, match="calibration"):
+        quarot.apply(model, get_adapter(model), QuantConfig(method="quarot", gptq=True), None, progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("os").environ.get("BISUP_SLOW") != "1", reason="model-sized; set BISUP_SLOW=1")
+def test_smollm2_rotation_is_invariant():
+    """The embedded default (SmolLM2-135M, fp32): ~1 min on 2 cores (rotating 30 layers + 2 forwards)."""
+    from bisup.models.default import load_default_model
+
+    model, _ = load_default_model()
+    ids = torch.randint(0, model.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
+    want = model(ids).logits
+    quarot.apply(model, get_adapter(model), QuantConfig(**FP), None, progress=False)
+    assert rel_err(model(ids).logits, want) < REL_TOL[torch.float32]
