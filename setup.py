@@ -27,6 +27,7 @@ CPU_SOURCES = [
 CUDA_SOURCES = [
     "csrc/cuda/pack.cu",
     "csrc/cuda/quantize.cu",
+    "csrc/cuda/gemm.cu",
     "csrc/cuda/hadamard.cu",
 ]
 DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0a"

@@ -47,6 +47,7 @@ TORCH_LIBRARY_IMPL(bisup, CUDA, m) {
   m.impl("quantize_pack", &bisup::quantize_pack_cuda);
   m.impl("dequantize", &bisup::dequantize_cuda);
   m.impl("hadamard", &bisup::hadamard_cuda);
+  m.impl("gemm", &bisup::gemm_cuda);
 }
 #endif
 
