@@ -4,7 +4,8 @@ The embedded corpus is ~10k English Wikipedia extracts from the `ovos-skill-wiki
 package (data/summaries_en-us.json), used in file order. The last HOLDOUT_FRACTION of the
 documents is held out for evaluation; calibration only ever reads documents before that split, so
 the two never overlap whatever sizes are asked for. WikiText2 / C4 come through `datasets` when
-the network allows, with a clear error otherwise.
+the network allows, with a clear error otherwise. Evaluation reads the END of the held-out part (its
+last tokens), calibration the START of the corpus.
 """
 from __future__ import annotations
 
@@ -76,8 +77,21 @@ def _tokens_from_docs(tokenizer, docs: List[str], n_tokens: int, chunk: int = 64
 
 
 def embedded_eval_tokens(tokenizer, n_tokens: int) -> torch.Tensor:
-    """The first n_tokens of the held-out end of the embedded corpus (1-D LongTensor)."""
-    return _tokens_from_docs(tokenizer, split_documents(corpus_documents())[1], n_tokens)
+    """The LAST n_tokens of the embedded corpus (inside its held-out documents), 1-D LongTensor.
+
+    Documents are taken from the end, more each round, until their tokens cover n_tokens; the tail
+    of the token stream does not depend on how many documents were read.
+    """
+    held_out = split_documents(corpus_documents())[1]
+    m = 16
+    while True:
+        ids = _encode(tokenizer, DOC_SEPARATOR.join(held_out[-m:]))
+        if len(ids) > n_tokens or m >= len(held_out):
+            break
+        m *= 2
+    if len(ids) < n_tokens:
+        raise ValueError(f"the held-out corpus slice holds only {len(ids)} tokens, {n_tokens} were asked for")
+    return torch.tensor(ids[-n_tokens:], dtype=torch.long)
 
 
 def calibration_batches(tokenizer, n: int = 32, seq_len: int = 512) -> torch.Tensor:

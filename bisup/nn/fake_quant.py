@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bisup.quant.quantizer import qrange, quantize_groups
+from bisup.quant.quantizer import FP16_MAX, qrange, quantize_groups, to_groups
 
 OFF_BITS = 16
 SCALE_DTYPE = torch.float16
@@ -62,11 +62,30 @@ def _dequant(codes, scales, zeros, group_size) -> torch.Tensor:
     return q * s
 
 
+def _needs_grad(x, clip) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or (isinstance(clip, torch.Tensor) and clip.requires_grad))
+
+
+def _fast_sym_fake_quant(x, bits, group_size, clip):
+    """Inference-only twin of quantize_groups + dequant (symmetric, K % group == 0): the same fp32
+    operations without the STE bookkeeping, so the result is bit-identical (tests check it)."""
+    qmin, qmax = qrange(bits, True)
+    xg = to_groups(x, group_size).to(torch.float32)
+    s = (clip * xg.abs().amax(dim=-1, keepdim=True)) / qmax
+    s = s.clamp_(max=FP16_MAX).to(SCALE_DTYPE).to(torch.float32)
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.round(xg / s).clamp_(qmin, qmax)
+    return (q * s).reshape(x.shape).to(x.dtype)
+
+
 def fake_quant_channels(x, bits, group_size, sym=True, clip=1.0, outlier_idx=None, outlier_bits=8):
     """Fake-quantize the last dim: outlier channels per row at outlier_bits, the rest in groups."""
     if outlier_idx is None or outlier_idx.numel() == 0:
         if bits >= OFF_BITS:
             return x
+        k = x.shape[-1]
+        if sym and (group_size == -1 or k % group_size == 0) and not _needs_grad(x, clip):
+            return _fast_sym_fake_quant(x, bits, group_size, clip)
         q, s, z = _quantize_ragged(x, bits, group_size, sym, clip)
         return _dequant(q, s, None if sym else z, group_size).to(x.dtype)
     main_idx = complement(outlier_idx, x.shape[-1])
@@ -86,7 +105,7 @@ def complement(idx: torch.Tensor, k: int) -> torch.Tensor:
 def _as_index(idx, device=None) -> Optional[torch.Tensor]:
     if idx is None:
         return None
-    t = torch.as_tensor(idx, dtype=torch.long, device=device).flatten()
+    t = torch.as_tensor(idx, dtype=torch.long, device=device).flatten().clone()  # own copy (no shared storage)
     if t.unique().numel() != t.numel():
         raise ValueError("outlier_idx must not contain duplicates")
     return t

@@ -1,0 +1,84 @@
+import pytest
+import torch
+
+import bisup
+from bisup.config import QuantConfig
+from bisup.models.adapters import get_adapter
+from bisup.models.tiny import FAMILIES, TINY_GROUP, random_tokens, tiny_model
+from bisup.nn.fake_quant import FakeQuantLinear
+from bisup.quant.quantizer import fake_quantize
+
+
+def _cfg(**kw):
+    return QuantConfig(w_group_size=TINY_GROUP, a_group_size=TINY_GROUP, **kw)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rtn_replaces_every_decoder_linear_and_keeps_head_fp(family):
+    model = tiny_model(family)
+    head = model.lm_head.weight.detach().clone()
+    ids = random_tokens(2, 16)
+    with torch.no_grad():
+        ref = model(ids).logits
+    bisup.quantize_model(model, _cfg(), progress=False)
+    a = get_adapter(model)
+    for name, lin in a.named_linears():
+        assert isinstance(lin, FakeQuantLinear), name
+        assert lin.act_quantizer is not None and lin.act_quantizer.bits == 4
+    assert torch.equal(model.lm_head.weight, head)
+    with torch.no_grad():
+        q = model(ids).logits
+    rel = float((q - ref).norm() / ref.norm())
+    assert 1e-4 < rel < 0.6  # perturbed, not destroyed
+
+
+def test_rtn_weights_equal_the_group_quantizer():
+    model = tiny_model("llama")
+    w = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    bisup.quantize_model(model, _cfg(w_bits=3, a_bits=16), progress=False)
+    lin = model.model.layers[0].mlp.down_proj
+    assert lin.act_quantizer is None
+    assert torch.equal(lin.weight, fake_quantize(w, 3, TINY_GROUP, True, scale_dtype=torch.float16))
+
+
+def test_error_shrinks_with_more_bits():
+    ids = random_tokens(2, 16)
+    errs = []
+    for bits in (3, 4, 8):
+        model = tiny_model("qwen2")
+        with torch.no_grad():
+            ref = model(ids).logits
+            bisup.quantize_model(model, _cfg(w_bits=bits, a_bits=bits), progress=False)
+            errs.append(float((model(ids).logits - ref).norm() / ref.norm()))
+    assert errs[0] > errs[1] > errs[2]
+
+
+def test_w16a16_is_exact_and_kv_quant_switches_attention():
+    model = tiny_model("qwen3")
+    ids = random_tokens(1, 16)
+    with torch.no_grad():
+        ref = model(ids).logits
+        bisup.quantize_model(model, _cfg(w_bits=16, a_bits=16, kv_bits=4), progress=False)
+        out = model(ids).logits
+    assert model.config._attn_implementation == "bisup_fakequant"
+    assert not torch.equal(out, ref)  # only the KV cache is quantized
+    torch.testing.assert_close(out, ref, rtol=0.2, atol=0.2)
+
+
+def test_quantize_model_errors():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="calibrates: pass calib_data"):
+        bisup.quantize_model(model, _cfg(method="gptq"), progress=False)
+    with pytest.raises(ValueError, match=r"LongTensor \[n, seq_len\]"):
+        bisup.quantize_model(model, _cfg(method="gptq"), calib_data=torch.zeros(4, dtype=torch.long), progress=False)
+    bisup.quantize_model(model, _cfg(), progress=False)
+    with pytest.raises(ValueError, match="already quantized"):
+        bisup.quantize_model(model, _cfg(), progress=False)
+
+
+def test_real_mode_without_quant_linear_is_a_clear_error(monkeypatch):
+    import bisup.api as api
+
+    monkeypatch.setattr(api, "_real_linear_class", lambda: None)
+    with pytest.raises(NotImplementedError, match="mode='real' needs bisup.nn.QuantLinear"):
+        bisup.quantize_model(tiny_model("llama"), _cfg(mode="real"), progress=False)
