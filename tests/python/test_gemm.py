@@ -180,3 +180,60 @@ def test_gemm_cuda_specific_errors(gen):
     misaligned["a_q"] = torch.zeros(4 * 64 + 1, dtype=torch.uint8, device="cuda")[1:].view(4, 64)
     with pytest.raises(RuntimeError, match="16-byte aligned"):
         ops.gemm(**misaligned, **to_device(kw, "cuda"))
+
+
+# ------------------------------------------------------------------------------------------------
+# A bit-level model of the CUDA INT8-unpack path (csrc/cuda/gemm_ptx.cuh), runnable without a GPU:
+# per lane it takes the bytes ldmatrix / 32-bit loads deliver, applies the same unpack formulas,
+# places the bytes where the mma.m16n8k32 fragment layout says they belong and checks that the
+# product is 256 (W4) or 512 (W3) times the true INT dot. Guards the layout reasoning and the
+# INT3 format against drifting apart; the kernel itself is checked by the CUDA cases above.
+# ------------------------------------------------------------------------------------------------
+def _s8(x):
+    x &= 0xFF
+    return x - 256 if x >= 128 else x
+
+
+def _bytes(u):
+    return [_s8(u >> (8 * j)) for j in range(4)]
+
+
+def _u32(row, off):
+    return int.from_bytes(bytes(row[off : off + 4]), "little")
+
+
+def _prmt(x, y, sel):
+    b = _bytes(x) + _bytes(y)
+    return sum((b[(sel >> (4 * i)) & 0xF] & 0xFF) << (8 * i) for i in range(4))
+
+
+def _int3_quad(lo, hi, s):
+    return ((((lo >> (2 * (s & 3))) & 0x03030303) << 5) | (((hi >> s) & 0x01010101) << 7)) & 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("w_bits", [4, 3])
+def test_int8_unpack_fragment_model(gen, w_bits):
+    even, odd = (lambda p: (p << 4) & 0xF0F0F0F0), (lambda p: p & 0xF0F0F0F0)
+    qa = torch.randint(-8, 8, (16, 32), generator=gen, dtype=torch.int8)
+    qw = torch.randint(-(1 << (w_bits - 1)), 1 << (w_bits - 1), (8, 32), generator=gen, dtype=torch.int8)
+    pa = reference.pack_int4(qa).tolist()
+    pw = (reference.pack_int4(qw) if w_bits == 4 else reference.pack_int3(qw)).tolist()
+    a_tile = torch.zeros(16, 32, dtype=torch.int64)
+    b_tile = torch.zeros(32, 8, dtype=torch.int64)
+    for lane in range(32):
+        g, t = lane >> 2, lane & 3
+        pg, pg8 = _u32(pa[g], 4 * t), _u32(pa[g + 8], 4 * t)  # ldmatrix: bytes 4t..4t+3 of rows g, g+8
+        a = [even(pg), even(pg8), odd(pg), odd(pg8)]
+        if w_bits == 4:
+            pb = _u32(pw[g], 4 * t)
+            b = [even(pb), odd(pb)]
+        else:
+            lo, hi = _u32(pw[g], 4 * (t >> 1)), _u32(pw[g], 8)
+            q0, q1 = _int3_quad(lo, hi, 2 * t), _int3_quad(lo, hi, 2 * t + 1)
+            b = [_prmt(q0, q1, 0x6420), _prmt(q0, q1, 0x7531)]
+        for j in range(4):  # mma.m16n8k32 .s8 fragment positions
+            a_tile[g, 4 * t + j], a_tile[g + 8, 4 * t + j] = _bytes(a[0])[j], _bytes(a[1])[j]
+            a_tile[g, 16 + 4 * t + j], a_tile[g + 8, 16 + 4 * t + j] = _bytes(a[2])[j], _bytes(a[3])[j]
+            b_tile[4 * t + j, g], b_tile[16 + 4 * t + j, g] = _bytes(b[0])[j], _bytes(b[1])[j]
+    factor = 256 if w_bits == 4 else 512
+    assert torch.equal(a_tile @ b_tile, factor * (qa.long() @ qw.long().T))

@@ -1,0 +1,98 @@
+"""bisup.ops.gemm (W4A4 / W3A3, group 128) against torch on the same device, in one run.
+
+    python bench/gemm.py [--device cuda|cpu] [--json out.json] [--w-bits 4,3]
+
+CUDA: Llama-2-7B / Llama-3-8B linear shapes (N x K = 4096x4096, 11008x4096, 4096x11008,
+14336x4096, 4096x14336) for M in {1, 16, 64, 256, 1024, 4096}; columns: our GEMM, the activation
+quantize_pack alone, torch bf16 matmul (cuBLAS) and torch._int_mm (INT8 cuBLAS, where it accepts
+the shape); TOPS = 2*M*N*K / time; speedups are torch time / our GEMM time.
+CPU: a small comparison (fewer shapes / M) against torch fp32 matmul on this machine's threads.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import device_name, print_table, time_fn, write_json  # noqa: E402
+
+from bisup import ops  # noqa: E402
+
+GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336)]  # (N, K)
+GPU_MS = [1, 16, 64, 256, 1024, 4096]
+CPU_SHAPES = [(4096, 4096), (11008, 4096)]
+CPU_MS = [1, 16, 64, 256]
+GROUP = 128
+
+
+def packed_weight(n, k, w_bits, dev, gen):
+    q = torch.randint(-(1 << (w_bits - 1)), 1 << (w_bits - 1), (n, k), generator=gen, dtype=torch.int8).to(dev)
+    w_q = ops.pack_int4(q) if w_bits == 4 else ops.pack_int3(q)
+    w_scale = (torch.rand(n, k // GROUP, generator=gen) * 0.01 + 0.001).half().to(dev)
+    return w_q, w_scale
+
+
+def bench_case(m, n, k, w_bits, dev, gen, min_time):
+    gpu = dev.type == "cuda"
+    x = torch.randn(m, k, generator=gen).to(dev, torch.bfloat16 if gpu else torch.float32)
+    w_q, w_scale = packed_weight(n, k, w_bits, dev, gen)
+    a_q, a_scale, _ = ops.quantize_pack(x, w_bits, GROUP)
+    kw = dict(a_bits=w_bits, w_bits=w_bits, group_size=GROUP, out_dtype=torch.bfloat16 if gpu else torch.float32)
+    t_gemm = time_fn(lambda: ops.gemm(a_q, a_scale, w_q, w_scale, **kw), dev, min_time_s=min_time)
+    t_quant = time_fn(lambda: ops.quantize_pack(x, w_bits, GROUP), dev, min_time_s=min_time)
+    flops = 2.0 * m * n * k
+    row = {"M": m, "N": n, "K": k, "W/A bits": f"W{w_bits}A{w_bits}", "gemm us": t_gemm * 1e6,
+           "quant us": t_quant * 1e6, "TOPS": flops / t_gemm / 1e12}
+    w_dense = torch.randn(n, k, generator=gen).to(dev, x.dtype)
+    t_dense = time_fn(lambda: x @ w_dense.T, dev, min_time_s=min_time)
+    dense_name = "bf16" if gpu else "fp32"
+    row[f"{dense_name} us"] = t_dense * 1e6
+    row[f"{dense_name} TFLOPS"] = flops / t_dense / 1e12
+    row[f"vs {dense_name}"] = t_dense / t_gemm
+    row[f"vs {dense_name} incl quant"] = t_dense / (t_gemm + t_quant)
+    if gpu:
+        x8 = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8).to(dev)
+        w8 = torch.randint(-128, 128, (k, n), generator=gen, dtype=torch.int8).to(dev)  # row-major [K, N] (as column-major [N, K]^T works too)
+        try:
+            t_int = time_fn(lambda: torch._int_mm(x8, w8), dev, min_time_s=min_time)
+            row["int8 us"] = t_int * 1e6
+            row["vs int8"] = t_int / t_gemm
+        except RuntimeError:  # cuBLAS INT8 rejects some shapes (e.g. M <= 16)
+            row["int8 us"] = None
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() and ops.has_cuda_kernels() else "cpu")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--w-bits", default="4,3", help="comma-separated weight/activation bit widths")
+    ap.add_argument("--min-time", type=float, default=None, help="seconds of timing per measurement")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    gpu = dev.type == "cuda"
+    shapes, ms = (GPU_SHAPES, GPU_MS) if gpu else (CPU_SHAPES, CPU_MS)
+    min_time = args.min_time if args.min_time is not None else (0.05 if gpu else 0.3)
+    gen = torch.Generator().manual_seed(0)
+    cases = [(m, n, k, int(b)) for b in args.w_bits.split(",") for n, k in shapes for m in ms]
+    results = []
+    for m, n, k, b in tqdm(cases, desc="gemm bench", leave=False):
+        results.append(bench_case(m, n, k, b, dev, gen, min_time))
+        if gpu:
+            torch.cuda.empty_cache()
+    dense = "bf16" if gpu else "fp32"
+    cols = ["W/A bits", "M", "N", "K", "gemm us", "quant us", "TOPS", f"{dense} us", f"{dense} TFLOPS", f"vs {dense}",
+            f"vs {dense} incl quant"] + (["int8 us", "vs int8"] if gpu else [])
+    print(f"bisup gemm (group {GROUP}) vs torch on {device_name(dev)}; 'vs X' = X time / our GEMM time")
+    print_table(results, cols)
+    write_json(args.json, {"bench": "gemm", "device": device_name(dev), "torch": torch.__version__,
+                           "date": datetime.date.today().isoformat(), "group_size": GROUP, "results": results})
+
+
+if __name__ == "__main__":
+    main()
