@@ -409,3 +409,30 @@ def load_quantized(path: Union[str, Path], device="cpu", return_tokenizer: bool 
 
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     return model, tokenizer
+
+
+# ================================================================================================
+# storage accounting
+# ================================================================================================
+def weight_bytes(model: nn.Module) -> Dict[str, int]:
+    """Bytes of the decoder linears' weights as packed integers + fp16 scales vs as FP16.
+
+    The codes are really packed with bisup.ops (INT4 nibbles / INT3 words / int8), as save_quantized stores them.
+    """
+    adapter = get_adapter(model)
+    out = dict(linears=0, params=0, fp16_bytes=0, code_bytes=0, scale_bytes=0)
+    for _, module in adapter.named_linears():
+        n, k = module.weight.shape
+        out["linears"] += 1
+        out["params"] += n * k
+        out["fp16_bytes"] += 2 * n * k
+        if isinstance(module, FakeQuantLinear) and module.quantized:
+            wc = module.weight_codes()
+            out["code_bytes"] += _pack(wc.codes, _packing(wc.bits, wc.codes.shape[1]), wc.sym).numel()
+            extra = [wc.scales, wc.zeros, wc.outlier_codes, wc.outlier_scales, wc.outlier_zeros]
+            out["code_bytes"] += 0 if wc.outlier_codes is None else wc.outlier_codes.numel()
+            out["scale_bytes"] += sum(t.numel() * t.element_size() for t in extra[:2] + extra[3:] if t is not None)
+        else:
+            out["code_bytes"] += 2 * n * k
+    out["packed_bytes"] = out["code_bytes"] + out["scale_bytes"]
+    return out
