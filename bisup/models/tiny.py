@@ -64,6 +64,20 @@ def random_tokens(n: int, seq_len: int, seed: int = 0, vocab: int = TINY_VOCAB) 
     return torch.randint(0, vocab, (n, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
+def tiny_tokenizer():
+    """A real (saveable) transformers tokenizer for tiny models: one token per printable ASCII char."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, "\n": 2}
+    for c in range(32, 127):
+        vocab[chr(c)] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(".|\n"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
 class ByteTokenizer:
     """A stand-in tokenizer for tiny models: UTF-8 bytes folded into the tiny vocabulary."""
 
