@@ -27,6 +27,8 @@ CPU_SOURCES = [
 CUDA_SOURCES = [
     "csrc/cuda/pack.cu",
     "csrc/cuda/quantize.cu",
+    "csrc/cuda/kv_quantize.cu",
+    "csrc/cuda/attention.cu",
     "csrc/cuda/gemm.cu",
     "csrc/cuda/hadamard.cu",
 ]

@@ -46,6 +46,9 @@ TORCH_LIBRARY_IMPL(bisup, CUDA, m) {
   m.impl("unpack_int3", &bisup::unpack_int3_cuda);
   m.impl("quantize_pack", &bisup::quantize_pack_cuda);
   m.impl("dequantize", &bisup::dequantize_cuda);
+  m.impl("kv_quantize", &bisup::kv_quantize_cuda);
+  m.impl("kv_dequantize", &bisup::kv_dequantize_cuda);
+  m.impl("attention", &bisup::attention_cuda);
   m.impl("hadamard", &bisup::hadamard_cuda);
   m.impl("gemm", &bisup::gemm_cuda);
 }

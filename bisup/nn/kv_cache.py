@@ -1,0 +1,234 @@
+"""MixedPrecisionKVCache: BiSup's horizontal error suppression as a transformers `Cache`.
+
+Each decoder layer keeps the first `prompt_len` tokens (the system prompt) at full precision --
+the model's own dtype, fp16/bf16 in deployment -- and quantizes every later token's K and V on
+append with `bisup.ops.kv_quantize` (asymmetric, per token and head, 3/4/8 bits). The prompt
+segment is either computed by the model itself during the first forward, or supplied
+precomputed (e.g. by the full-precision model) with `MixedPrecisionKVCache.from_prompt_kv`.
+
+With `bisup.nn.enable_bisup_attention(model)` the attention layers read the two segments
+directly through `bisup.ops.attention` (fused dequantization). Without it, `update` returns the
+dequantized K/V like any transformers cache, so any attention implementation works.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence, Tuple
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from bisup import ops
+
+KV_BITS = (3, 4, 8, 16)  # 16: no quantization (every token stays in the full-precision segment)
+
+
+def _row_bytes(head_dim: int, bits: int) -> int:
+    return {8: head_dim, 4: head_dim // 2, 3: head_dim // 32 * 12}[bits]
+
+
+class MixedPrecisionKVLayer(DynamicLayer):
+    """One layer: K/V [B, H, P, D] at full precision, then packed K/V [B, H, S, bytes] + fp16 scale/zero."""
+
+    is_croppable = False
+
+    def __init__(self, prompt_len: int = 0, kv_bits: int = 4, group_size: int = -1, **kwargs):
+        super().__init__()
+        self.prompt_len = prompt_len
+        self.kv_bits = kv_bits
+        self.group_size = group_size
+        # Set by bisup attention: `update` then skips building dequantized K/V nobody reads.
+        self.fused = False
+        self._clear()
+
+    def _clear(self) -> None:
+        self.k_prompt = self.v_prompt = None
+        self.k_q = self.k_scale = self.k_zero = None
+        self.v_q = self.v_scale = self.v_zero = None
+
+    # -- transformers layer API ---------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.k_prompt = key_states.new_empty(b, h, 0, d)
+        self.v_prompt = value_states.new_empty(b, h, 0, d)
+        if self.kv_bits != 16:
+            groups = 1 if self.group_size == -1 else d // self.group_size
+            packed = key_states.new_empty(b, h, 0, _row_bytes(d, self.kv_bits), dtype=torch.uint8)
+            params = key_states.new_empty(b, h, 0, groups, dtype=torch.float16)
+            self.k_q, self.v_q = packed, packed.clone()
+            self.k_scale, self.k_zero, self.v_scale, self.v_zero = (params.clone() for _ in range(4))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Appends new K/V [B, H, T, D]: prompt slots first, the rest quantized. Returns the full
+        dequantized K/V, or (with bisup attention) the inputs untouched."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        p = self.k_prompt.shape[2]
+        n_prompt = key_states.shape[2] if self.kv_bits == 16 else max(0, min(key_states.shape[2], self.prompt_len - p))
+        if n_prompt:
+            self.k_prompt = torch.cat([self.k_prompt, key_states[:, :, :n_prompt].to(self.dtype)], dim=2)
+            self.v_prompt = torch.cat([self.v_prompt, value_states[:, :, :n_prompt].to(self.dtype)], dim=2)
+        if n_prompt < key_states.shape[2]:
+            self._append_quantized(key_states[:, :, n_prompt:], value_states[:, :, n_prompt:])
+        if self.fused:
+            return key_states, value_states
+        return self.dequantized()
+
+    def _append_quantized(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        kq = ops.kv_quantize(k.contiguous(), self.kv_bits, self.group_size)
+        vq = ops.kv_quantize(v.contiguous(), self.kv_bits, self.group_size)
+        self.k_q, self.k_scale, self.k_zero = (torch.cat([a, b], dim=2) for a, b in zip((self.k_q, self.k_scale, self.k_zero), kq))
+        self.v_q, self.v_scale, self.v_zero = (torch.cat([a, b], dim=2) for a, b in zip((self.v_q, self.v_scale, self.v_zero), vq))
+
+    def dequantized(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The logical K/V [B, H, P + S, D] in the prompt dtype."""
+        if self.quant_len == 0:
+            return self.k_prompt, self.v_prompt
+        k = ops.kv_dequantize(self.k_q, self.k_scale, self.k_zero, self.kv_bits, self.group_size, self.dtype)
+        v = ops.kv_dequantize(self.v_q, self.v_scale, self.v_zero, self.kv_bits, self.group_size, self.dtype)
+        return torch.cat([self.k_prompt, k], dim=2), torch.cat([self.v_prompt, v], dim=2)
+
+    def attention_inputs(self) -> tuple:
+        """(k_prompt, v_prompt, k_q, k_scale, k_zero, v_q, v_scale, v_zero) for bisup.ops.attention."""
+        if self.kv_bits == 16:  # nothing quantized: an empty 4-bit segment
+            b, h, _, d = self.k_prompt.shape
+            packed = self.k_prompt.new_empty(b, h, 0, d // 2, dtype=torch.uint8)
+            params = self.k_prompt.new_empty(b, h, 0, 1, dtype=torch.float16)
+            return self.k_prompt, self.v_prompt, packed, params, params, packed, params, params
+        return (self.k_prompt, self.v_prompt, self.k_q, self.k_scale, self.k_zero, self.v_q, self.v_scale, self.v_zero)
+
+    @property
+    def attention_bits(self) -> int:
+        return 4 if self.kv_bits == 16 else self.kv_bits
+
+    @property
+    def attention_group_size(self) -> int:
+        return -1 if self.kv_bits == 16 else self.group_size
+
+    @property
+    def quant_len(self) -> int:
+        return 0 if self.k_q is None else self.k_q.shape[2]
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.k_prompt.shape[2] + self.quant_len
+
+    def set_prompt(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Stores precomputed prompt K/V [B, H, P, D] (must be called on an empty layer)."""
+        if self.get_seq_length():
+            raise ValueError("set_prompt: the layer already holds tokens; set the prompt on an empty cache")
+        self.lazy_initialization(key_states, value_states)
+        self.prompt_len = key_states.shape[2]
+        self.k_prompt, self.v_prompt = key_states.contiguous(), value_states.to(key_states.dtype).contiguous()
+
+    def memory_bytes(self) -> Tuple[int, int]:
+        """(bytes stored, bytes of the same tokens in an fp16 cache)."""
+        if not self.is_initialized:
+            return 0, 0
+        tensors = [self.k_prompt, self.v_prompt, self.k_q, self.k_scale, self.k_zero, self.v_q, self.v_scale, self.v_zero]
+        stored = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        b, h, _, d = self.k_prompt.shape
+        return stored, 2 * b * h * self.get_seq_length() * d * 2
+
+    def _tensor_names(self):
+        return ("k_prompt", "v_prompt", "k_q", "k_scale", "k_zero", "v_q", "v_scale", "v_zero")
+
+    def _apply(self, fn) -> None:
+        for name in self._tensor_names():
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+    def reset(self) -> None:
+        self._clear()
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._apply(lambda t: t[indices, ...])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("MixedPrecisionKVCache does not support crop (assisted decoding)")
+
+    def offload(self):
+        raise NotImplementedError("MixedPrecisionKVCache does not support offloading")
+
+    def prefetch(self):
+        raise NotImplementedError("MixedPrecisionKVCache does not support offloading")
+
+
+class MixedPrecisionKVCache(Cache):
+    """A transformers Cache whose layers keep `prompt_len` full-precision tokens, then `kv_bits` KV.
+
+    Args:
+        prompt_len: tokens per layer kept at full precision (the system prompt).
+        kv_bits: 3, 4 or 8 for the quantized segment; 16 keeps everything at full precision.
+        group_size: quantization group along head_dim (-1: one group per head).
+        config: the model config (optional): builds one layer per decoder layer up front and
+            rejects sliding-window / non-attention layer types, which this cache does not handle.
+    """
+
+    def __init__(self, prompt_len: int = 0, kv_bits: int = 4, group_size: int = -1, config=None):
+        if kv_bits not in KV_BITS:
+            raise ValueError(f"MixedPrecisionKVCache: kv_bits must be one of {KV_BITS}, got {kv_bits}")
+        if prompt_len < 0:
+            raise ValueError(f"MixedPrecisionKVCache: prompt_len must be >= 0, got {prompt_len}")
+        if group_size != -1 and (group_size <= 0 or group_size % 8):
+            raise ValueError(f"MixedPrecisionKVCache: group_size must be -1 or a positive multiple of 8, got {group_size}")
+        self.prompt_len, self.kv_bits, self.group_size = prompt_len, kv_bits, group_size
+        self.fused = False
+        if config is None:
+            super().__init__(layer_class_to_replicate=self._new_layer)
+            return
+        text = config.get_text_config(decoder=True)
+        types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+        unsupported = sorted(set(types) - {"full_attention"})
+        if unsupported:
+            raise ValueError(f"MixedPrecisionKVCache supports full-attention layers only, the config has {unsupported}")
+        super().__init__(layers=[self._new_layer() for _ in range(text.num_hidden_layers)])
+
+    @classmethod
+    def from_prompt_kv(
+        cls, prompt_kv: Iterable, kv_bits: int = 4, group_size: int = -1
+    ) -> "MixedPrecisionKVCache":
+        """A cache holding precomputed prompt K/V: a transformers cache (e.g. the DynamicCache of
+        the full-precision model after a forward over the system prompt) or a sequence of
+        (key, value) [B, H, P, D] per layer."""
+        pairs: Sequence = (
+            [(layer.keys, layer.values) for layer in prompt_kv.layers] if isinstance(prompt_kv, Cache) else list(prompt_kv)
+        )
+        if not pairs:
+            raise ValueError("from_prompt_kv: no layers given")
+        cache = cls(prompt_len=pairs[0][0].shape[2], kv_bits=kv_bits, group_size=group_size)
+        for k, v in pairs:
+            layer = cache._new_layer()
+            layer.set_prompt(k, v)
+            cache.layers.append(layer)
+        return cache
+
+    def _new_layer(self) -> MixedPrecisionKVLayer:
+        layer = MixedPrecisionKVLayer(self.prompt_len, self.kv_bits, self.group_size)
+        layer.fused = self.fused
+        return layer
+
+    def set_fused(self, fused: bool) -> None:
+        """Whether `update` may skip returning dequantized K/V (bisup attention reads the segments)."""
+        self.fused = fused
+        for layer in self.layers:
+            layer.fused = fused
+
+    def memory_bytes(self) -> dict:
+        """Bytes held vs an fp16 cache of the same tokens: {'bytes', 'fp16_bytes', 'ratio'}."""
+        stored, fp16 = (sum(x) for x in zip(*(layer.memory_bytes() for layer in self.layers))) if self.layers else (0, 0)
+        return {"bytes": stored, "fp16_bytes": fp16, "ratio": stored / fp16 if fp16 else float("nan")}
+

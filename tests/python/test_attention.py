@@ -1,0 +1,105 @@
+"""bisup.ops.attention (FP16 prompt segment + quantized segment): CPU and CUDA vs the reference."""
+import pytest
+import torch
+
+from bisup import ops, reference
+
+# The issue's grid (P in {0, 1, 37}, S in {0, 1, 255}, Tq in {1, 5, 64}, GQA 1/3/4, head_dim
+# 64/128, ragged lengths, causal on/off) paired up rather than crossed, so it runs in seconds;
+# plus 3/8-bit, groups, head_dim 256 and every dtype.
+CASES = [
+    # P,  S,  Tq, Hq, Hkv, D, causal, ragged, bits, group, dtype
+    (37, 255, 1, 8, 2, 128, True, False, 4, -1, torch.float32),
+    (0, 255, 5, 6, 2, 64, True, True, 4, 32, torch.float32),
+    (1, 1, 64, 4, 4, 64, True, False, 4, -1, torch.float32),
+    (37, 0, 5, 8, 2, 128, False, False, 4, -1, torch.float32),
+    (0, 1, 1, 3, 1, 64, False, True, 8, 16, torch.float32),
+    (1, 255, 64, 6, 2, 128, False, True, 8, -1, torch.float16),
+    (37, 1, 1, 4, 1, 64, True, True, 3, 32, torch.float16),
+    (0, 0, 5, 4, 4, 64, True, False, 4, -1, torch.float32),  # no keys at all: zeros
+    (37, 255, 5, 4, 1, 128, True, True, 4, 64, torch.bfloat16),
+    (1, 37, 64, 8, 2, 64, True, True, 3, -1, torch.float32),
+    (37, 40, 1, 4, 2, 256, True, False, 8, 32, torch.float16),
+    (5, 70, 16, 2, 2, 256, True, True, 4, -1, torch.float32),  # largest fused Tq on CUDA
+]
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _poison_cuda_allocator(device):
+    """Leave NaNs in freed CUDA memory so an output element a kernel never writes shows up."""
+    if device.type == "cuda":
+        torch.full((1 << 24,), float("nan"), device=device)
+        torch.cuda.synchronize(device)
+
+
+def _inputs(p, s, tq, hq, hkv, d, ragged, bits, group, dtype, gen, batch=2):
+    q = torch.randn(batch, hq, tq, d, generator=gen).to(dtype)
+    kp = torch.randn(batch, hkv, p, d, generator=gen).to(dtype)
+    vp = torch.randn(batch, hkv, p, d, generator=gen).to(dtype)
+    k = torch.randn(batch, hkv, s, d, generator=gen) * 2 - 0.5
+    v = torch.randn(batch, hkv, s, d, generator=gen)
+    if s:
+        k[:, :, 0, :8] = 0.0  # a zero group
+    kq = reference.kv_quantize(k, bits, group)
+    vq = reference.kv_quantize(v, bits, group)
+    seq_lens = torch.tensor([s, max(s - 7, 0)][:batch]) if ragged else None
+    if ragged and s == 1:
+        seq_lens = torch.tensor([1, 0])
+    return q, kp, vp, kq, vq, seq_lens
+
+
+@pytest.mark.parametrize("p,s,tq,hq,hkv,d,causal,ragged,bits,group,dtype", CASES)
+def test_attention_matches_reference(device, gen, p, s, tq, hq, hkv, d, causal, ragged, bits, group, dtype):
+    q, kp, vp, kq, vq, seq_lens = _inputs(p, s, tq, hq, hkv, d, ragged, bits, group, dtype, gen)
+    kwargs = dict(kv_bits=bits, group_size=group, causal=causal, seq_lens=seq_lens)
+    want = reference.attention(q, kp, vp, *kq, *vq, **kwargs)
+    _poison_cuda_allocator(device)
+    on = lambda t: t.to(device)  # noqa: E731
+    got = ops.attention(on(q), on(kp), on(vp), *map(on, kq), *map(on, vq), kv_bits=bits, group_size=group,
+                        causal=causal, seq_lens=None if seq_lens is None else on(seq_lens))
+    assert got.dtype == dtype and got.shape == q.shape
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.cpu().float(), want.float(), rtol=TOL[dtype], atol=TOL[dtype])
+    # rows that see no key are exactly zero
+    blind = ~reference.attention_mask(q.shape[0], tq, p, s, causal, seq_lens).any(-1)  # [B, Tq]
+    assert bool((got.cpu()[blind.unsqueeze(1).expand(-1, hq, -1)] == 0).all())
+
+
+def test_attention_softmax_scale_and_dense_equivalence(device, gen):
+    """With 8-bit K/V the op is ordinary attention over the dequantized keys: check against SDPA."""
+    q, kp, vp, kq, vq, _ = _inputs(3, 20, 4, 4, 2, 64, False, 8, -1, torch.float32, gen)
+    k = torch.cat([kp, reference.kv_dequantize(*kq, 8)], 2).repeat_interleave(2, 1)
+    v = torch.cat([vp, reference.kv_dequantize(*vq, 8)], 2).repeat_interleave(2, 1)
+    mask = reference.attention_mask(2, 4, 3, 20, True).unsqueeze(1)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+    got = ops.attention(*(t.to(device) for t in (q, kp, vp, *kq, *vq)), kv_bits=8, softmax_scale=0.3)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_errors(device, gen):
+    q, kp, vp, kq, vq, _ = _inputs(2, 3, 1, 4, 2, 64, False, 4, -1, torch.float32, gen)
+    q, kp, vp, kq, vq = q.to(device), kp.to(device), vp.to(device), [t.to(device) for t in kq], [t.to(device) for t in vq]
+    with pytest.raises(RuntimeError, match="must have q's dtype"):
+        ops.attention(q, kp.half(), vp.half(), *kq, *vq, kv_bits=4)
+    with pytest.raises(RuntimeError, match=r"query heads \(3\) must be a multiple of the number of KV heads \(2\)"):
+        ops.attention(q[:, :3].contiguous(), kp, vp, *kq, *vq, kv_bits=4)
+    with pytest.raises(RuntimeError, match="bytes hold 32 values at 8 bits, but head_dim is 64"):
+        ops.attention(q, kp, vp, *kq, *vq, kv_bits=8)
+    with pytest.raises(RuntimeError, match="must have 4 dims"):
+        ops.attention(q[0], kp, vp, *kq, *vq, kv_bits=4)
+    with pytest.raises(RuntimeError, match="v_q must have k_q's shape"):
+        ops.attention(q, kp, vp, *kq, *ops.kv_quantize(torch.randn(2, 2, 2, 64, device=device), 4), kv_bits=4)
+    with pytest.raises(RuntimeError, match=r"seq_lens .* must be in \[0, S=3\]"):
+        ops.attention(q, kp, vp, *kq, *vq, kv_bits=4, seq_lens=torch.tensor([4, 0], device=device))
+    with pytest.raises(RuntimeError, match=r"seq_lens must have shape \[B=2\]"):
+        ops.attention(q, kp, vp, *kq, *vq, kv_bits=4, seq_lens=torch.tensor([1], device=device))
+    with pytest.raises(RuntimeError, match="k_prompt must be contiguous"):
+        ops.attention(q, kp.transpose(2, 3).contiguous().transpose(2, 3), vp, *kq, *vq, kv_bits=4)
+    with pytest.raises(RuntimeError, match="float16, bfloat16 or float32"):
+        ops.attention(q.double(), kp.double(), vp.double(), *kq, *vq, kv_bits=4)
+    if device.type == "cuda":
+        with pytest.raises(RuntimeError, match="every tensor on q's device"):
+            ops.attention(q, kp.cpu(), vp, *kq, *vq, kv_bits=4)
+        with pytest.raises(RuntimeError, match="head_dim 64, 128 or 256"):
+            q2, kp2, vp2, kq2, vq2, _ = _inputs(2, 3, 1, 2, 2, 96, False, 4, -1, torch.float32, gen)
+            ops.attention(*(t.to(device) for t in (q2, kp2, vp2, *kq2, *vq2)), kv_bits=4)

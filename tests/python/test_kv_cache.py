@@ -1,0 +1,139 @@
+"""MixedPrecisionKVCache under model.generate() on a tiny random Llama (and Qwen3), CPU."""
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from bisup.nn import MixedPrecisionKVCache, enable_bisup_attention
+
+# `past_key_values` (transformers <= 5.1x) was renamed `cache` in 5.2x, which still accepts it.
+pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")
+
+
+def tiny_llama(seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=96, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, attn_implementation="sdpa")
+    cfg.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    with torch.no_grad():  # larger weights than the default init, so greedy decoding is not flat
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    return model
+
+
+def ids(n, seed=1, batch=1):
+    return torch.randint(0, 96, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(model, input_ids, cache=None, new=12):
+    kw = {} if cache is None else {"past_key_values": cache}
+    with torch.no_grad():
+        return model.generate(input_ids, max_new_tokens=new, do_sample=False, pad_token_id=0, **kw)
+
+
+def teacher_forced_logits(model, seq, cache, first):
+    """Logits of seq[first:] fed one token at a time after a prefill of seq[:first]."""
+    with torch.no_grad():
+        out = [model(seq[:, :first], past_key_values=cache, use_cache=True).logits[:, -1]]
+        for t in range(first, seq.shape[1] - 1):
+            out.append(model(seq[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1])
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("settings", [dict(prompt_len=10_000, kv_bits=4), dict(prompt_len=0, kv_bits=16)])
+def test_fp_equivalent_cache_reproduces_hf_greedy(settings):
+    model = tiny_llama()
+    x = ids(9)
+    want = greedy(model, x)
+    enable_bisup_attention(model)
+    cache = MixedPrecisionKVCache(**settings, config=model.config)
+    got = greedy(model, x, cache)
+    assert torch.equal(got, want)
+    assert cache.get_seq_length() == want.shape[1] - 1
+    assert all(layer.quant_len == 0 for layer in cache.layers)
+
+
+def test_precomputed_prompt_from_full_precision_model():
+    model = tiny_llama()
+    system, full = ids(7, seed=2), None
+    full = torch.cat([system, ids(5, seed=3)], 1)
+    want = greedy(model, full)
+    prompt_cache = DynamicCache()
+    with torch.no_grad():
+        model(system, past_key_values=prompt_cache, use_cache=True)
+    enable_bisup_attention(model)
+    cache = MixedPrecisionKVCache.from_prompt_kv(prompt_cache, kv_bits=16)
+    assert cache.get_seq_length() == 7 and cache.prompt_len == 7
+    assert torch.equal(greedy(model, full, cache), want)
+    # 8-bit KV after the FP prompt: the prompt stays untouched, later tokens are packed
+    cache8 = MixedPrecisionKVCache.from_prompt_kv(prompt_cache, kv_bits=8)
+    out = greedy(model, full, cache8, new=4)
+    assert torch.equal(cache8.layers[0].k_prompt, prompt_cache.layers[0].keys)
+    assert cache8.layers[0].quant_len == out.shape[1] - 1 - 7
+
+
+def test_quantized_kv_logits_close_and_fused_path_matches_unfused():
+    model = tiny_llama()
+    seq = ids(40, seed=4)
+    with torch.no_grad():
+        ref = model(seq).logits[:, 11:-1]  # the positions teacher_forced_logits predicts from
+    # (prompt_len, bits): first prompt_len tokens FP, the rest quantized; SDPA on dequantized K/V
+    unfused = {(p, bits): teacher_forced_logits(model, seq, MixedPrecisionKVCache(p, bits, config=model.config), 12)
+               for p, bits in ((8, 3), (8, 4), (8, 8), (0, 4), (20, 4))}
+    err = {key: ((lg - ref).norm() / ref.norm()).item() for key, lg in unfused.items()}
+    # measured with these seeds: 3-bit 0.36, 4-bit 0.17, 8-bit 0.011 relative logit error
+    assert err[8, 8] < 0.02 and err[8, 4] < 0.25, err
+    assert err[8, 8] < err[8, 4] < err[8, 3], err
+    # horizontal suppression: more full-precision prompt tokens, smaller error (0.25 > 0.17 > 0.09)
+    assert err[0, 4] > err[8, 4] > err[20, 4], err
+    enable_bisup_attention(model)
+    fused = teacher_forced_logits(model, seq, MixedPrecisionKVCache(8, 4, config=model.config), 12)
+    # bisup.ops.attention on the packed cache == SDPA on the dequantized cache, up to fp32 summation
+    # order (which can flip a rounding when the next layer's K/V is quantized; measured 3e-4)
+    torch.testing.assert_close(fused, unfused[8, 4], rtol=0, atol=2e-3)
+    assert (unfused[8, 8].argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_memory_report():
+    model = tiny_llama()
+    cache = MixedPrecisionKVCache(prompt_len=6, kv_bits=4, config=model.config)
+    enable_bisup_attention(model)
+    out = greedy(model, ids(10, batch=2), cache, new=8)
+    total = out.shape[1] - 1
+    b, h, d, layers = 2, 2, 64, 2
+    prompt = 2 * b * h * 6 * d * 4  # K and V, fp32 model
+    quant = 2 * b * h * (total - 6) * (d // 2 + 2 + 2)  # codes + fp16 scale + fp16 zero
+    mem = cache.memory_bytes()
+    assert mem["bytes"] == layers * (prompt + quant)
+    assert mem["fp16_bytes"] == layers * 2 * b * h * total * d * 2
+    assert mem["ratio"] == pytest.approx(mem["bytes"] / mem["fp16_bytes"])
+    # an fp16 model's 4-bit segment costs (32 + 4) / 128 of fp16 per token
+    layer = cache.layers[0]
+    assert layer.k_q.shape[-1] == 32 and layer.k_scale.dtype == torch.float16
+
+
+def test_qwen3_generate_fp_equivalent():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=96, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                         attn_implementation="sdpa")).eval()
+    x = ids(8)
+    want = greedy(model, x, new=6)
+    enable_bisup_attention(model)
+    assert torch.equal(greedy(model, x, MixedPrecisionKVCache(kv_bits=16, config=model.config), new=6), want)
+
+
+def test_cache_errors():
+    with pytest.raises(ValueError, match="kv_bits must be one of"):
+        MixedPrecisionKVCache(kv_bits=5)
+    with pytest.raises(ValueError, match="group_size must be -1 or a positive multiple of 8"):
+        MixedPrecisionKVCache(group_size=12)
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, num_key_value_heads=1)
+    cfg.layer_types = ["full_attention", "sliding_attention"]
+    with pytest.raises(ValueError, match="full-attention layers only"):
+        MixedPrecisionKVCache(config=cfg)
+    with pytest.raises(ValueError, match="found no attention module"):
+        enable_bisup_attention(torch.nn.Linear(2, 2))
