@@ -71,27 +71,53 @@ def _real_linear_class():
     return getattr(module, "QuantLinear", None)
 
 
-def _to_real(model: nn.Module, adapter, config: QuantConfig) -> None:
-    """Swap every FakeQuantLinear for a bisup.nn.QuantLinear (real integer kernels)."""
+class TransformedLinear(nn.Module):
+    """input_transform (e.g. QuaRot's online Hadamard) followed by a real QuantLinear."""
+
+    def __init__(self, transform: nn.Module, linear: nn.Module):
+        super().__init__()
+        self.input_transform, self.linear = transform, linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.input_transform(x))
+
+
+def _check_real(config: QuantConfig):
+    """The QuantLinear class, or NotImplementedError saying why config cannot run on the real kernels."""
     cls = _real_linear_class()
     if cls is None:
         raise NotImplementedError(
             "mode='real' needs bisup.nn.QuantLinear (bisup/nn/quant_linear.py), which this build lacks; "
             "use mode='fake'")
+    unsupported = []
+    if config.w_bits not in (3, 4) or config.a_bits not in (3, 4):
+        unsupported.append(f"w_bits/a_bits must be 3 or 4 (got {config.w_bits}/{config.a_bits})")
+    if not (config.w_sym and config.a_sym):
+        unsupported.append("weights and activations must be symmetric")
+    if config.w_group_size != config.a_group_size:
+        unsupported.append(f"w_group_size must equal a_group_size (got {config.w_group_size}/{config.a_group_size})")
+    if unsupported:
+        raise NotImplementedError("mode='real' (QuantLinear): " + "; ".join(unsupported) + ". Use mode='fake'.")
+    return cls
+
+
+def _to_real(model: nn.Module, adapter, config: QuantConfig) -> None:
+    """Swap every FakeQuantLinear for a bisup.nn.QuantLinear running the integer GEMM, with the
+    same integer codes and scales (so GPTQ / Atom / QuaRot weights carry over exactly)."""
+    cls = _check_real(config)
     for layer in adapter.layers():
         for name in adapter.linear_names():
             fq = adapter.get_linear(layer, name)
             if not isinstance(fq, FakeQuantLinear):
                 continue
-            if fq.input_transform is not None or fq.outlier_idx.numel():
-                raise NotImplementedError(f"mode='real' does not support input transforms or outlier channels yet ({name})")
-            plain = nn.Linear(fq.in_features, fq.out_features, bias=fq.bias is not None,
-                              device=fq.weight.device, dtype=fq.weight.dtype)
-            with torch.no_grad():
-                plain.weight.copy_(fq.weight)
-                if fq.bias is not None:
-                    plain.bias.copy_(fq.bias)
-            adapter.set_linear(layer, name, cls.from_float(plain, config.w_bits, config.a_bits, config.w_group_size))
+            wc = fq.weight_codes()
+            real = cls.from_float(fq, config.w_bits, config.a_bits, config.w_group_size, w_clip=config.w_clip,
+                                  a_clip=config.a_clip, outlier_idx=wc.outlier_idx, weight_q=wc.codes,
+                                  weight_scale=wc.scales, w_outlier_q=wc.outlier_codes,
+                                  w_outlier_scale=wc.outlier_scales)
+            if fq.input_transform is not None:
+                real = TransformedLinear(fq.input_transform, real)
+            adapter.set_linear(layer, name, real)
 
 
 def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib_data=None, tokenizer=None,
@@ -108,6 +134,8 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
         raise ValueError("this model is already quantized by bisup; quantize a fresh copy")
     adapter = get_adapter(model)
     method = get_method(config.method)
+    if config.mode == "real":
+        _check_real(config)  # fail before the (possibly long) calibration
     calib = None
     if config.method in NEEDS_CALIBRATION and (config.method != "quarot" or config.gptq or calib_data is not None
                                                or tokenizer is not None):

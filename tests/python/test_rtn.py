@@ -82,3 +82,26 @@ def test_real_mode_without_quant_linear_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(api, "_real_linear_class", lambda: None)
     with pytest.raises(NotImplementedError, match="mode='real' needs bisup.nn.QuantLinear"):
         bisup.quantize_model(tiny_model("llama"), _cfg(mode="real"), progress=False)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_real_mode_runs_the_integer_gemm_and_matches_fake_mode(family):
+    from bisup.nn.quant_linear import QuantLinear
+
+    ids = random_tokens(2, 16)
+    kw = dict(w_group_size=32, a_group_size=32)
+    fake = bisup.quantize_model(tiny_model(family), QuantConfig(**kw), progress=False)
+    real = bisup.quantize_model(tiny_model(family), QuantConfig(mode="real", **kw), progress=False)
+    assert all(isinstance(lin, QuantLinear) for _, lin in get_adapter(real).named_linears())
+    with torch.no_grad():
+        a, b = fake(ids).logits, real(ids).logits
+    assert float((a - b).norm() / a.norm()) < 1e-4  # same codes; only the accumulation order differs
+
+
+def test_real_mode_rejects_what_the_kernels_cannot_do():
+    with pytest.raises(NotImplementedError, match="w_group_size must equal a_group_size"):
+        bisup.quantize_model(tiny_model("llama"), QuantConfig(mode="real", w_group_size=32, a_group_size=-1),
+                             progress=False)
+    with pytest.raises(NotImplementedError, match="must be 3 or 4"):
+        bisup.quantize_model(tiny_model("llama"), QuantConfig(mode="real", w_bits=8, w_group_size=32,
+                                                              a_group_size=32), progress=False)
