@@ -11,8 +11,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarnin
 
 def tiny_llama(seed=0, **overrides):
     torch.manual_seed(seed)
-    cfg = dict(vocab_size=96, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=256, attn_implementation="sdpa")
+    cfg = dict(vocab_size=96, hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=1, max_position_embeddings=256, attn_implementation="sdpa")
     cfg.update(overrides)
     model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
     with torch.no_grad():  # larger weights than the default init, so greedy decoding is not flat
@@ -26,7 +26,7 @@ def ids(n, seed=1, batch=1):
     return torch.randint(0, 96, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
-def greedy(model, input_ids, cache=None, new=12):
+def greedy(model, input_ids, cache=None, new=8):
     kw = {} if cache is None else {"past_key_values": cache}
     with torch.no_grad():
         return model.generate(input_ids, max_new_tokens=new, do_sample=False, pad_token_id=0, **kw)
@@ -75,20 +75,19 @@ def test_precomputed_prompt_from_full_precision_model():
 
 def test_quantized_kv_logits_close_and_fused_path_matches_unfused():
     model = tiny_llama()
-    seq = ids(40, seed=4)
+    seq = ids(30, seed=4)
     with torch.no_grad():
-        ref = model(seq).logits[:, 11:-1]  # the positions teacher_forced_logits predicts from
+        ref = model(seq).logits[:, 9:-1]  # the positions teacher_forced_logits predicts from
     # (prompt_len, bits): first prompt_len tokens FP, the rest quantized; SDPA on dequantized K/V
-    unfused = {(p, bits): teacher_forced_logits(model, seq, MixedPrecisionKVCache(p, bits, config=model.config), 12)
-               for p, bits in ((8, 3), (8, 4), (8, 8), (0, 4), (20, 4))}
+    unfused = {(p, bits): teacher_forced_logits(model, seq, MixedPrecisionKVCache(p, bits, config=model.config), 10)
+               for p, bits in ((8, 4), (8, 8), (0, 4), (16, 4))}
     err = {key: ((lg - ref).norm() / ref.norm()).item() for key, lg in unfused.items()}
-    # measured with these seeds: 3-bit 0.36, 4-bit 0.17, 8-bit 0.011 relative logit error
-    assert err[8, 8] < 0.02 and err[8, 4] < 0.25, err
-    assert err[8, 8] < err[8, 4] < err[8, 3], err
-    # horizontal suppression: more full-precision prompt tokens, smaller error (0.25 > 0.17 > 0.09)
-    assert err[0, 4] > err[8, 4] > err[20, 4], err
+    # measured with these seeds: 4-bit 0.12, 8-bit 0.007 relative logit error
+    assert err[8, 8] < 0.02 and err[8, 4] < 0.2, err
+    # horizontal suppression: more full-precision prompt tokens, smaller error (0.18 > 0.12 > 0.07)
+    assert err[0, 4] > err[8, 4] > err[16, 4], err
     enable_bisup_attention(model)
-    fused = teacher_forced_logits(model, seq, MixedPrecisionKVCache(8, 4, config=model.config), 12)
+    fused = teacher_forced_logits(model, seq, MixedPrecisionKVCache(8, 4, config=model.config), 10)
     # bisup.ops.attention on the packed cache == SDPA on the dequantized cache, up to fp32 summation
     # order (which can flip a rounding when the next layer's K/V is quantized; measured 3e-4)
     torch.testing.assert_close(fused, unfused[8, 4], rtol=0, atol=2e-3)
@@ -101,7 +100,7 @@ def test_memory_report():
     enable_bisup_attention(model)
     out = greedy(model, ids(10, batch=2), cache, new=8)
     total = out.shape[1] - 1
-    b, h, d, layers = 2, 2, 64, 2
+    b, h, d, layers = 2, 1, 64, 2
     prompt = 2 * b * h * 6 * d * 4  # K and V, fp32 model
     quant = 2 * b * h * (total - 6) * (d // 2 + 2 + 2)  # codes + fp16 scale + fp16 zero
     mem = cache.memory_bytes()
