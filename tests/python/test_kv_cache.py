@@ -3,10 +3,25 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+import bisup.nn.attention as bisup_attention
 from bisup.nn import MixedPrecisionKVCache, enable_bisup_attention
 
 # `past_key_values` (transformers <= 5.1x) was renamed `cache` in 5.2x, which still accepts it.
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Counts bisup.ops.attention calls made by the bisup attention implementation."""
+    calls = []
+    real = bisup_attention.ops.attention
+
+    def counting(q, *args, **kwargs):
+        calls.append(q.shape[2])
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(bisup_attention.ops, "attention", counting)
+    return calls
 
 
 def tiny_llama(seed=0, **overrides):
@@ -42,16 +57,33 @@ def teacher_forced_logits(model, seq, cache, first):
 
 
 @pytest.mark.parametrize("settings", [dict(prompt_len=10_000, kv_bits=4), dict(prompt_len=0, kv_bits=16)])
-def test_fp_equivalent_cache_reproduces_hf_greedy(settings):
-    model = tiny_llama()
-    x = ids(9)
+def test_fp_equivalent_cache_reproduces_hf_greedy(device, settings, op_calls):
+    model = tiny_llama().to(device)
+    x = ids(9).to(device)
     want = greedy(model, x)
     enable_bisup_attention(model)
     cache = MixedPrecisionKVCache(**settings, config=model.config)
     got = greedy(model, x, cache)
     assert torch.equal(got, want)
+    assert op_calls == [9] * 2 + [1] * 2 * 7  # prefill, then 7 decode steps, 2 layers: all fused
     assert cache.get_seq_length() == want.shape[1] - 1
     assert all(layer.quant_len == 0 for layer in cache.layers)
+
+
+def test_left_padded_batch_falls_back_to_masked_sdpa(op_calls):
+    """A padding mask is not the op's plain causal mask: bisup attention must route it to SDPA."""
+    model = tiny_llama()
+    x = ids(9, batch=2)
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0  # second sequence left-padded by 3
+    with torch.no_grad():
+        want = model.generate(x, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        enable_bisup_attention(model)
+        cache = MixedPrecisionKVCache(kv_bits=16, config=model.config)
+        got = model.generate(x, attention_mask=mask, past_key_values=cache, max_new_tokens=6, do_sample=False,
+                             pad_token_id=0)
+    assert torch.equal(got, want)
+    assert op_calls == []
 
 
 def test_precomputed_prompt_from_full_precision_model():
@@ -73,7 +105,7 @@ def test_precomputed_prompt_from_full_precision_model():
     assert cache8.layers[0].quant_len == out.shape[1] - 1 - 7
 
 
-def test_quantized_kv_logits_close_and_fused_path_matches_unfused():
+def test_quantized_kv_logits_close_and_fused_path_matches_unfused(op_calls):
     model = tiny_llama()
     seq = ids(30, seed=4)
     with torch.no_grad():
@@ -91,6 +123,8 @@ def test_quantized_kv_logits_close_and_fused_path_matches_unfused():
     # bisup.ops.attention on the packed cache == SDPA on the dequantized cache, up to fp32 summation
     # order (which can flip a rounding when the next layer's K/V is quantized; measured 3e-4)
     torch.testing.assert_close(fused, unfused[8, 4], rtol=0, atol=2e-3)
+    # the prefill (Tq=10, after which L=10) has a plain causal mask too: every call is fused
+    assert op_calls == [10] * 2 + [1] * 2 * 19
     assert (unfused[8, 8].argmax(-1) == ref.argmax(-1)).all()
 
 
