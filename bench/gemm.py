@@ -30,25 +30,28 @@ CPU_MS = [1, 16, 64, 256]
 GROUP = 128
 
 
-def packed_weight(n, k, w_bits, dev, gen):
-    q = torch.randint(-(1 << (w_bits - 1)), 1 << (w_bits - 1), (n, k), generator=gen, dtype=torch.int8).to(dev)
-    w_q = ops.pack_int4(q) if w_bits == 4 else ops.pack_int3(q)
-    w_scale = (torch.rand(n, k // GROUP, generator=gen) * 0.01 + 0.001).half().to(dev)
-    return w_q, w_scale
-
-
-def bench_case(m, n, k, w_bits, dev, gen, min_time):
+def make_weights(n, k, w_bits, dev, gen):
+    """Packed low-bit weight + scales, a dense weight in the torch dtype, and an INT8 one."""
     gpu = dev.type == "cuda"
-    x = torch.randn(m, k, generator=gen).to(dev, torch.bfloat16 if gpu else torch.float32)
-    w_q, w_scale = packed_weight(n, k, w_bits, dev, gen)
+    q = torch.randint(-(1 << (w_bits - 1)), 1 << (w_bits - 1), (n, k), generator=gen, device=dev, dtype=torch.int8)
+    w_q = ops.pack_int4(q) if w_bits == 4 else ops.pack_int3(q)
+    w_scale = (torch.rand(n, k // GROUP, generator=gen, device=dev) * 0.01 + 0.001).half()
+    dense = torch.randn(n, k, generator=gen, device=dev, dtype=torch.bfloat16 if gpu else torch.float32)
+    w8 = torch.randint(-128, 128, (k, n), generator=gen, device=dev, dtype=torch.int8) if gpu else None
+    return w_q, w_scale, dense, w8
+
+
+def bench_case(m, n, k, w_bits, weights, dev, gen, min_time):
+    gpu = dev.type == "cuda"
+    w_q, w_scale, w_dense, w8 = weights
+    x = torch.randn(m, k, generator=gen, device=dev, dtype=w_dense.dtype)
     a_q, a_scale, _ = ops.quantize_pack(x, w_bits, GROUP)
-    kw = dict(a_bits=w_bits, w_bits=w_bits, group_size=GROUP, out_dtype=torch.bfloat16 if gpu else torch.float32)
+    kw = dict(a_bits=w_bits, w_bits=w_bits, group_size=GROUP, out_dtype=x.dtype)
     t_gemm = time_fn(lambda: ops.gemm(a_q, a_scale, w_q, w_scale, **kw), dev, min_time_s=min_time)
     t_quant = time_fn(lambda: ops.quantize_pack(x, w_bits, GROUP), dev, min_time_s=min_time)
     flops = 2.0 * m * n * k
     row = {"M": m, "N": n, "K": k, "W/A bits": f"W{w_bits}A{w_bits}", "gemm us": t_gemm * 1e6,
            "quant us": t_quant * 1e6, "TOPS": flops / t_gemm / 1e12}
-    w_dense = torch.randn(n, k, generator=gen).to(dev, x.dtype)
     t_dense = time_fn(lambda: x @ w_dense.T, dev, min_time_s=min_time)
     dense_name = "bf16" if gpu else "fp32"
     row[f"{dense_name} us"] = t_dense * 1e6
@@ -56,8 +59,7 @@ def bench_case(m, n, k, w_bits, dev, gen, min_time):
     row[f"vs {dense_name}"] = t_dense / t_gemm
     row[f"vs {dense_name} incl quant"] = t_dense / (t_gemm + t_quant)
     if gpu:
-        x8 = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8).to(dev)
-        w8 = torch.randint(-128, 128, (k, n), generator=gen, dtype=torch.int8).to(dev)  # row-major [K, N] (as column-major [N, K]^T works too)
+        x8 = torch.randint(-128, 128, (m, k), generator=gen, device=dev, dtype=torch.int8)
         try:
             t_int = time_fn(lambda: torch._int_mm(x8, w8), dev, min_time_s=min_time)
             row["int8 us"] = t_int * 1e6
@@ -78,13 +80,18 @@ def main() -> None:
     gpu = dev.type == "cuda"
     shapes, ms = (GPU_SHAPES, GPU_MS) if gpu else (CPU_SHAPES, CPU_MS)
     min_time = args.min_time if args.min_time is not None else (0.05 if gpu else 0.3)
-    gen = torch.Generator().manual_seed(0)
-    cases = [(m, n, k, int(b)) for b in args.w_bits.split(",") for n, k in shapes for m in ms]
+    gen = torch.Generator(device=dev).manual_seed(0)
     results = []
-    for m, n, k, b in tqdm(cases, desc="gemm bench", leave=False):
-        results.append(bench_case(m, n, k, b, dev, gen, min_time))
-        if gpu:
-            torch.cuda.empty_cache()
+    with tqdm(total=len(args.w_bits.split(",")) * len(shapes) * len(ms), desc="gemm bench", leave=False) as bar:
+        for b in (int(v) for v in args.w_bits.split(",")):
+            for n, k in shapes:
+                weights = make_weights(n, k, b, dev, gen)  # once per shape, shared by every M
+                for m in ms:
+                    results.append(bench_case(m, n, k, b, weights, dev, gen, min_time))
+                    bar.update()
+                del weights
+                if gpu:
+                    torch.cuda.empty_cache()
     dense = "bf16" if gpu else "fp32"
     cols = ["W/A bits", "M", "N", "K", "gemm us", "quant us", "TOPS", f"{dense} us", f"{dense} TFLOPS", f"vs {dense}",
             f"vs {dense} incl quant"] + (["int8 us", "vs int8"] if gpu else [])

@@ -208,9 +208,9 @@ std::pair<at::Tensor, at::Tensor> unpack_w(const at::Tensor& w_q, int64_t w_bits
       const uint8_t* s = src + n * row_bytes;
       int8_t* o = dst + n * d.k;
       if (w_bits == 4) {
-        for (int64_t i = 0; i < d.k / 2; ++i) {
-          o[2 * i] = nibble_value(s[i] & 0xF, true);
-          o[2 * i + 1] = nibble_value(s[i] >> 4, true);
+        for (int64_t i = 0; i < d.k / 2; ++i) {  // shifts instead of branches: vectorizes
+          o[2 * i] = static_cast<int8_t>(static_cast<uint8_t>(s[i] << 4)) >> 4;
+          o[2 * i + 1] = static_cast<int8_t>(s[i]) >> 4;
         }
       } else {
         for (int64_t blk = 0; blk < d.k / kInt3BlockValues; ++blk) {

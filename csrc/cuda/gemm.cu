@@ -22,8 +22,8 @@ using gemm::TileConfig;
 
 // decode / tiny batches: 16 rows, narrow N tiles and a deep pipeline to keep weight bytes in flight
 using SmallTile = TileConfig<16, 32, 1, 2, 10>;
-// mid-sized M: 64 x 128 tiles so that enough CTAs exist
-using MediumTile = TileConfig<64, 128, 2, 2, 4>;
+// mid-sized M: 64 x 64 tiles so that enough CTAs exist (4 warps of 32 x 32)
+using MediumTile = TileConfig<64, 64, 2, 2, 4>;
 // large M: 128 x 128 tiles, 8 warps of 64 x 32
 using LargeTile = TileConfig<128, 128, 2, 4, 4>;
 
