@@ -22,7 +22,7 @@ deps:
 # (the `bisup` command) that reuses it instead of compiling everything again.
 build:
 	$(BUILD_LOCK) $(PYTHON) setup.py -q build_ext --inplace
-	@$(PYTHON) -c "import bisup" 2>/dev/null || BISUP_SKIP_EXT=1 $(PIP) install -q --no-build-isolation --no-deps -e .
+	BISUP_SKIP_EXT=1 $(BUILD_LOCK) $(PIP) install -q --no-build-isolation --no-deps -e .
 
 setup: deps build
 
