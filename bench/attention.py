@@ -109,8 +109,9 @@ def main() -> None:
     rows = [run_case(b, ctx, tq, hq, hkv, d, prompt, bits, device, dtype, warmup, iters)
             for b, ctx, tq, bits in tqdm(cases, desc="attention bench")]
 
-    print(f"\nbisup.ops.attention vs torch SDPA (FP16 cache) on {where}")
-    head = f"{'B':>3} {'ctx':>6} {'Tq':>5} {'bits':>4} {'bisup ms':>10} {'SDPA ms':>10} {'speedup':>8} {'KV B/tok':>9} {'fp16 B/tok':>10} {'max err':>9}  path"
+    print(f"\nbisup.ops.attention vs torch SDPA on a {str(dtype).replace('torch.', '')} cache of the same length, on {where}")
+    head = (f"{'B':>3} {'ctx':>6} {'Tq':>5} {'bits':>4} {'bisup ms':>10} {'SDPA ms':>10} {'speedup':>8} "
+            f"{'KV B/tok':>9} {'fp16 B/tok':>10} {'max err':>9}  path")
     print(head)
     print("-" * len(head))
     for r in rows:

@@ -46,7 +46,9 @@ class MixedPrecisionKVLayer(DynamicLayer):
         self.v_q = self.v_scale = self.v_zero = None
 
     # -- transformers layer API ---------------------------------------------------------------
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: Optional[torch.Tensor] = None) -> None:
+        # value_states is optional: some transformers 5.x versions pass only the keys here
+        value_states = key_states if value_states is None else value_states
         b, h, _, d = key_states.shape
         self.device, self.dtype = key_states.device, key_states.dtype
         self.k_prompt = key_states.new_empty(b, h, 0, d)
@@ -59,7 +61,9 @@ class MixedPrecisionKVLayer(DynamicLayer):
             self.k_scale, self.k_zero, self.v_scale, self.v_zero = (params.clone() for _ in range(4))
         self.is_initialized = True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Appends new K/V [B, H, T, D]: prompt slots first, the rest quantized. Returns the full
         dequantized K/V, or (with bisup attention) the inputs untouched."""
         if not self.is_initialized:
@@ -78,8 +82,9 @@ class MixedPrecisionKVLayer(DynamicLayer):
     def _append_quantized(self, k: torch.Tensor, v: torch.Tensor) -> None:
         kq = ops.kv_quantize(k.contiguous(), self.kv_bits, self.group_size)
         vq = ops.kv_quantize(v.contiguous(), self.kv_bits, self.group_size)
-        self.k_q, self.k_scale, self.k_zero = (torch.cat([a, b], dim=2) for a, b in zip((self.k_q, self.k_scale, self.k_zero), kq))
-        self.v_q, self.v_scale, self.v_zero = (torch.cat([a, b], dim=2) for a, b in zip((self.v_q, self.v_scale, self.v_zero), vq))
+        cat = lambda old, new: tuple(torch.cat([a, b], dim=2) for a, b in zip(old, new))  # noqa: E731
+        self.k_q, self.k_scale, self.k_zero = cat((self.k_q, self.k_scale, self.k_zero), kq)
+        self.v_q, self.v_scale, self.v_zero = cat((self.v_q, self.v_scale, self.v_zero), vq)
 
     def dequantized(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The logical K/V [B, H, P + S, D] in the prompt dtype."""
