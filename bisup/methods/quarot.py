@@ -48,8 +48,7 @@ def rotate_model(model: nn.Module, adapter, config: QuantConfig) -> None:
     hidden, head_dim = adapter.hidden_size, adapter.head_dim
     if adapter.tied_embeddings:
         fuse.untie_lm_head(model, adapter.lm_head(), adapter.embeddings())
-    device = adapter.embeddings().weight.device
-    q_res = fuse.random_hadamard_transform(hidden, config.rotation_seed).to(device)
+    q_res = fuse.random_hadamard_transform(hidden, config.rotation_seed)
     q = q_res  # q(x) = x @ Q, Q = random_hadamard(hidden, seed)
     h_head = hadamard_matrix(head_dim, torch.float64)
 
@@ -102,8 +101,6 @@ def apply(model: nn.Module, adapter, config: QuantConfig, calib_batches: Optiona
 
     rotate_model(model, adapter, config)
     down_t = fuse.HadamardTransform(adapter.intermediate_size) if config.online_hadamard else None
-    if down_t is not None:
-        down_t = down_t.to(adapter.down_proj(adapter.layers()[0]).weight.device)
     apply_kv_quant(model, adapter, config, rotate=config.rotate_kv)
 
     if config.gptq and config.quantizes_weights:

@@ -96,28 +96,48 @@ class HadamardTransform(nn.Module):
     def __init__(self, n: int, signs: Optional[torch.Tensor] = None):
         super().__init__()
         self.n = n
-        base = hadamard_base(n)
-        self.register_buffer("base", base if base.shape[0] > 1 else torch.empty(0), persistent=False)
-        self.register_buffer("signs", signs if signs is not None else torch.empty(0), persistent=False)
+        base = hadamard_base(n, torch.float64)
+        # Plain attributes, not buffers: model.half() must not round the base matrix; moved to the
+        # input's device on use (cached per device).
+        self._base = base if base.shape[0] > 1 else None
+        self._signs = None if signs is None else signs.to(torch.float64)
+        self._cache: dict = {}
+
+    def _on(self, device: torch.device):
+        key = str(device)
+        if key not in self._cache:
+            b, s = self._base, self._signs
+            self._cache[key] = (None if b is None else b.to(device), None if b is None else b.to(device, torch.float32),
+                                None if s is None else s.to(device))
+        return self._cache[key]
+
+    def to_config(self) -> dict:
+        """JSON-able description (save_quantized); the base is rebuilt deterministically from n."""
+        return {"n": self.n, "signs": None if self._signs is None else [int(v) for v in self._signs.tolist()]}
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "HadamardTransform":
+        signs = cfg.get("signs")
+        return cls(int(cfg["n"]), None if signs is None else torch.tensor(signs, dtype=torch.float32))
 
     def matrix(self, dtype=torch.float64) -> torch.Tensor:
         """The dense n x n matrix M with forward(x) = x @ M."""
-        return self.forward(torch.eye(self.n, dtype=dtype, device=self.base.device))
+        return self.forward(torch.eye(self.n, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.n:
             raise ValueError(f"HadamardTransform({self.n}) got last dim {x.shape[-1]}")
-        if self.signs.numel():
-            x = x * self.signs.to(x.dtype)
-        base = self.base.float() if self.base.numel() else None
+        base64, base32, signs = self._on(x.device)
+        if signs is not None:
+            x = x * signs.to(x.dtype)
         if x.dtype in (torch.float32, torch.float16, torch.bfloat16):
             import bisup.ops as ops
 
-            return ops.hadamard(x.contiguous(), base)
-        return reference.hadamard(x, base)
+            return ops.hadamard(x.contiguous(), base32)
+        return reference.hadamard(x, base64)
 
     def extra_repr(self) -> str:
-        return f"n={self.n}, base={self.base.shape[0] if self.base.numel() else 1}, signed={bool(self.signs.numel())}"
+        return f"n={self.n}, base={1 if self._base is None else self._base.shape[0]}, signed={self._signs is not None}"
 
 
 def random_hadamard_transform(n: int, seed: int) -> HadamardTransform:
