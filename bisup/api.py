@@ -9,6 +9,8 @@ Saved format (a directory, FORMAT_VERSION 1):
                      (`.outlier_qweight` int8, `.outlier_scales`), and every other parameter/buffer
                      of the model as is (rotations are already folded into them);
   tokenizer files when a tokenizer is given.
+Input transforms (QuaRot's online Hadamard) and output-rotating wrappers (QuaRot on Gemma3's post
+norms) are bisup modules with to_config()/from_config(); they are rebuilt from their JSON entry.
 No pickle anywhere. Writes go to a temporary directory renamed into place.
 """
 from __future__ import annotations
@@ -219,6 +221,18 @@ def _linear_entry(fq: FakeQuantLinear, tensors: Dict[str, torch.Tensor], prefix:
     return entry
 
 
+def _wrapper_entries(model: nn.Module) -> Dict[str, dict]:
+    """bisup modules that wrap an original module and rotate its output (QuaRot's RotateAfter on
+    Gemma3's post norms): {path: {"class", "rotation"}}; the wrapped module's tensors are in the state dict."""
+    out = {}
+    for path, module in model.named_modules():
+        cls = type(module)
+        if cls.__module__.startswith("bisup.") and isinstance(getattr(module, "inner", None), nn.Module) \
+                and hasattr(module, "rotation"):
+            out[path] = {"class": f"{cls.__module__}:{cls.__qualname__}", "rotation": _transform_entry(module.rotation)}
+    return out
+
+
 def _atomic_write_dir(path: Path, write) -> None:
     """Run write(tmp_dir), then move tmp_dir to path (replacing an existing directory)."""
     path = Path(path)
@@ -256,6 +270,7 @@ def save_quantized(model: nn.Module, path: Union[str, Path], tokenizer=None) -> 
         linears[name] = _linear_entry(module, tensors, name)
         if module.quantized:
             skip.add(f"{name}.weight")
+    wrappers = _wrapper_entries(model)
     tied = adapter.tied_embeddings
     if tied:
         skip.add("lm_head.weight")
@@ -279,6 +294,7 @@ def save_quantized(model: nn.Module, path: Union[str, Path], tokenizer=None) -> 
         "tied_embeddings": tied,
         "linears": linears,
         "kv": kv,
+        "wrappers": wrappers,
     }
 
     def write(tmp: Path) -> None:
@@ -406,6 +422,18 @@ def load_quantized(path: Union[str, Path], device="cpu", return_tokenizer: bool 
         except (ValueError, IndexError, KeyError) as err:
             raise FormatError(f"{CONFIG_FILE}: linear {name!r} does not exist in this {model_type} model") from err
         adapter.set_linear(layer, rest, _load_linear(entry, linear, name, tensors, dtype))
+    for path, entry in meta.get("wrappers", {}).items():
+        module_name, _, qualname = entry["class"].partition(":")
+        if not module_name.startswith("bisup."):
+            raise FormatError(f"refusing to import wrapper {entry['class']!r}: not a bisup class")
+        try:
+            parent_path, _, attr = path.rpartition(".")
+            parent = model.get_submodule(parent_path)
+            inner = getattr(parent, attr)
+        except AttributeError as err:
+            raise FormatError(f"{CONFIG_FILE}: wrapped module {path!r} does not exist in this model") from err
+        wrapper_cls = getattr(importlib.import_module(module_name), qualname)
+        setattr(parent, attr, wrapper_cls(inner, _import_transform(entry["rotation"])))
     for i, spec in meta["kv"].items():
         attn = adapter.attention(layers[int(i)])
         rot_key = f"model.layers.{i}.self_attn.bisup_kv_rotation"

@@ -169,3 +169,17 @@ def test_model_shape_mismatch_is_rejected(saved):
 def test_not_a_model_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a bisup-quantized model directory"):
         bisup.load_quantized(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("method, extra", [("gptq", {}), ("atom", dict(kv_bits=4)), ("quarot", dict(gptq=True, kv_bits=4))])
+def test_round_trip_of_every_method(tmp_path, family, method, extra):
+    """Weights from GPTQ, Atom outliers, QuaRot rotations / online Hadamard / Gemma3 norm wrappers all reload exactly."""
+    pytest.importorskip(f"bisup.methods.{method}")
+    cfg = QuantConfig(method=method, w_group_size=TINY_GROUP, a_group_size=TINY_GROUP, n_calib=4, calib_seq_len=32,
+                      atom_outliers=8, **extra)
+    model = bisup.quantize_model(tiny_model(family), cfg, calib_data=random_tokens(4, 32, seed=3), progress=False)
+    ids = random_tokens(2, 16)
+    bisup.save_quantized(model, tmp_path / "q")
+    loaded = bisup.load_quantized(tmp_path / "q")
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
