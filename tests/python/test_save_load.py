@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 import bisup
 from bisup.api import CONFIG_FILE, TENSOR_FILE, FormatError
 from bisup.config import QuantConfig
-from bisup.models.tiny import FAMILIES, TINY_GROUP, random_tokens, tiny_model
+from bisup.models.tiny import TINY_GROUP, random_tokens, tiny_model
 from bisup.nn.fake_quant import FakeQuantLinear
 
 
