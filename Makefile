@@ -9,7 +9,7 @@ CACHE_DIR ?= $(HOME)/.cache/bisup
 # Serialises builds when several shells (or helpers) share one checkout.
 BUILD_LOCK = flock /tmp/bisup-build.lock
 
-.PHONY: setup deps build demo test test-python test-cpp gpu-check bench clean
+.PHONY: setup deps build demo test test-python test-slow test-cpp gpu-check bench clean
 
 deps:
 	$(PIP) install -q "torch==$(TORCH_VERSION)" ninja "setuptools>=77" wheel
@@ -33,6 +33,10 @@ test: setup test-python test-cpp
 
 test-python:
 	$(PYTHON) -m pytest -q tests/python
+
+# Model-sized checks on the embedded default (minutes on 2 cores): not part of `make test`.
+test-slow: build
+	BISUP_SLOW=1 $(PYTHON) -m pytest -q -m slow tests/python
 
 test-cpp:
 	$(BUILD_LOCK) cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$$(command -v $(PYTHON))"

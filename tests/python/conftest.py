@@ -23,3 +23,15 @@ def poison_like(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point():
         return torch.full_like(t, float("nan"))
     return torch.full_like(t, -1 if t.dtype.is_signed else 0xAB)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` (model-sized) run only with BISUP_SLOW=1 (`make test-slow`)."""
+    import os
+
+    if os.environ.get("BISUP_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="model-sized; run with BISUP_SLOW=1 (make test-slow)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
