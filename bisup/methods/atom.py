@@ -22,7 +22,8 @@ from torch import nn
 
 from bisup.config import QuantConfig
 from bisup.methods.calibration import InputStats, iterate_layers
-from bisup.methods.gptq import act_quantizer, apply_kv_quant, quantize_layer_gptq
+from bisup.methods.gptq import quantize_layer_gptq
+from bisup.methods.rtn import apply_kv_quant, fake_quant_linear
 from bisup.nn.fake_quant import FakeQuantLinear, complement
 
 # linears that read the same tensor share one outlier set
@@ -67,12 +68,6 @@ def reorder_index(module: FakeQuantLinear) -> torch.Tensor:
     return torch.cat([complement(idx, module.in_features), idx])
 
 
-def rtn_linear(linear: nn.Linear, config: QuantConfig, outlier_idx: Optional[torch.Tensor]) -> FakeQuantLinear:
-    return FakeQuantLinear(linear, config.w_bits, config.w_group_size, config.w_sym, config.w_clip,
-                           act_quantizer=act_quantizer(config, outlier_idx), outlier_idx=outlier_idx,
-                           outlier_bits=config.atom_outlier_bits)
-
-
 @torch.no_grad()
 def apply(model: nn.Module, adapter, config: QuantConfig, calib_batches: torch.Tensor, progress: bool = True,
           sequential: bool = True) -> None:
@@ -89,4 +84,4 @@ def apply(model: nn.Module, adapter, config: QuantConfig, calib_batches: torch.T
             continue
         for name in adapter.linear_names():
             linear = adapter.get_linear(layer, name)
-            adapter.set_linear(layer, name, rtn_linear(linear, config, outliers.get(name)))
+            adapter.set_linear(layer, name, fake_quant_linear(linear, config, outliers.get(name)))

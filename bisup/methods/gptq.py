@@ -18,31 +18,20 @@ from torch import nn
 
 from bisup.config import QuantConfig
 from bisup.methods.calibration import InputStats, iterate_layers
-from bisup.nn.fake_attention import KVQuantSpec, set_kv_quant
-from bisup.nn.fake_quant import ActQuantizer, FakeQuantLinear
+from bisup.methods.rtn import act_quantizer, apply_kv_quant, fake_quant_linear  # noqa: F401  (re-exported)
+from bisup.nn.fake_quant import FakeQuantLinear
 from bisup.quant.gptq import gptq_quantize
-
-
-def act_quantizer(config: QuantConfig, outlier_idx: Optional[torch.Tensor] = None) -> Optional[ActQuantizer]:
-    """The per-token input quantizer of a decoder linear (None when activations stay FP, outliers too)."""
-    if not config.quantizes_activations:
-        return None
-    return ActQuantizer(config.a_bits, config.a_group_size, config.a_sym, config.a_clip,
-                        outlier_idx=outlier_idx, outlier_bits=config.atom_outlier_bits)
 
 
 def gptq_linear(linear: nn.Linear, stats: Optional[InputStats], config: QuantConfig,
                 outlier_idx: Optional[torch.Tensor] = None) -> FakeQuantLinear:
     """A FakeQuantLinear with GPTQ weights (outlier input channels at atom_outlier_bits, last)."""
-    aq = act_quantizer(config, outlier_idx)
     if not config.quantizes_weights:  # stats may be None here
-        return FakeQuantLinear(linear, config.w_bits, config.w_group_size, config.w_sym, config.w_clip,
-                               act_quantizer=aq, outlier_idx=outlier_idx, outlier_bits=config.atom_outlier_bits)
+        return fake_quant_linear(linear, config, outlier_idx)
     res = gptq_quantize(linear.weight, stats.hessian(), config.w_bits, config.w_group_size, sym=config.w_sym,
                         clip=config.w_clip, damp=config.gptq_damp, act_order=config.gptq_act_order,
                         block_size=config.gptq_block_size, keep_idx=outlier_idx, keep_bits=config.atom_outlier_bits)
-    fq = FakeQuantLinear(linear, config.w_bits, config.w_group_size, config.w_sym, config.w_clip, act_quantizer=aq,
-                         outlier_idx=outlier_idx, outlier_bits=config.atom_outlier_bits, weight=res.weight)
+    fq = fake_quant_linear(linear, config, outlier_idx, weight=res.weight)
     fq.set_weight(res.weight, scales=res.scales, zeros=None if config.w_sym else res.zeros,
                   outlier_scales=res.keep_scales, outlier_zeros=None if config.w_sym else res.keep_zeros)
     return fq
@@ -56,20 +45,6 @@ def quantize_layer_gptq(adapter, layer: nn.Module, stats: Dict[str, InputStats],
     for name in names or adapter.linear_names():
         linear = adapter.get_linear(layer, name)
         adapter.set_linear(layer, name, gptq_linear(linear, stats.get(name), config, outliers.get(name)))
-
-
-def kv_spec(config: QuantConfig, rotate: bool = False) -> Optional[KVQuantSpec]:
-    if not config.quantizes_kv:
-        return None
-    return KVQuantSpec(bits=config.kv_bits, group_size=config.kv_group_size, sym=config.kv_sym,
-                       clip=config.kv_clip, prompt_len=config.prompt_len, rotate=rotate)
-
-
-def apply_kv_quant(model: nn.Module, adapter, config: QuantConfig, rotate: bool = False) -> None:
-    """Fake KV quantization per config (no-op when kv_bits is 16)."""
-    spec = kv_spec(config, rotate)
-    if spec is not None:
-        set_kv_quant(model, [adapter.attention(layer) for layer in adapter.layers()], spec)
 
 
 @torch.no_grad()

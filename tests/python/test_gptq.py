@@ -198,3 +198,51 @@ def test_errors():
         gptq_quantize(w, torch.eye(8), 9, 4)
     with pytest.raises(ValueError, match="block_size"):
         gptq_quantize(w, torch.eye(8), 4, 4, block_size=0)
+
+
+@pytest.mark.slow
+def test_lower_output_error_than_rtn_on_default_model_layer():
+    """A real layer: SmolLM2-135M layer 3, Hessians from 4096 calibration tokens of the embedded corpus.
+
+    On held-out tokens GPTQ beats RTN on the 576-wide inputs (q/k/v/o/gate/up); down_proj (1536 wide)
+    only on the calibration tokens: with 4-8k tokens its Hessian overfits (measured: calib 0.079 vs
+    RTN 0.107, held-out 0.108 vs 0.107 with 8192 tokens), so it is not asserted on held-out data.
+    """
+    from bisup.models import default
+
+    if not default.is_available():
+        pytest.skip("embedded default model not installed")
+    from bisup.eval.data import calibration_batches
+
+    model, tok = default.load_default_model()
+    adapter = get_adapter(model)
+    batches = calibration_batches(tok, 20, 256)
+    calib, held_out = batches[:16], batches[16:]
+    for index, layer, inputs in iterate_layers(model, adapter, calib, progress=False, sequential=False):
+        if index == 3:
+            break
+    xs = {}
+
+    def grab(module, args, name):
+        xs.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1]))
+
+    handles = [adapter.get_linear(layer, n).register_forward_pre_hook(lambda m, a, n=n: grab(m, a, n))
+               for n in adapter.linear_names()]
+    with torch.no_grad():
+        for part in (calib, held_out):
+            model.model(input_ids=part)
+    for hd in handles:
+        hd.remove()
+    n_calib = calib.numel()
+    for name in adapter.linear_names():
+        w = adapter.get_linear(layer, name).weight.detach()
+        x = torch.cat(xs[name])
+        rtn = fake_quantize(w, 4, 64, True, scale_dtype=F16)
+        gptq = gptq_quantize(w, inputs.stats[name].hessian(), 4, 64).weight
+        for part, rows in (("calib", slice(0, n_calib)), ("held-out", slice(n_calib, None))):
+            if part == "held-out" and name == "mlp.down_proj":
+                continue
+            ref = x[rows] @ w.T
+            e_rtn = (x[rows] @ rtn.T - ref).norm()
+            e_gptq = (x[rows] @ gptq.T - ref).norm()
+            assert e_gptq < 0.9 * e_rtn, (name, part, float(e_gptq), float(e_rtn))
