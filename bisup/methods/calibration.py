@@ -72,7 +72,7 @@ class LayerInputs:
 
     hidden: List[torch.Tensor]
     kwargs: List[Dict[str, Any]]
-    stats: Dict[str, InputStats] = field(default_factory=dict)
+    stats: Dict[str, InputStats] = field(default_factory=dict)  # q/k/v (and gate/up) share one object
 
     def run(self, layer: nn.Module) -> List[torch.Tensor]:
         """The layer's outputs on every chunk."""
@@ -153,46 +153,60 @@ def capture_layer_inputs(model: nn.Module, adapter, calib_batches: torch.Tensor,
 
 
 class _StatsHooks:
-    """Forward pre-hooks accumulating InputStats of the named linears of one layer."""
+    """Forward pre-hooks accumulating InputStats of the named linears of one layer.
+
+    Linears fed the very same tensor (q/k/v, gate/up) share one InputStats object, computed once
+    per chunk and stored once: one K x K Hessian per distinct input, not per linear.
+    """
 
     def __init__(self, adapter, layer: nn.Module, names: Sequence[str], kinds: Sequence[str]):
-        self.stats: Dict[str, InputStats] = {}
-        self.handles = []
-        self._last: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (input, x^T x) shared by q/k/v
         self.kinds = set(kinds)
+        self.handles = []
+        self._stats: Dict[str, InputStats] = {}
+        self._owner: Dict[str, str] = {}  # linear -> linear whose stats it shares (itself if none)
+        self._seen: Dict[int, Tuple[torch.Tensor, str]] = {}  # this chunk: id(input) -> (input, first reader)
         for name in names:
             linear = adapter.get_linear(layer, name)
-            st = InputStats(linear.in_features)
-            self.stats[name] = st
-            self.handles.append(linear.register_forward_pre_hook(self._hook(st)))
+            self._stats[name] = InputStats(linear.in_features)
+            self.handles.append(linear.register_forward_pre_hook(self._hook(name)))
 
-    def _hook(self, st: InputStats):
+    @property
+    def stats(self) -> Dict[str, InputStats]:
+        return {name: self._stats[self._owner.get(name, name)] for name in self._stats}
+
+    def _hook(self, name: str):
         def hook(module, args):
             x = args[0]
-            xf = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-            st.tokens += xf.shape[0]
-            if "hessian" in self.kinds:
-                if self._last is not None and self._last[0] is x:
-                    xtx = self._last[1]
-                else:
-                    xtx = (xf.T @ xf).to(torch.float64)
-                    self._last = (x, xtx)
-                st.hessian_sum = xtx.clone() if st.hessian_sum is None else st.hessian_sum.add_(xtx)
-            if "channel" in self.kinds:
-                amax = xf.abs().amax(dim=0)
-                sq = xf.square().sum(dim=0, dtype=torch.float64)
-                st.abs_max = amax if st.abs_max is None else torch.maximum(st.abs_max, amax)
-                st.sq_sum = sq if st.sq_sum is None else st.sq_sum.add_(sq)
+            prev = self._seen.get(id(x))
+            owner = prev[1] if prev is not None and prev[0] is x else name
+            if self._owner.setdefault(name, owner) != owner:
+                raise RuntimeError(f"{name}: its input was shared with {self._owner[name]} in one chunk but not in another")
+            if owner != name:
+                return  # this input was already accumulated, by its first reader
+            self._seen[id(x)] = (x, name)
+            self._accumulate(self._stats[name], x)
         return hook
 
+    def _accumulate(self, st: InputStats, x: torch.Tensor) -> None:
+        xf = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        st.tokens += xf.shape[0]
+        if "hessian" in self.kinds:
+            xtx = (xf.T @ xf).to(torch.float64)  # fp32 matmul per chunk, fp64 sum over chunks
+            st.hessian_sum = xtx if st.hessian_sum is None else st.hessian_sum.add_(xtx)
+        if "channel" in self.kinds:
+            amax = xf.abs().amax(dim=0)
+            sq = xf.square().sum(dim=0, dtype=torch.float64)
+            st.abs_max = amax if st.abs_max is None else torch.maximum(st.abs_max, amax)
+            st.sq_sum = sq if st.sq_sum is None else st.sq_sum.add_(sq)
+
     def end_chunk(self) -> None:
-        self._last = None
+        self._seen.clear()
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles = []
-        self._last = None
+        self._seen.clear()
 
 
 @torch.no_grad()

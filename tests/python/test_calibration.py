@@ -48,6 +48,11 @@ def test_stats_and_layer_outputs_match_full_model(family):
             torch.testing.assert_close(st.hessian().double(), x.T @ x / x.shape[0], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(st.abs_max.double(), x.abs().amax(0), rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(st.mean_square().double(), x.square().mean(0), rtol=1e-4, atol=1e-6)
+        # linears reading the same tensor share one statistics object (one Hessian per input)
+        st = inputs.stats
+        assert st["self_attn.q_proj"] is st["self_attn.k_proj"] is st["self_attn.v_proj"]
+        assert st["mlp.gate_proj"] is st["mlp.up_proj"]
+        assert len({id(v) for v in st.values()}) == 4
     assert visited == list(range(adapter.num_layers))
 
 
