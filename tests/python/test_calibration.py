@@ -78,7 +78,7 @@ def test_sequential_feeds_modified_layer_output():
 
 def test_memory_bounded_to_one_layer():
     """The inputs of layer i are released by the time layer i+1 is yielded; the model is restored."""
-    model = tiny_model("llama", num_layers=4)
+    model = tiny_model("llama", num_layers=3)
     adapter = get_adapter(model)
     ids = random_tokens(4, 16, seed=3)
     refs = []
