@@ -8,5 +8,7 @@ from bisup import ops, reference  # noqa: F401
 from bisup._ext import has_cuda_kernels  # noqa: F401
 from bisup.api import load_quantized, quantize_model, save_quantized  # noqa: F401
 from bisup.config import QuantConfig  # noqa: F401
+from bisup.generation import generate  # noqa: F401
+from bisup.nn.real_kv import make_cache  # noqa: F401
 
 __version__ = "0.1.0"

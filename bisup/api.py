@@ -73,19 +73,8 @@ def _real_linear_class():
     return getattr(module, "QuantLinear", None)
 
 
-class TransformedLinear(nn.Module):
-    """input_transform (e.g. QuaRot's online Hadamard) followed by a real QuantLinear."""
-
-    def __init__(self, transform: nn.Module, linear: nn.Module):
-        super().__init__()
-        self.input_transform, self.linear = transform, linear
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.input_transform(x))
-
-
-def _check_real(config: QuantConfig):
-    """The QuantLinear class, or NotImplementedError saying why config cannot run on the real kernels."""
+def _check_real(config: QuantConfig, model: Optional[nn.Module] = None):
+    """The QuantLinear class, or NotImplementedError saying why config (on model) cannot run on the real kernels."""
     cls = _real_linear_class()
     if cls is None:
         raise NotImplementedError(
@@ -98,28 +87,62 @@ def _check_real(config: QuantConfig):
         unsupported.append("weights and activations must be symmetric")
     if config.w_group_size != config.a_group_size:
         unsupported.append(f"w_group_size must equal a_group_size (got {config.w_group_size}/{config.a_group_size})")
+    elif config.w_group_size != -1 and config.w_group_size % 32:
+        unsupported.append(f"the group size must be -1 or a multiple of 32 (got {config.w_group_size})")
+    if config.method == "atom" and config.atom_outlier_bits != 8:
+        unsupported.append(f"Atom outliers run as INT8 (got atom_outlier_bits={config.atom_outlier_bits})")
+    if config.quantizes_kv:
+        from bisup.nn.real_kv import REAL_KV_BITS
+
+        if config.kv_bits not in REAL_KV_BITS:
+            unsupported.append(f"kv_bits must be one of {list(REAL_KV_BITS)} or 16 (got {config.kv_bits})")
+        if config.kv_sym or config.kv_clip != 1.0:
+            unsupported.append(f"the KV cache is asymmetric and unclipped (got kv_sym={config.kv_sym}, "
+                               f"kv_clip={config.kv_clip})")
+    if model is not None:
+        unsupported += _model_limits(config, model)
     if unsupported:
-        raise NotImplementedError("mode='real' (QuantLinear): " + "; ".join(unsupported) + ". Use mode='fake'.")
+        raise NotImplementedError("mode='real': " + "; ".join(unsupported) + ". Use mode='fake'.")
     return cls
+
+
+def _model_limits(config: QuantConfig, model: nn.Module) -> list:
+    """What the real kernels cannot do on this model with config."""
+    adapter = get_adapter(model)
+    out = []
+    if config.method == "atom":
+        k = config.outlier_count(adapter.hidden_size)
+        if k % 16:
+            out.append(f"the Atom outlier count must be a multiple of 16 (got {k}; set atom_outliers)")
+    if config.quantizes_kv:
+        from bisup.nn.kv_cache import MixedPrecisionKVCache
+
+        g = config.kv_group_size
+        if g != -1 and (g % 8 or adapter.head_dim % g):
+            out.append(f"kv_group_size must be -1 or a multiple of 8 dividing head_dim={adapter.head_dim} (got {g})")
+        try:
+            MixedPrecisionKVCache(config=model.config)
+        except ValueError as err:
+            out.append(f"KV cache: {err}")
+    return out
 
 
 def _to_real(model: nn.Module, adapter, config: QuantConfig) -> None:
     """Swap every FakeQuantLinear for a bisup.nn.QuantLinear running the integer GEMM, with the
-    same integer codes and scales (so GPTQ / Atom / QuaRot weights carry over exactly)."""
-    cls = _check_real(config)
+    same integer codes and scales (so GPTQ / Atom / QuaRot weights carry over exactly), and, when
+    the KV cache is quantized, switch attention to MixedPrecisionKVCache + bisup.ops.attention."""
+    from bisup.nn.real_linear import fake_to_real
+
+    _check_real(config, model)
     for layer in adapter.layers():
         for name in adapter.linear_names():
             fq = adapter.get_linear(layer, name)
-            if not isinstance(fq, FakeQuantLinear):
-                continue
-            wc = fq.weight_codes()
-            real = cls.from_float(fq, config.w_bits, config.a_bits, config.w_group_size, w_clip=config.w_clip,
-                                  a_clip=config.a_clip, outlier_idx=wc.outlier_idx, weight_q=wc.codes,
-                                  weight_scale=wc.scales, w_outlier_q=wc.outlier_codes,
-                                  w_outlier_scale=wc.outlier_scales)
-            if fq.input_transform is not None:
-                real = TransformedLinear(fq.input_transform, real)
-            adapter.set_linear(layer, name, real)
+            if isinstance(fq, FakeQuantLinear):
+                adapter.set_linear(layer, name, fake_to_real(fq, config.a_bits, config.a_clip))
+    if config.quantizes_kv:
+        from bisup.nn.real_kv import enable_real_kv
+
+        enable_real_kv(model, adapter)
 
 
 def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib_data=None, tokenizer=None,
@@ -137,7 +160,7 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
     adapter = get_adapter(model)
     method = get_method(config.method)
     if config.mode == "real":
-        _check_real(config)  # fail before the (possibly long) calibration
+        _check_real(config, model)  # fail before the (possibly long) calibration
     calib = None
     if config.method in NEEDS_CALIBRATION and (config.method != "quarot" or config.gptq or calib_data is not None
                                                or tokenizer is not None):
@@ -221,6 +244,19 @@ def _linear_entry(fq: FakeQuantLinear, tensors: Dict[str, torch.Tensor], prefix:
     return entry
 
 
+def _as_fake(module: nn.Module, name: str, dtype: torch.dtype, config: QuantConfig) -> Optional[FakeQuantLinear]:
+    """The FakeQuantLinear form of a quantized decoder linear (None for a plain nn.Linear)."""
+    if isinstance(module, FakeQuantLinear):
+        return module
+    if isinstance(module, nn.Linear):
+        return None
+    from bisup.nn.real_linear import is_real, real_to_fake
+
+    if is_real(module):
+        return real_to_fake(module, dtype, config.w_clip)
+    raise NotImplementedError(f"save_quantized: cannot save {name}, a {type(module).__name__}")
+
+
 def _wrapper_entries(model: nn.Module) -> Dict[str, dict]:
     """bisup modules that wrap an original module and rotate its output (QuaRot's RotateAfter on
     Gemma3's post norms): {path: {"class", "rotation"}}; the wrapped module's tensors are in the state dict."""
@@ -259,22 +295,26 @@ def save_quantized(model: nn.Module, path: Union[str, Path], tokenizer=None) -> 
     if config is None:
         raise ValueError("save_quantized: the model was not quantized by bisup.quantize_model")
     adapter = get_adapter(model)
+    dtype = adapter.embeddings().weight.dtype
     tensors: Dict[str, torch.Tensor] = {}
     linears: Dict[str, dict] = {}
     skip = set()
+    state = model.state_dict()
     for name, module in adapter.named_linears():
-        if not isinstance(module, FakeQuantLinear):
-            if isinstance(module, nn.Linear):
-                continue  # left in floating point: saved with the state dict
-            raise NotImplementedError(f"save_quantized supports fake-quant models only; {name} is {type(module).__name__}")
-        linears[name] = _linear_entry(module, tensors, name)
-        if module.quantized:
-            skip.add(f"{name}.weight")
+        fq = _as_fake(module, name, dtype, config)
+        if fq is None:
+            continue  # left in floating point: saved with the state dict
+        linears[name] = _linear_entry(fq, tensors, name)
+        # the linear's tensors in the fake-mode layout, whichever mode it runs in
+        skip.update(k for k in state if k.startswith(name + "."))
+        for key, value in fq.state_dict(prefix=name + ".").items():
+            if not (fq.quantized and key == f"{name}.weight"):
+                tensors[key] = value.detach().cpu().contiguous()
     wrappers = _wrapper_entries(model)
     tied = adapter.tied_embeddings
     if tied:
         skip.add("lm_head.weight")
-    for key, value in model.state_dict().items():
+    for key, value in state.items():
         if key not in skip:
             tensors[key] = value.detach().cpu().contiguous()
     kv = {}
@@ -393,10 +433,15 @@ def _load_linear(entry: dict, linear: nn.Linear, name: str, tensors, dtype) -> F
     return fq
 
 
-def load_quantized(path: Union[str, Path], device="cpu", return_tokenizer: bool = False):
-    """Load a model written by save_quantized (returns the model; with return_tokenizer, (model, tokenizer))."""
+def load_quantized(path: Union[str, Path], device="cpu", return_tokenizer: bool = False, mode: Optional[str] = None):
+    """Load a model written by save_quantized (returns the model; with return_tokenizer, (model, tokenizer)).
+
+    mode: "fake" or "real" to run the saved codes in that mode whichever mode saved them; None: as saved.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if mode not in (None, "fake", "real"):
+        raise ValueError(f"load_quantized: mode={mode!r}, expected None (as saved), 'fake' or 'real'")
     path = Path(path)
     meta = _read_meta(path)
     try:
@@ -455,6 +500,10 @@ def load_quantized(path: Union[str, Path], device="cpu", return_tokenizer: bool 
     model.load_state_dict(tensors, strict=False)
     if meta["tied_embeddings"]:
         model.lm_head.weight = adapter.embeddings().weight
+    if mode is not None and mode != quant_config.mode:
+        quant_config = quant_config.replace(mode=mode)
+    if quant_config.mode == "real":
+        _to_real(model, adapter, quant_config)
     model.bisup_config = quant_config
     model = model.to(device).eval()
     if not return_tokenizer:
@@ -477,13 +526,16 @@ def weight_bytes(model: nn.Module) -> Dict[str, int]:
     """
     adapter = get_adapter(model)
     out = dict(linears=0, params=0, fp16_bytes=0, code_bytes=0, scale_bytes=0)
+    from bisup.nn.real_linear import is_real, split_real, weight_codes
+
     for _, module in adapter.named_linears():
-        n, k = module.weight.shape
+        real = split_real(module)[0] if is_real(module) else None
+        n, k = (real.out_features, real.in_features) if real is not None else module.weight.shape
         out["linears"] += 1
         out["params"] += n * k
         out["fp16_bytes"] += 2 * n * k
-        if isinstance(module, FakeQuantLinear) and module.quantized:
-            wc = module.weight_codes()
+        if real is not None or (isinstance(module, FakeQuantLinear) and module.quantized):
+            wc = weight_codes(real) if real is not None else module.weight_codes()
             out["code_bytes"] += _pack(wc.codes, _packing(wc.bits, wc.codes.shape[1]), wc.sym).numel()
             extra = [wc.scales, wc.zeros, wc.outlier_codes, wc.outlier_scales, wc.outlier_zeros]
             out["code_bytes"] += 0 if wc.outlier_codes is None else wc.outlier_codes.numel()

@@ -3,7 +3,12 @@
   bisup quantize --model default|PATH --method rtn|gptq|atom|quarot --w-bits 4 --a-bits 4 --kv-bits 4 \\
                  --group-size 64 --save DIR [--eval] [--json FILE]
   bisup eval     --model DIR|default|PATH [--dataset embedded|wikitext2|c4] [--seq-len 512] [--windows 8] [--json FILE]
-  bisup generate --model DIR|default|PATH --prompt TEXT [--max-new-tokens 32]
+  bisup generate --model DIR|default|PATH --prompt TEXT [--system-prompt TEXT [--fp-model default|PATH]]
+                 [--max-new-tokens 32]
+
+--system-prompt: its KV is computed at full precision (unquantized activations; by --fp-model when
+given) and kept unquantized in the cache, the tokens after it use the model's KV bits (BiSup).
+--mode fake|real (eval, generate): run a bisup-quantized model in that mode instead of as saved.
 
 --model: "default" (the embedded SmolLM2-135M), a directory written by `bisup quantize --save`, or a
 transformers model directory. Each command prints a results table; --json also writes it as JSON.
@@ -25,8 +30,9 @@ from bisup.config import METHODS, QuantConfig
 # ------------------------------------------------------------------------------------------------
 # model loading
 # ------------------------------------------------------------------------------------------------
-def load_any(spec: str, device: str = "cpu") -> Tuple[torch.nn.Module, object, str]:
-    """(model, tokenizer, kind) for "default", a bisup-quantized dir, or a transformers dir."""
+def load_any(spec: str, device: str = "cpu", mode: Optional[str] = None) -> Tuple[torch.nn.Module, object, str]:
+    """(model, tokenizer, kind) for "default", a bisup-quantized dir (run in `mode`, None: as saved),
+    or a transformers dir."""
     from bisup.api import CONFIG_FILE, load_quantized
 
     if spec == "default":
@@ -38,7 +44,7 @@ def load_any(spec: str, device: str = "cpu") -> Tuple[torch.nn.Module, object, s
     if not path.is_dir():
         raise SystemExit(f"bisup: --model {spec!r} is neither 'default' nor a directory")
     if (path / CONFIG_FILE).is_file():
-        model, tok = load_quantized(path, device=device, return_tokenizer=True)
+        model, tok = load_quantized(path, device=device, return_tokenizer=True, mode=mode)
         return model, tok, "bisup-quantized"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -110,7 +116,7 @@ def cmd_quantize(a) -> dict:
 def cmd_eval(a) -> dict:
     from bisup.eval import perplexity
 
-    model, tok, kind = load_any(a.model, a.device)
+    model, tok, kind = load_any(a.model, a.device, a.mode)
     if tok is None:
         raise SystemExit(f"bisup eval: {a.model} has no tokenizer")
     t = time.perf_counter()
@@ -126,26 +132,60 @@ def cmd_eval(a) -> dict:
     return result
 
 
+def _prompt_texts(tok, a) -> Tuple[str, str]:
+    """(system text, user text): tokenized separately, the system part is the cached prefix."""
+    system = a.system_prompt or ""
+    if not (a.chat and getattr(tok, "chat_template", None)):
+        return system, a.prompt
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": a.prompt}]
+    full = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    sys_text = tok.apply_chat_template(msgs[:1], tokenize=False) if system else ""
+    if not full.startswith(sys_text):
+        raise ValueError("the chat template does not render the system message as a prefix of the conversation")
+    return sys_text, full[len(sys_text):]
+
+
+def _kv_report(cache) -> dict:
+    from bisup.nn.kv_cache import MixedPrecisionKVCache
+
+    if not isinstance(cache, MixedPrecisionKVCache):
+        return {"kind": "simulated (fake mode) or unquantized"}
+    layer = cache.layers[0]
+    return {"kind": f"mixed precision, {layer.kv_bits}-bit", "fp_tokens": int(layer.k_prompt.shape[2]),
+            "quantized_tokens": int(layer.quant_len), **cache.memory_bytes()}
+
+
 @torch.no_grad()
 def cmd_generate(a) -> dict:
-    model, tok, kind = load_any(a.model, a.device)
+    import bisup
+
+    model, tok, kind = load_any(a.model, a.device, a.mode)
     if tok is None:
         raise SystemExit(f"bisup generate: {a.model} has no tokenizer")
-    if a.chat and getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template([{"role": "user", "content": a.prompt}], tokenize=False, add_generation_prompt=True)
-    else:
-        text = a.prompt
-    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(a.device)
+    if a.fp_model is not None and not a.system_prompt:
+        raise ValueError("--fp-model computes the system prompt's KV: give --system-prompt too")
+    sys_text, user_text = _prompt_texts(tok, a)
+    encode = lambda text: tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(a.device)  # noqa: E731
+    ids = encode(user_text)
+    sys_ids = encode(sys_text) if sys_text else None
+    fp_model = None if a.fp_model is None else load_any(a.fp_model, a.device)[0]
     t = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=a.max_new_tokens, do_sample=False,
-                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    out, cache = bisup.generate(model, ids, system_ids=sys_ids, fp_model=fp_model, return_cache=True,
+                                max_new_tokens=a.max_new_tokens, do_sample=False,
+                                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     gen_s = time.perf_counter() - t
-    new = out[0, ids.shape[1]:]
+    start = ids.shape[1] + (0 if sys_ids is None else sys_ids.shape[1])
+    new = out[0, start:]
     completion = tok.decode(new, skip_special_tokens=True)
     print(a.prompt + completion)
-    result = {"command": "generate", "model": a.model, "prompt": a.prompt, "completion": completion,
-              "new_tokens": int(new.numel()), "generate_s": gen_s}
-    emit(result, [("new tokens", int(new.numel())), ("tokens/s", new.numel() / max(gen_s, 1e-9))], a.json)
+    n_sys = 0 if sys_ids is None else int(sys_ids.shape[1])
+    result = {"command": "generate", "model": a.model, "prompt": a.prompt, "system_prompt": a.system_prompt,
+              "system_tokens": n_sys, "completion": completion, "new_tokens": int(new.numel()),
+              "generate_s": gen_s, "kv_cache": _kv_report(cache)}
+    rows = [("new tokens", int(new.numel())), ("tokens/s", new.numel() / max(gen_s, 1e-9))]
+    if n_sys:
+        rows.append(("system prompt tokens (FP KV)", n_sys))
+    emit(result, rows, a.json)
     return result
 
 
@@ -161,6 +201,11 @@ def _add_common(p, eval_opts: bool = True) -> None:
         p.add_argument("--dataset", default="embedded", choices=["embedded", "wikitext2", "c4"])
         p.add_argument("--seq-len", type=int, default=512)
         p.add_argument("--windows", type=int, default=8, help="evaluation windows of --seq-len tokens")
+
+
+def _add_mode(p) -> None:
+    p.add_argument("--mode", default=None, choices=["fake", "real"],
+                   help="run a bisup-quantized model in this mode (default: the mode it was saved in)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity of a model")
     _add_common(e)
+    _add_mode(e)
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="greedy generation")
@@ -200,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--system-prompt", default=None,
+                   help="system prompt: its KV is computed at full precision and kept unquantized (BiSup)")
+    g.add_argument("--fp-model", default=None,
+                   help="'default' or a model dir: compute the system prompt's KV with this unquantized model "
+                        "(default: the quantized model with unquantized activations)")
+    _add_mode(g)
     g.set_defaults(func=cmd_generate)
     return parser
 

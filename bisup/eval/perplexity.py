@@ -7,6 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bisup.eval.data import eval_tokens
+from bisup.nn.real_kv import cache_argument, make_cache
 
 
 @torch.no_grad()
@@ -25,7 +26,9 @@ def perplexity_on_tokens(model, tokens: torch.Tensor, seq_len: int = 512, max_wi
     total_nll, count = 0.0, 0
     for w in tqdm(range(n_windows), desc="perplexity", disable=not progress, leave=False):
         ids = tokens[w * seq_len:(w + 1) * seq_len].to(device)[None]
-        logits = model(ids).logits[0, :-1].float()
+        cache = make_cache(model)  # real mode: a fresh mixed-precision KV cache per window
+        kw = {} if cache is None else {cache_argument(model): cache}
+        logits = model(ids, **kw).logits[0, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
         total_nll += float(nll)
         count += seq_len - 1

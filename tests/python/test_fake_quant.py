@@ -165,3 +165,15 @@ def test_inference_fast_path_is_bit_identical_to_the_differentiable_one(bits, gr
     slow = aq(x.clone().requires_grad_(True))  # takes the STE path
     assert torch.equal(fast, slow.detach())
     assert torch.equal(fast, fake_quantize(x, bits, group, True, 0.9, scale_dtype=torch.float16))
+
+
+def test_outlier_channels_are_quantized_without_clipping():
+    """a_clip shrinks the low-bit groups only; Atom's INT8 outlier channels keep their full range
+    (as QuantLinear's INT8 segment does)."""
+    x = torch.randn(5, 66, generator=torch.Generator().manual_seed(2)) * 3
+    idx = torch.tensor([60, 4])
+    main = torch.tensor([i for i in range(66) if i not in (4, 60)])
+    with torch.no_grad():
+        y = ActQuantizer(4, 16, clip=0.5, outlier_idx=idx, outlier_bits=8)(x)
+    assert torch.equal(y[:, idx], fake_quantize(x[:, idx], 8, -1, True, 1.0, scale_dtype=torch.float16))
+    assert torch.equal(y[:, main], fake_quantize(x[:, main], 4, 16, True, 0.5, scale_dtype=torch.float16))

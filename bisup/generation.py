@@ -1,0 +1,122 @@
+"""Generation with a system prompt whose KV cache is computed at full precision and kept there
+(BiSup's horizontal error suppression), for fake- and real-mode models.
+
+The system prompt is run once with activations unquantized and KV unquantized (`full_precision`),
+by the quantized model itself (weights stay at their quantized values: a saved model holds no
+others) or by an unquantized `fp_model`. Its K/V seed the cache: real mode stores them FP16 in
+the MixedPrecisionKVCache prompt segment and quantizes every later token to kv_bits; fake mode
+keeps them in a DynamicCache and the fake attention quantizes every position after them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from bisup.nn.fake_quant import FakeQuantLinear
+from bisup.nn.quant_linear import QuantLinear
+from bisup.nn.real_kv import cache_argument, make_cache
+from bisup.nn.real_linear import dequantized_weight
+
+
+def _fp_linear(weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, weight.to(x.device, x.dtype), None if bias is None else bias.to(x.dtype))
+    return forward
+
+
+@contextmanager
+def full_precision(model: nn.Module):
+    """Inside the block the model runs with unquantized activations and an unquantized KV cache;
+    weights keep their (quantized) values. A model bisup did not quantize is left as it is."""
+    act, real, specs = [], [], []
+    for m in model.modules():
+        if isinstance(m, FakeQuantLinear) and m.act_quantizer is not None:
+            act.append((m, m.act_quantizer))
+            m.act_quantizer = None
+        elif isinstance(m, QuantLinear):
+            real.append(m)
+            m.forward = _fp_linear(dequantized_weight(m), m.bias)
+        if getattr(m, "bisup_kv", None) is not None:
+            specs.append((m, m.bisup_kv))
+            m.bisup_kv = None
+    try:
+        yield model
+    finally:
+        for m, aq in act:
+            m.act_quantizer = aq
+        for m in real:
+            del m.forward
+        for m, spec in specs:
+            m.bisup_kv = spec
+
+
+def _check_fp_model(model: nn.Module, fp_model: nn.Module) -> None:
+    config = getattr(model, "bisup_config", None)
+    if config is not None and config.method == "quarot":
+        raise ValueError("fp_model cannot produce the system-prompt KV of a QuaRot model (its V heads are rotated); "
+                         "leave fp_model out to compute it with the quantized model at full precision")
+    from bisup.models.adapters import get_adapter
+
+    a, b = get_adapter(model), get_adapter(fp_model)
+    got, want = (b.num_layers, b.num_kv_heads, b.head_dim), (a.num_layers, a.num_kv_heads, a.head_dim)
+    if got != want:
+        raise ValueError(f"fp_model has (layers, kv heads, head_dim) = {got}, the quantized model {want}")
+
+
+@torch.no_grad()
+def prompt_kv(model: nn.Module, system_ids: torch.Tensor, fp_model: Optional[nn.Module] = None) -> DynamicCache:
+    """K/V of the system prompt [B, P] at full precision (by fp_model when given), as a DynamicCache."""
+    if fp_model is not None:
+        _check_fp_model(model, fp_model)
+    src = model if fp_model is None else fp_model
+    cache = DynamicCache(config=src.config)
+    with full_precision(src):
+        src(system_ids, use_cache=True, **{cache_argument(src): cache})
+    return cache
+
+
+@contextmanager
+def _fake_prompt_len(model: nn.Module, prompt_len: int):
+    """Fake KV quantization leaves the first prompt_len positions unquantized inside the block."""
+    saved = [(m, m.bisup_kv) for m in model.modules() if getattr(m, "bisup_kv", None) is not None]
+    for m, spec in saved:
+        m.bisup_kv = dataclasses.replace(spec, prompt_len=prompt_len)
+    try:
+        yield
+    finally:
+        for m, spec in saved:
+            m.bisup_kv = spec
+
+
+@torch.no_grad()
+def generate(model: nn.Module, input_ids: torch.Tensor, system_ids: Optional[torch.Tensor] = None,
+             fp_model: Optional[nn.Module] = None, return_cache: bool = False, **generate_kwargs):
+    """model.generate() on concat(system_ids, input_ids), the system prompt's KV computed at full
+    precision (see the module doc) and kept unquantized; later tokens' KV at the model's kv_bits.
+
+    Returns the generated ids [B, P + T + new] (and the cache with return_cache).
+    """
+    if system_ids is None:
+        cache = make_cache(model)
+        full = input_ids
+    else:
+        if system_ids.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"system_ids has batch {system_ids.shape[0]}, input_ids {input_ids.shape[0]}")
+        pkv = prompt_kv(model, system_ids, fp_model)
+        cache = make_cache(model, prompt_kv=pkv)
+        full = torch.cat([system_ids, input_ids], dim=1)
+    kw = dict(generate_kwargs)
+    if system_ids is not None and cache is None:  # fake mode (or no KV quantization): the FP prompt in a DynamicCache
+        cache = pkv
+        with _fake_prompt_len(model, system_ids.shape[1]):
+            out = model.generate(full, **{cache_argument(model): cache}, **kw)
+    else:
+        if cache is not None:
+            kw[cache_argument(model)] = cache
+        out = model.generate(full, **kw)
+    return (out, cache) if return_cache else out
