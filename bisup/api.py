@@ -12,6 +12,8 @@ Saved format (a directory, FORMAT_VERSION 1):
 Input transforms (QuaRot's online Hadamard) and output-rotating wrappers (QuaRot on Gemma3's post
 norms) are bisup modules with to_config()/from_config(); they are rebuilt from their JSON entry.
 No pickle anywhere. Writes go to a temporary directory renamed into place.
+Fake- and real-mode models write the same files (a QuantLinear is saved through its FakeQuantLinear
+twin, bisup/nn/real_linear.py); load_quantized(path, mode=...) runs a file in either mode.
 """
 from __future__ import annotations
 
@@ -151,6 +153,9 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
 
     calib_data: a LongTensor [n, seq_len] of token ids, text, or None for the embedded corpus's
     calibration slice (needs `tokenizer`); RTN needs no calibration.
+    mode="real": decoder linears become QuantLinear (integer GEMM); with kv_bits < 16, attention
+    runs bisup.ops.attention on a MixedPrecisionKVCache (bisup.make_cache; forward and generate
+    create one when none is passed), see bisup/nn/real_kv.py.
     """
     from bisup.methods import get_method
 

@@ -178,6 +178,6 @@ def enable_real_kv(model: nn.Module, adapter, device=None) -> None:
         return
     model._bisup_cache_arg = cache_argument(model)
     model._bisup_cache_pos = list(inspect.signature(model.forward).parameters).index(model._bisup_cache_arg)
-    model._bisup_real_kv_hook = model.register_forward_pre_hook(_inject_cache, with_kwargs=True)
+    model.register_forward_pre_hook(_inject_cache, with_kwargs=True)
     model.generate = types.MethodType(_generate_with_cache, model)
     model._bisup_real_kv = True

@@ -299,3 +299,33 @@ def test_real_mode_perplexity_uses_a_cache_per_window(op_calls):
     fake = perplexity_on_tokens(_quantize("llama", mode="fake", kv_bits=4), tokens, seq_len=16, max_windows=3,
                                 progress=False)
     assert real == pytest.approx(fake, rel=1e-2)
+
+
+# ------------------------------------------------------------------------------------------------
+# on the device (the CUDA kernels when a GPU is visible)
+# ------------------------------------------------------------------------------------------------
+def _llama_head_dim_64():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                      tie_word_embeddings=True)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+
+
+def test_real_mode_model_on_the_device(device, op_calls):
+    """A real-mode model (W4A4 g32, KV4, head_dim 64) moved to `device` runs QuantLinear and the fused
+    attention there and agrees with the CPU twin; generation with an FP system prompt works there."""
+    cfg = QuantConfig(mode="real", w_group_size=G, a_group_size=G, kv_bits=4, prompt_len=2)
+    cpu = bisup.quantize_model(_llama_head_dim_64(), cfg, progress=False)
+    dev = bisup.quantize_model(_llama_head_dim_64(), cfg, progress=False).to(device)
+    ids = random_tokens(2, 24)
+    _close_except_rounding_ties(_logits(cpu, ids), _logits(dev, ids.to(device)).cpu(), tol=1e-3)
+    assert op_calls == [24] * 4  # two models x two layers, all fused
+    system, user = random_tokens(1, 5, seed=5).to(device), random_tokens(1, 3, seed=6).to(device)
+    out, cache = bisup.generate(dev, user, system_ids=system, return_cache=True, max_new_tokens=4, do_sample=False,
+                                pad_token_id=0)
+    assert out.shape == (1, 12) and out.device.type == device.type
+    layer = cache.layers[0]
+    assert layer.k_prompt.shape[2] == 5 and layer.quant_len == 6 and layer.k_q.device.type == device.type
