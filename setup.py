@@ -48,6 +48,9 @@ def want_cuda() -> bool:
 
 def make_extension():
     cxx_flags = ["-O3"]  # the C++ standard is torch's choice (C++20 for torch >= 2.13)
+    # CPU twins must round every fp32 op like the reference: GCC contracts a * b + c into an FMA
+    # by default in C++ wherever the target has one (aarch64, -march=native).
+    cxx_flags.append("-ffp-contract=off")
     if os.environ.get("BISUP_OPENMP", "1") == "1":
         cxx_flags.append("-fopenmp")
     if not want_cuda():

@@ -26,7 +26,8 @@ BISUP_HD float gemm_accumulate(float acc, float dot, float scale) {
 #ifdef __CUDA_ARCH__
   return __fadd_rn(acc, __fmul_rn(dot, scale));
 #else
-  // Host: compiled without FMA in the base target, so the compiler cannot contract this.
+  // Host: built with -ffp-contract=off (setup.py, CMakeLists.txt), so this stays two roundings
+  // even where the target has FMA (aarch64, -march=native).
   const float prod = dot * scale;
   return acc + prod;
 #endif

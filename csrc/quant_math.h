@@ -16,6 +16,16 @@ constexpr float kFp16Max = 65504.0f;
 
 BISUP_HD float clampf(float v, float lo, float hi) { return fminf(fmaxf(v, lo), hi); }
 
+// a * b rounded on its own, so that a following add or subtract can never be contracted into an
+// FMA (nvcc/ptxas fuse plain a * b + c by default; the CPU twins and the reference do not).
+BISUP_HD float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 // fp32 -> nearest fp16 value, returned as fp32 (round to nearest even, like a.to(float16)).
 BISUP_HD float round_to_fp16(float v);
 

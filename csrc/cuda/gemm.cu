@@ -6,6 +6,7 @@
 //   otherwise (Hopper sm_90, W3, group 32) -> INT4/INT3 unpacked to INT8 in registers, m16n8k32 s8
 // BISUP_GEMM_MMA=s4|s8 overrides the choice (s4 only where legal): tests use it to cover both
 // paths on one GPU.
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -32,9 +33,25 @@ void launch(const Params& p, cudaStream_t stream) {
   auto kernel = gemm::gemm_kernel<Cfg, kPath, kWBits>;
   if (Cfg::kSmemBytes > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.n, Cfg::BN)), static_cast<unsigned>(ceil_div(p.m, Cfg::BM)));
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // gridDim.y (M tiles) is limited to 65535: taller A runs as several launches over row slices
+  // (one launch, with p unchanged, below 65535 * BM rows). Slice offsets keep 16-byte alignment:
+  // A and outlier rows are multiples of 16 bytes.
+  constexpr int64_t kRowsPerLaunch = int64_t(65535) * Cfg::BM;
+  const int64_t out_elem_bytes = p.out_kind == gemm::kOutFloat ? 4 : 2;
+  for (int64_t r0 = 0; r0 < p.m; r0 += kRowsPerLaunch) {
+    Params q = p;
+    q.m = static_cast<int>(std::min<int64_t>(p.m - r0, kRowsPerLaunch));
+    q.a = p.a + r0 * (p.k / 2);
+    q.sa = p.sa + r0 * p.groups;
+    if (p.ko > 0) {
+      q.ao = p.ao + r0 * p.ko;
+      q.sao = p.sao + r0;
+    }
+    q.out = static_cast<char*>(p.out) + r0 * p.n * out_elem_bytes;
+    const dim3 grid(static_cast<unsigned>(ceil_div(q.n, Cfg::BN)), static_cast<unsigned>(ceil_div(q.m, Cfg::BM)));
+    kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(q);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 template <class Cfg>

@@ -110,6 +110,10 @@ at::Tensor pack_int3_cuda(const at::Tensor& q, bool is_signed) {
 at::Tensor unpack_int3_cuda(const at::Tensor& packed, bool is_signed) {
   BISUP_CHECK_CUDA(packed);
   const int64_t k = check_unpack_int3_args(packed);
+  // The kernel reads whole 32-bit words; rows are 12-byte multiples, so only the start can be off.
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(packed.data_ptr()) % 4 == 0,
+              "bisup: unpack_int3 on CUDA needs packed to start at a 4-byte aligned address, got a view at byte offset ",
+              packed.storage_offset(), "; pass a fresh tensor (e.g. .clone())");
   const c10::cuda::CUDAGuard guard(packed.device());
   auto out = at::empty(with_last_dim(packed, k), packed.options().dtype(at::kChar));
   if (out.numel() > 0) {

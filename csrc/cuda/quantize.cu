@@ -54,8 +54,9 @@ __global__ void quantize_pack_kernel(const T* __restrict__ x, uint8_t* __restric
     s = finalize_scale(clip * amax / float((1 << (bits - 1)) - 1));
   } else {
     const float qmax = float((1 << bits) - 1);
-    s = finalize_scale((clip * hi - clip * lo) / qmax);
-    z = zero_point(clip * lo, s);
+    // mul_rn: the two products round separately, as on the CPU (plain code here becomes an FFMA).
+    s = finalize_scale((mul_rn(clip, hi) - mul_rn(clip, lo)) / qmax);
+    z = zero_point(mul_rn(clip, lo), s);
   }
   if (lane == 0) {
     scale[rg] = __float2half_rn(s);

@@ -63,6 +63,16 @@ def test_pack_errors(call, match):
         call()
 
 
+def test_unpack_int3_cuda_rejects_misaligned_view(gen):
+    if not torch.cuda.is_available() or not ops.has_cuda_kernels():
+        pytest.skip("needs a CUDA GPU")
+    packed = ref.pack_int3(random_codes((2, 32), 3, True, gen)).cuda()
+    view = torch.cat([torch.zeros(1, dtype=torch.uint8, device="cuda"), packed.view(-1)])[1:].view(2, 12)
+    with pytest.raises(RuntimeError, match="4-byte aligned"):
+        ops.unpack_int3(view)
+    assert torch.equal(ops.unpack_int3(view.clone()).cpu(), ref.unpack_int3(packed.cpu()))
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     rows=st.integers(1, 5),

@@ -45,9 +45,35 @@ def test_quantize_pack_matches_reference(device, gen, dtype, shape, group_size, 
 def test_dequantize_output_written(device, gen):
     x = torch.randn(4, 64, generator=gen)
     q, s, z = ops.quantize_pack(x.to(device), 4, 32)
+    # NaN-fill a block of the output's size and free it: the output likely reuses that memory.
+    poison = poison_like(torch.empty(4 * 64, dtype=torch.float16, device=device))
+    del poison
     out = ops.dequantize(q, s, z, 32, torch.float16)
     assert torch.isfinite(out).all() and out.dtype == torch.float16
-    assert not torch.equal(out, poison_like(out))
+    assert torch.equal(out.cpu(), ref.dequantize(q.cpu(), s.cpu(), None, 32, torch.float16))
+
+
+# (hi, lo) float32 values whose asymmetric 4-bit scale at clip 0.85 changes in fp16 when
+# clip * hi - clip * lo is evaluated as one FMA (either way round) instead of two rounded products:
+# found by a search over 2M random pairs. Guards the explicit __fmul_rn in csrc/cuda/quantize.cu.
+FMA_SENSITIVE = [
+    (float.fromhex("0x1.200028p+0"), float.fromhex("-0x1.6e374p-3")),
+    (float.fromhex("0x1.0fa0d8p+1"), float.fromhex("-0x1.f9ab6p+1")),
+]
+
+
+def test_asym_scale_rounds_both_products(device):
+    hi, lo = torch.tensor(FMA_SENSITIVE).unbind(1)  # exact float32 values
+    x = torch.zeros(len(FMA_SENSITIVE), 32)
+    x[:, 3], x[:, 17] = hi, lo
+    clip = torch.tensor(0.85)
+    unfused = ((clip * hi - clip * lo) / 15).half()
+    for fused in ((clip.double() * hi.double() - (clip * lo).double()).float(),
+                  ((clip * hi).double() - clip.double() * lo.double()).float()):
+        assert not torch.equal((fused / 15).half(), unfused)  # the case really tells the two apart
+    _, s, _ = ops.quantize_pack(x.to(device), 4, 32, sym=False, clip_ratio=0.85)
+    assert torch.equal(s.cpu(), unfused[:, None])
+    assert torch.equal(s.cpu(), ref.quantize_pack(x, 4, 32, False, 0.85)[1])
 
 
 def test_all_zero_rows_give_unit_scale():
