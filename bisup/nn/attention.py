@@ -6,7 +6,8 @@ and hooks every attention module so the implementation can see the cache of the 
 forward. On a MixedPrecisionKVCache with a plain causal mask, attention reads the
 full-precision prompt segment and the packed quantized segment directly (fused dequantization);
 in every other case (no cache or another cache, padding masks, dropout, sliding windows, soft
-capping) it falls back to transformers' SDPA on dequantized K/V, so results stay correct.
+capping, a head_dim the CUDA kernels do not take) it falls back to transformers' SDPA on
+dequantized K/V, so results stay correct.
 Works for models whose attention modules carry `layer_idx` and call `ALL_ATTENTION_FUNCTIONS`
 (Llama, Qwen2, Qwen3, ...).
 """
@@ -24,6 +25,7 @@ from bisup.nn.kv_cache import MixedPrecisionKVCache, MixedPrecisionKVLayer
 
 ATTN_IMPLEMENTATION = "bisup"
 _CACHE_ATTR = "_bisup_cache"
+_CUDA_HEAD_DIMS = (64, 128, 256)  # what csrc/cuda/attention.cu takes; the CPU twin takes any
 
 
 def _plain_causal(mask: Optional[torch.Tensor], tq: int, total: int) -> bool:
@@ -57,6 +59,7 @@ def bisup_attention_forward(
         and kwargs.get("softcap") is None
         and kwargs.get("sliding_window") is None
         and kwargs.get("s_aux") is None
+        and (query.device.type != "cuda" or query.shape[-1] in _CUDA_HEAD_DIMS)
         and _plain_causal(attention_mask, query.shape[2], layer.get_seq_length())
     )
     if not fused_ok:

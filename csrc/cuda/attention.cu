@@ -21,6 +21,8 @@ constexpr int kMaxSplits = 256;
 template <typename T, int D, int BITS>
 void launch_decode(kv::DecodeParams p, int splits, int row_tiles, void* out, cudaStream_t stream) {
   constexpr int smem = kv::decode_smem_bytes<D>();
+  // 99 KB: the smallest opt-in per-block limit among sm_80+ parts (sm_86 / sm_89).
+  static_assert(smem <= 99 * 1024, "decode tile does not fit in shared memory");
   auto kernel = kv::decode_split_kernel<T, D, BITS>;
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));

@@ -26,10 +26,18 @@ TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def _poison_cuda_allocator(device):
-    """Leave NaNs in freed CUDA memory so an output element a kernel never writes shows up."""
+    """Leave NaNs in freed CUDA memory so an output element a kernel never writes shows up.
+
+    torch's caching allocator serves requests of at most 1 MiB from a separate pool of 2 MiB
+    segments, best fit: one large NaN block never reaches the outputs and split scratch of these
+    small cases, so poison blocks of 1 MiB down to 512 B as well."""
     if device.type == "cuda":
-        torch.full((1 << 24,), float("nan"), device=device)
+        torch.cuda.empty_cache()
+        blocks = [torch.full((1 << 24,), float("nan"), device=device)]  # 64 MiB: the large pool
+        for shift in range(18, 6, -1):  # 2^shift fp32 values: 1 MiB ... 512 B, the small pool
+            blocks += [torch.full((1 << shift,), float("nan"), device=device) for _ in range(4)]
         torch.cuda.synchronize(device)
+        del blocks
 
 
 def _inputs(p, s, tq, hq, hkv, d, ragged, bits, group, dtype, gen, batch=2):

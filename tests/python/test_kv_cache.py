@@ -70,6 +70,16 @@ def test_fp_equivalent_cache_reproduces_hf_greedy(device, settings, op_calls):
     assert all(layer.quant_len == 0 for layer in cache.layers)
 
 
+def test_unsupported_head_dim_uses_sdpa_on_gpu(device, op_calls):
+    """head_dim 96: the CPU twin takes it, the CUDA kernels do not, so on CUDA attention uses SDPA."""
+    model = tiny_llama(hidden_size=192).to(device)  # 2 query heads of 96
+    x = ids(9).to(device)
+    want = greedy(model, x, new=4)
+    enable_bisup_attention(model)
+    assert torch.equal(greedy(model, x, MixedPrecisionKVCache(kv_bits=16, config=model.config), new=4), want)
+    assert op_calls == ([] if device.type == "cuda" else [9] * 2 + [1] * 2 * 3)
+
+
 def test_left_padded_batch_falls_back_to_masked_sdpa(op_calls):
     """A padding mask is not the op's plain causal mask: bisup attention must route it to SDPA."""
     model = tiny_llama()
