@@ -4,7 +4,7 @@ Public API grows here; kernels are reached through `bisup.ops`, semantics in `bi
 """
 import torch  # noqa: F401  (must be imported before the extension)
 
-from bisup import ops, reference  # noqa: F401
+from bisup import eval, ops, reference  # noqa: F401  (eval: bisup.eval.perplexity)
 from bisup._ext import has_cuda_kernels  # noqa: F401
 from bisup.api import load_quantized, quantize_model, save_quantized  # noqa: F401
 from bisup.config import QuantConfig  # noqa: F401
