@@ -18,6 +18,22 @@ def gen():
     return torch.Generator().manual_seed(0)
 
 
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Tq of every fused bisup.ops.attention call made by bisup's attention implementation."""
+    import bisup.nn.attention as bisup_attention
+
+    calls = []
+    real = bisup_attention.ops.attention
+
+    def counting(q, *args, **kwargs):
+        calls.append(q.shape[2])
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(bisup_attention.ops, "attention", counting)
+    return calls
+
+
 def poison_like(t: torch.Tensor) -> torch.Tensor:
     """A tensor of t's shape filled with a value no kernel should produce (NaN / -1 bytes)."""
     if t.is_floating_point():

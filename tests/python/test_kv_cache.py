@@ -3,25 +3,10 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-import bisup.nn.attention as bisup_attention
 from bisup.nn import MixedPrecisionKVCache, enable_bisup_attention
 
 # `past_key_values` (transformers <= 5.1x) was renamed `cache` in 5.2x, which still accepts it.
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")
-
-
-@pytest.fixture
-def op_calls(monkeypatch):
-    """Counts bisup.ops.attention calls made by the bisup attention implementation."""
-    calls = []
-    real = bisup_attention.ops.attention
-
-    def counting(q, *args, **kwargs):
-        calls.append(q.shape[2])
-        return real(q, *args, **kwargs)
-
-    monkeypatch.setattr(bisup_attention.ops, "attention", counting)
-    return calls
 
 
 def tiny_llama(seed=0, **overrides):

@@ -100,7 +100,6 @@ def test_gptq_needs_calibration():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(__import__("os").environ.get("BISUP_SLOW") != "1", reason="model-sized; set BISUP_SLOW=1")
 def test_smollm2_rotation_is_invariant():
     """The embedded default (SmolLM2-135M, fp32): ~1 min on 2 cores (rotating 30 layers + 2 forwards)."""
     from bisup.models.default import is_available, load_default_model

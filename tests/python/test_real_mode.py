@@ -6,7 +6,6 @@ from safetensors.torch import load_file
 from transformers import DynamicCache
 
 import bisup
-import bisup.nn.attention as bisup_attention
 from bisup.api import CONFIG_FILE, TENSOR_FILE
 from bisup.config import QuantConfig
 from bisup.models.adapters import get_adapter
@@ -43,20 +42,6 @@ def _close_except_rounding_ties(a, b, tol=1e-4, share=0.75):
     err = _per_token_rel(a, b)
     assert float((err < tol).float().mean()) >= share, err
     assert float(err.max()) < 0.2, err
-
-
-@pytest.fixture
-def op_calls(monkeypatch):
-    """Tq of every fused bisup.ops.attention call."""
-    calls = []
-    real = bisup_attention.ops.attention
-
-    def counting(q, *args, **kwargs):
-        calls.append(q.shape[2])
-        return real(q, *args, **kwargs)
-
-    monkeypatch.setattr(bisup_attention.ops, "attention", counting)
-    return calls
 
 
 # ------------------------------------------------------------------------------------------------
