@@ -24,7 +24,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-import bisup.reference as reference
 from bisup.config import QuantConfig
 from bisup.nn.fake_quant import FakeQuantLinear
 from bisup.rotation import fuse
