@@ -24,7 +24,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from bisup.config import METHODS, QuantConfig
+from bisup.config import QuantConfig
+from bisup.methods import registry
 
 
 # ------------------------------------------------------------------------------------------------
@@ -33,7 +34,7 @@ from bisup.config import METHODS, QuantConfig
 def load_any(spec: str, device: str = "cpu", mode: Optional[str] = None) -> Tuple[torch.nn.Module, object, str]:
     """(model, tokenizer, kind) for "default", a bisup-quantized dir (run in `mode`, None: as saved),
     or a transformers dir."""
-    from bisup.api import CONFIG_FILE, load_quantized
+    from bisup.checkpoint import CONFIG_FILE, load_quantized
 
     if spec == "default":
         from bisup.models.default import load_default_model
@@ -77,13 +78,13 @@ def config_from_args(a) -> QuantConfig:
     return QuantConfig(w_bits=a.w_bits, a_bits=a.a_bits, kv_bits=a.kv_bits, w_group_size=a.group_size,
                        a_group_size=a_group, kv_group_size=a.kv_group_size, w_sym=not a.w_asym,
                        w_clip=a.w_clip, a_clip=a.a_clip, kv_clip=a.kv_clip, method=a.method, mode=a.mode,
-                       gptq=a.gptq, atom_outliers=a.atom_outliers, rotation_seed=a.seed, prompt_len=a.prompt_len,
+                       gptq=a.gptq, atom_outliers=a.atom_outliers, rotation_seed=a.rotation_seed, prompt_len=a.prompt_len,
                        n_calib=a.n_calib, calib_seq_len=a.calib_seq_len, seed=a.seed)
 
 
 def cmd_quantize(a) -> dict:
     import bisup
-    from bisup.api import weight_bytes
+    from bisup.accounting import weight_bytes
     from bisup.eval import perplexity
 
     config = config_from_args(a)
@@ -214,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model (and save it)")
     _add_common(q)
-    q.add_argument("--method", default="rtn", choices=list(METHODS))
+    q.add_argument("--method", default="rtn", choices=list(registry()))
     q.add_argument("--mode", default="fake", choices=["fake", "real"])
     q.add_argument("--w-bits", type=int, default=4)
     q.add_argument("--a-bits", type=int, default=4)
@@ -231,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--prompt-len", type=int, default=0, help="system-prompt tokens kept FP16 in the KV cache")
     q.add_argument("--n-calib", type=int, default=32)
     q.add_argument("--calib-seq-len", type=int, default=512)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=int, default=0, help="seed of the calibration run (torch.manual_seed)")
+    q.add_argument("--rotation-seed", type=int, default=0, help="QuaRot: seed of the random Hadamard signs")
     q.add_argument("--eval", action="store_true", help="also report perplexity of the quantized model")
     q.add_argument("--save", type=Path, default=None, help="directory to save the quantized model to")
     q.set_defaults(func=cmd_quantize)

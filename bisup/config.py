@@ -5,9 +5,15 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-METHODS = ("rtn", "gptq", "atom", "quarot")
+from bisup.quant.formats import OFF_BITS
+
 MODES = ("fake", "real")
-OFF_BITS = 16  # a bit width of 16 means "not quantized"
+
+
+def _method_names():
+    from bisup.methods import registry  # the methods import this module: look them up at call time
+
+    return tuple(registry())
 
 
 def _check_bits(name: str, value: Any) -> None:
@@ -88,7 +94,7 @@ class QuantConfig:
             _check_clip(name, getattr(self, name))
         for name in ("w_sym", "a_sym", "kv_sym", "gptq_act_order", "gptq", "online_hadamard", "rotate_kv"):
             _check_bool(name, getattr(self, name))
-        _check_choice("method", self.method, METHODS)
+        _check_choice("method", self.method, _method_names())
         _check_choice("mode", self.mode, MODES)
         if not isinstance(self.gptq_damp, (int, float)) or isinstance(self.gptq_damp, bool) or self.gptq_damp < 0:
             raise ValueError(f"QuantConfig.gptq_damp={self.gptq_damp!r}: expected a float >= 0")

@@ -41,7 +41,7 @@ def format_table(rows, headers) -> str:
 
 def run(args) -> dict:
     import bisup
-    from bisup.api import weight_bytes
+    from bisup.accounting import weight_bytes
     from bisup.eval.data import eval_tokens
     from bisup.eval.perplexity import perplexity_on_tokens
     from bisup.models.default import load_default_model

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import contextmanager
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 
+from bisup.nn.attention import KVQuantSpec, attention_state
 from bisup.nn.fake_quant import FakeQuantLinear
 from bisup.nn.quant_linear import QuantLinear
 from bisup.nn.real_kv import cache_argument, make_cache
@@ -33,7 +34,7 @@ def _fp_linear(weight: torch.Tensor, bias: Optional[torch.Tensor]):
 def full_precision(model: nn.Module):
     """Inside the block the model runs with unquantized activations and an unquantized KV cache;
     weights keep their (quantized) values. A model bisup did not quantize is left as it is."""
-    act, real, specs = [], [], []
+    act, real = [], []
     for m in model.modules():
         if isinstance(m, FakeQuantLinear) and m.act_quantizer is not None:
             act.append((m, m.act_quantizer))
@@ -41,18 +42,28 @@ def full_precision(model: nn.Module):
         elif isinstance(m, QuantLinear):
             real.append(m)
             m.forward = _fp_linear(dequantized_weight(m), m.bias)
-        if getattr(m, "bisup_kv", None) is not None:
-            specs.append((m, m.bisup_kv))
-            m.bisup_kv = None
     try:
-        yield model
+        with _kv_specs_replaced(model, lambda spec: None):
+            yield model
     finally:
         for m, aq in act:
             m.act_quantizer = aq
         for m in real:
             del m.forward
-        for m, spec in specs:
-            m.bisup_kv = spec
+
+
+@contextmanager
+def _kv_specs_replaced(model: nn.Module, replace: Callable[[KVQuantSpec], Optional[KVQuantSpec]]):
+    """Inside the block every attention module's KVQuantSpec is replace(spec)."""
+    states = [s for s in (attention_state(m) for m in model.modules()) if s is not None and s.kv_spec is not None]
+    saved = [s.kv_spec for s in states]
+    for state in states:
+        state.kv_spec = replace(state.kv_spec)
+    try:
+        yield
+    finally:
+        for state, spec in zip(states, saved):
+            state.kv_spec = spec
 
 
 def _check_fp_model(model: nn.Module, fp_model: nn.Module) -> None:
@@ -80,19 +91,6 @@ def prompt_kv(model: nn.Module, system_ids: torch.Tensor, fp_model: Optional[nn.
     return cache
 
 
-@contextmanager
-def _fake_prompt_len(model: nn.Module, prompt_len: int):
-    """Fake KV quantization leaves the first prompt_len positions unquantized inside the block."""
-    saved = [(m, m.bisup_kv) for m in model.modules() if getattr(m, "bisup_kv", None) is not None]
-    for m, spec in saved:
-        m.bisup_kv = dataclasses.replace(spec, prompt_len=prompt_len)
-    try:
-        yield
-    finally:
-        for m, spec in saved:
-            m.bisup_kv = spec
-
-
 @torch.no_grad()
 def generate(model: nn.Module, input_ids: torch.Tensor, system_ids: Optional[torch.Tensor] = None,
              fp_model: Optional[nn.Module] = None, return_cache: bool = False, **generate_kwargs):
@@ -113,7 +111,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, system_ids: Optional[tor
     kw = dict(generate_kwargs)
     if system_ids is not None and cache is None:  # fake mode (or no KV quantization): the FP prompt in a DynamicCache
         cache = pkv
-        with _fake_prompt_len(model, system_ids.shape[1]):
+        # fake KV quantization leaves the system prompt's positions unquantized
+        with _kv_specs_replaced(model, lambda spec: dataclasses.replace(spec, prompt_len=system_ids.shape[1])):
             out = model.generate(full, **{cache_argument(model): cache}, **kw)
     else:
         if cache is not None:

@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 import torch
 
 from bisup._ext import has_cuda_kernels  # noqa: F401  (also loads the extension)
+from bisup.quant.formats import check_kv_bits, num_groups, packed_row_bytes, unpacked_row_values
 
 _ops = torch.ops.bisup
 
@@ -53,12 +54,12 @@ def _(packed, is_signed=True):
 
 @torch.library.register_fake("bisup::pack_int3")
 def _(q, is_signed=True):
-    return q.new_empty(_with_last(q, q.shape[-1] // 32 * 12), dtype=torch.uint8)
+    return q.new_empty(_with_last(q, packed_row_bytes("int3", q.shape[-1])), dtype=torch.uint8)
 
 
 @torch.library.register_fake("bisup::unpack_int3")
 def _(packed, is_signed=True):
-    return packed.new_empty(_with_last(packed, packed.shape[-1] // 12 * 32), dtype=torch.int8)
+    return packed.new_empty(_with_last(packed, unpacked_row_values("int3", packed.shape[-1])), dtype=torch.int8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,10 +161,6 @@ def _(x, base=None):
 # --------------------------------------------------------------------------------------------
 # KV cache quantization and mixed-precision attention
 # --------------------------------------------------------------------------------------------
-def _kv_row_bytes(head_dim: int, bits: int) -> int:
-    return {8: head_dim, 4: head_dim // 2, 3: head_dim // 32 * 12}.get(bits, head_dim)
-
-
 def kv_quantize(x: torch.Tensor, bits: int, group_size: int = -1) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric per-token, per-head quantization of KV x [..., D] along head_dim.
 
@@ -210,16 +207,18 @@ def attention(
 
 @torch.library.register_fake("bisup::kv_quantize")
 def _(x, bits, group_size=-1):
+    check_kv_bits(bits, "bisup::kv_quantize")
     d = x.shape[-1]
-    groups = 1 if group_size == -1 else d // group_size
-    q = x.new_empty(_with_last(x, _kv_row_bytes(d, bits)), dtype=torch.uint8)
+    q = x.new_empty(_with_last(x, packed_row_bytes(bits, d)), dtype=torch.uint8)
+    groups = num_groups(d, group_size)
     scale = x.new_empty(_with_last(x, groups), dtype=torch.float16)
     return q, scale, torch.empty_like(scale)
 
 
 @torch.library.register_fake("bisup::kv_dequantize")
 def _(q, scale, zero, bits, group_size, out_dtype):
-    d = {8: q.shape[-1], 4: q.shape[-1] * 2, 3: q.shape[-1] // 12 * 32}.get(bits, q.shape[-1])
+    check_kv_bits(bits, "bisup::kv_dequantize")
+    d = unpacked_row_values(bits, q.shape[-1])
     return q.new_empty(_with_last(q, d), dtype=out_dtype)
 
 

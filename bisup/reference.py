@@ -10,9 +10,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from bisup.quant.formats import INT3_BLOCK_BYTES, INT3_BLOCK_VALUES as INT3_BLOCK, KV_BITS, packed_row_bytes
 from bisup.quant.quantizer import qrange, quantize_groups
-
-INT3_BLOCK = 32  # values per INT3 block (3 uint32 words = 12 bytes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,7 +65,7 @@ def pack_int3(q: torch.Tensor, is_signed: bool = True) -> torch.Tensor:
     w2 = hi_bits.sum(-1)
     words = torch.stack([w0, w1, w2], dim=-1)  # [..., blocks, 3]
     bytes_ = torch.stack([(words >> (8 * b)) & 0xFF for b in range(4)], dim=-1)
-    return bytes_.reshape(*q.shape[:-1], k // INT3_BLOCK * 12).to(torch.uint8)
+    return bytes_.reshape(*q.shape[:-1], k // INT3_BLOCK * INT3_BLOCK_BYTES).to(torch.uint8)
 
 
 def unpack_int3(packed: torch.Tensor, is_signed: bool = True) -> torch.Tensor:
@@ -74,7 +73,7 @@ def unpack_int3(packed: torch.Tensor, is_signed: bool = True) -> torch.Tensor:
     n = packed.shape[-1]
     if n % 12:
         raise ValueError("unpack_int3: last dim must be a multiple of 12 bytes")
-    b = packed.to(torch.int64).reshape(*packed.shape[:-1], n // 12, 3, 4)
+    b = packed.to(torch.int64).reshape(*packed.shape[:-1], n // INT3_BLOCK_BYTES, 3, 4)
     words = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)  # [..., blocks, 3]
     word, lo_off, hi_off = _int3_positions(packed.device)
     lo = (words[..., word] >> lo_off) & 3
@@ -82,7 +81,7 @@ def unpack_int3(packed: torch.Tensor, is_signed: bool = True) -> torch.Tensor:
     v = lo | (hi << 2)
     if is_signed:
         v = torch.where(v >= 4, v - 8, v)
-    return v.reshape(*packed.shape[:-1], n // 12 * INT3_BLOCK).to(torch.int8)
+    return v.reshape(*packed.shape[:-1], n // INT3_BLOCK_BYTES * INT3_BLOCK).to(torch.int8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,12 +123,9 @@ def dequantize(
 # --------------------------------------------------------------------------------------------
 # KV cache quantization and mixed-precision attention (docs/formats.md, "KV cache")
 # --------------------------------------------------------------------------------------------
-KV_BITS = (3, 4, 8)
-
-
 def kv_row_bytes(head_dim: int, bits: int) -> int:
     """Bytes of one packed KV row (one token of one head)."""
-    return {8: head_dim, 4: head_dim // 2, 3: head_dim // 32 * 12}[bits]
+    return packed_row_bytes(bits, head_dim)
 
 
 def kv_quantize(

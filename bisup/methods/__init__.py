@@ -1,17 +1,31 @@
-"""Quantization methods. Each module exposes apply(model, adapter, config, calib_batches, progress=True)."""
+"""Quantization methods: one module each, registered by the `METHOD` record it defines
+(bisup.methods.common.Method: name, apply, whether it calibrates, its own options).
+
+Adding a method: write bisup/methods/<name>.py with `METHOD = Method(...)` and add its module
+name to METHOD_MODULES."""
+from __future__ import annotations
+
 import importlib
-from types import ModuleType
+from typing import Dict
 
-from bisup.config import METHODS
+from bisup.methods.common import Method
+
+METHOD_MODULES = ("rtn", "gptq", "atom", "quarot")
+_registry: Dict[str, Method] = {}
 
 
-def get_method(name: str) -> ModuleType:
-    """The module implementing method `name` (rtn, gptq, atom, quarot)."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; expected one of {list(METHODS)}")
-    try:
-        return importlib.import_module(f"bisup.methods.{name}")
-    except ModuleNotFoundError as err:
-        if err.name != f"bisup.methods.{name}":
-            raise
-        raise NotImplementedError(f"method {name!r} is not available in this build (bisup/methods/{name}.py missing)") from err
+def registry() -> Dict[str, Method]:
+    """name -> Method for every method module (imported on first use)."""
+    if not _registry:
+        for module_name in METHOD_MODULES:
+            method = importlib.import_module(f"bisup.methods.{module_name}").METHOD
+            _registry[method.name] = method
+    return _registry
+
+
+def get_method(name: str) -> Method:
+    """The Method registered under `name`; ValueError naming the known ones otherwise."""
+    methods = registry()
+    if name not in methods:
+        raise ValueError(f"unknown method {name!r}; expected one of {list(methods)}")
+    return methods[name]

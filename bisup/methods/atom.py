@@ -23,8 +23,9 @@ from torch import nn
 from bisup.config import QuantConfig
 from bisup.methods.calibration import InputStats, iterate_layers
 from bisup.methods.gptq import quantize_layer_gptq
-from bisup.methods.rtn import apply_kv_quant, fake_quant_linear
-from bisup.nn.fake_quant import FakeQuantLinear, complement
+from bisup.methods.common import Method, apply_kv_quant, fake_quant_linear
+from bisup.nn.fake_quant import FakeQuantLinear
+from bisup.quant.groups import complement
 
 # linears that read the same tensor share one outlier set
 SHARED_INPUTS = (
@@ -85,3 +86,8 @@ def apply(model: nn.Module, adapter, config: QuantConfig, calib_batches: torch.T
         for name in adapter.linear_names():
             linear = adapter.get_linear(layer, name)
             adapter.set_linear(layer, name, fake_quant_linear(linear, config, outliers.get(name)))
+
+
+METHOD = Method("atom", apply, calibrates=lambda config: True,
+                options=("atom_outliers", "atom_outlier_bits", "gptq"),
+                summary="INT8 outlier channels (reordered) + low-bit groups; RTN or GPTQ weights")

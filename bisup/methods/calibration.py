@@ -18,6 +18,12 @@ without depending on the transformers version's argument names.
 sequential=True (GPTQ's default): the layer's output passed on is computed AFTER the caller has
 quantized the layer, so later layers calibrate on the inputs they will really see. False: the
 full-precision output is passed on (statistics from unquantized inputs).
+
+targets=True also hands out the FULL-PRECISION model's output of every layer (inputs.targets: the
+unquantized model run end to end, what block-wise fine-tuning regresses onto). With sequential=True
+that is a second stream carried beside the quantized one: the layer is run once more, before the
+caller changes it, on the full-precision stream. Either way only the current layer's inputs and
+outputs are held.
 """
 from __future__ import annotations
 
@@ -27,6 +33,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from bisup.generation import full_precision
 
 STATS = ("hessian", "channel")
 
@@ -67,12 +75,14 @@ class LayerInputs:
     """Calibration inputs of one decoder layer, in chunks of the calibration batch.
 
     hidden[c]: hidden states [b, seq, hidden] entering the layer; kwargs[c]: everything else the
-    model passed this layer for chunk c; stats: linear name -> InputStats (for the linears asked).
+    model passed this layer for chunk c; stats: linear name -> InputStats (for the linears asked);
+    targets[c]: the full-precision model's output of this layer (only with targets=True).
     """
 
     hidden: List[torch.Tensor]
     kwargs: List[Dict[str, Any]]
     stats: Dict[str, InputStats] = field(default_factory=dict)  # q/k/v (and gate/up) share one object
+    targets: Optional[List[torch.Tensor]] = None
 
     def run(self, layer: nn.Module) -> List[torch.Tensor]:
         """The layer's outputs on every chunk."""
@@ -220,6 +230,7 @@ def iterate_layers(
     sequential: bool = True,
     batch_size: int = 8,
     desc: str = "calibrating",
+    targets: bool = False,
 ) -> Iterator[Tuple[int, nn.Module, LayerInputs]]:
     """Yield (index, layer, inputs) for every decoder layer, in order.
 
@@ -227,7 +238,8 @@ def iterate_layers(
     linears (`linear_names`, default all of adapter.linear_names()), filling inputs.stats with
     the statistics in `stats` ("hessian": X^T X; "channel": per-channel abs-max and mean square).
     The caller may replace the layer's modules in place before asking for the next layer; with
-    sequential=True the next layer's inputs are this (now modified) layer's outputs.
+    sequential=True the next layer's inputs are this (now modified) layer's outputs. targets=True:
+    inputs.targets holds the full-precision model's outputs of the layer (see the module docstring).
     """
     kinds = tuple(stats)
     bad = [k for k in kinds if k not in STATS]
@@ -236,7 +248,8 @@ def iterate_layers(
     names = list(adapter.linear_names() if linear_names is None else linear_names)
     captured = capture_layer_inputs(model, adapter, calib_batches, batch_size)
     hidden, layer_kwargs = captured.hidden, captured.layer_kwargs
-    del captured  # only `hidden` (the current layer's inputs) may hold activations
+    fp_hidden = hidden if targets and sequential else None  # the full-precision stream
+    del captured  # only `hidden` (and fp_hidden) may hold activations
     was_training = model.training
     model.eval()
     try:
@@ -244,6 +257,9 @@ def iterate_layers(
         for index in tqdm(range(len(layers)), desc=desc, disable=not progress):
             layer = layers[index]
             inputs = LayerInputs(hidden, layer_kwargs[index])
+            if fp_hidden is not None:  # before the hooks: statistics come from the quantized stream only
+                with full_precision(layer):  # no KV quantization either
+                    inputs.targets = LayerInputs(fp_hidden, layer_kwargs[index]).run(layer)
             hooks = _StatsHooks(adapter, layer, names, kinds)
             try:
                 outputs = []
@@ -255,10 +271,16 @@ def iterate_layers(
             finally:
                 hooks.remove()
             inputs.stats = hooks.stats
+            if targets and not sequential:  # full-precision layer on the full-precision stream
+                with full_precision(layer):
+                    inputs.targets = inputs.run(layer)
             yield index, layer, inputs
             if sequential:
                 outputs = inputs.run(adapter.layers()[index])
+                if fp_hidden is not None:
+                    fp_hidden = inputs.targets
             layer_kwargs[index] = []  # this layer's kwargs are no longer needed
             hidden = outputs
+            del inputs
     finally:
         model.train(was_training)

@@ -18,7 +18,7 @@ from torch import nn
 
 from bisup.config import QuantConfig
 from bisup.methods.calibration import InputStats, iterate_layers
-from bisup.methods.rtn import act_quantizer, apply_kv_quant, fake_quant_linear  # noqa: F401  (re-exported)
+from bisup.methods.common import Method, apply_kv_quant, fake_quant_linear
 from bisup.nn.fake_quant import FakeQuantLinear
 from bisup.quant.gptq import gptq_quantize
 
@@ -30,10 +30,10 @@ def gptq_linear(linear: nn.Linear, stats: Optional[InputStats], config: QuantCon
         return fake_quant_linear(linear, config, outlier_idx)
     res = gptq_quantize(linear.weight, stats.hessian(), config.w_bits, config.w_group_size, sym=config.w_sym,
                         clip=config.w_clip, damp=config.gptq_damp, act_order=config.gptq_act_order,
-                        block_size=config.gptq_block_size, keep_idx=outlier_idx, keep_bits=config.atom_outlier_bits)
+                        block_size=config.gptq_block_size, outlier_idx=outlier_idx, outlier_bits=config.atom_outlier_bits)
     fq = fake_quant_linear(linear, config, outlier_idx, weight=res.weight)
     fq.set_weight(res.weight, scales=res.scales, zeros=None if config.w_sym else res.zeros,
-                  outlier_scales=res.keep_scales, outlier_zeros=None if config.w_sym else res.keep_zeros)
+                  outlier_scales=res.outlier_scales, outlier_zeros=None if config.w_sym else res.outlier_zeros)
     return fq
 
 
@@ -62,3 +62,8 @@ def apply(model: nn.Module, adapter, config: QuantConfig, calib_batches: torch.T
     for _, layer, inputs in iterate_layers(model, adapter, calib_batches, progress=progress, stats=("hessian",),
                                            sequential=sequential, desc="GPTQ"):
         quantize_layer_gptq(adapter, layer, inputs.stats, config)
+
+
+METHOD = Method("gptq", apply, calibrates=lambda config: config.quantizes_weights,
+                options=("gptq_damp", "gptq_act_order", "gptq_block_size"),
+                summary="GPTQ weights (Hessian-compensated rounding) calibrated block by block")

@@ -25,7 +25,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bisup.config import QuantConfig
-from bisup.nn.fake_quant import FakeQuantLinear
+from bisup.methods.calibration import iterate_layers
+from bisup.methods.common import Method, apply_kv_quant, fake_quant_linear
+from bisup.methods.gptq import quantize_layer_gptq
 from bisup.rotation import fuse
 from bisup.rotation.hadamard import hadamard_matrix
 
@@ -47,8 +49,7 @@ def rotate_model(model: nn.Module, adapter, config: QuantConfig) -> None:
     hidden, head_dim = adapter.hidden_size, adapter.head_dim
     if adapter.tied_embeddings:
         fuse.untie_lm_head(model, adapter.lm_head(), adapter.embeddings())
-    q_res = fuse.random_hadamard_transform(hidden, config.rotation_seed)
-    q = q_res  # q(x) = x @ Q, Q = random_hadamard(hidden, seed)
+    q = fuse.random_hadamard_transform(hidden, config.rotation_seed)  # q(x) = x @ Q, Q = random_hadamard(hidden, seed)
     h_head = hadamard_matrix(head_dim, torch.float64)
 
     fuse.rotate_embedding(adapter.embeddings(), q)
@@ -62,7 +63,7 @@ def rotate_model(model: nn.Module, adapter, config: QuantConfig) -> None:
         post = _post_norms(adapter, layer)
         if post:  # Gemma3: rotate after the post norms instead of the o/down outputs
             for name in post:
-                setattr(layer, name, fuse.RotateAfter(getattr(layer, name), q_res))
+                setattr(layer, name, fuse.RotateAfter(getattr(layer, name), q))
         else:
             fuse.rotate_output(adapter.o_proj(layer), q)
             fuse.rotate_output(adapter.down_proj(layer), q)
@@ -84,20 +85,11 @@ def transform_hessian(hessian_sum: torch.Tensor, transform: fuse.HadamardTransfo
     return transform(hm.T.contiguous())  # (M^T X^T X) M
 
 
-def _quantized_linear(linear: nn.Module, config: QuantConfig, transform=None) -> FakeQuantLinear:
-    from bisup.methods.gptq import act_quantizer
-
-    return FakeQuantLinear(linear, config.w_bits, config.w_group_size, config.w_sym, config.w_clip,
-                           act_quantizer=act_quantizer(config), input_transform=transform)
-
-
 @torch.no_grad()
 def apply(model: nn.Module, adapter, config: QuantConfig, calib_batches: Optional[torch.Tensor] = None,
           progress: bool = True) -> None:
     """QuaRot in place: rotate (steps 1-5), then quantize weights (RTN, or GPTQ on the rotated
     model's calibration Hessians when config.gptq), activations per token and KV per config."""
-    from bisup.methods.gptq import apply_kv_quant, quantize_layer_gptq
-
     rotate_model(model, adapter, config)
     down_t = fuse.HadamardTransform(adapter.intermediate_size) if config.online_hadamard else None
     apply_kv_quant(model, adapter, config, rotate=config.rotate_kv)
@@ -105,8 +97,6 @@ def apply(model: nn.Module, adapter, config: QuantConfig, calib_batches: Optiona
     if config.gptq and config.quantizes_weights:
         if calib_batches is None:
             raise ValueError("QuaRot with gptq=True needs calibration batches")
-        from bisup.methods.calibration import iterate_layers
-
         for _, layer, inputs in iterate_layers(model, adapter, calib_batches, progress=progress,
                                                stats=("hessian",), desc="QuaRot+GPTQ"):
             if down_t is not None:
@@ -124,4 +114,9 @@ def apply(model: nn.Module, adapter, config: QuantConfig, calib_batches: Optiona
             t = down_t if name == DOWN else None
             if t is not None:
                 fold_online_hadamard(linear, t)
-            adapter.set_linear(layer, name, _quantized_linear(linear, config, t))
+            adapter.set_linear(layer, name, fake_quant_linear(linear, config, input_transform=t))
+
+
+METHOD = Method("quarot", apply, calibrates=lambda config: config.gptq and config.quantizes_weights,
+                options=("rotation_seed", "online_hadamard", "rotate_kv", "gptq"),
+                summary="Hadamard rotations (residual, online before down_proj, V/O, Q/K); RTN or GPTQ weights")

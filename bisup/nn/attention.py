@@ -1,31 +1,161 @@
-"""Route a transformers model's attention through bisup.ops.attention on a MixedPrecisionKVCache.
+"""bisup's attention implementation for transformers ("bisup") and its per-module state.
 
-`enable_bisup_attention(model)` registers an attention implementation named "bisup" in
-transformers' AttentionInterface (and its mask function, the SDPA one), switches the model to it
-and hooks every attention module so the implementation can see the cache of the current
-forward. On a MixedPrecisionKVCache with a plain causal mask, attention reads the
-full-precision prompt segment and the packed quantized segment directly (fused dequantization);
-in every other case (no cache or another cache, padding masks, dropout, sliding windows, soft
-capping, a head_dim the CUDA kernels do not take) it falls back to transformers' SDPA on
-dequantized K/V, so results stay correct.
+One attention function, registered with transformers' AttentionInterface (mask: the SDPA one),
+covers both ways bisup quantizes the KV cache:
+
+- the layer's cache is a MixedPrecisionKVCache (real mode, or a user-made cache): the cache has
+  already quantized K/V on append, and attention reads its full-precision prompt segment and its
+  packed segment directly through `bisup.ops.attention` (fused dequantization). Where the op
+  does not apply (padding masks, dropout, sliding windows, soft capping, attention sinks, a
+  head_dim the CUDA kernels do not take) it falls back to transformers' SDPA on the dequantized
+  K/V, so results stay correct;
+- any other cache or none (fake mode, calibration): K/V positions >= spec.prompt_len are
+  fake-quantized per token and head along head_dim (KVQuantSpec), then SDPA runs.
+
+QuaRot's Q/K rotation R (spec.rotate; the buffer `bisup_kv_rotation` of the attention module):
+q.k is unchanged when both are multiplied by the orthogonal R, and R spreads outliers before K is
+quantized. On the fake path q and k are rotated here; a MixedPrecisionKVCache layer rotates keys
+itself on append (its `rotation`), so only q is rotated here, by that layer's matrix.
+
+bisup's state on an attention module is one `AttentionQuantState` (attribute
+`bisup_attention_state`): the KVQuantSpec and the cache of the forward in progress, which a
+forward pre-hook records (transformers does not pass the cache to attention functions).
 Works for models whose attention modules carry `layer_idx` and call `ALL_ATTENTION_FUNCTIONS`
-(Llama, Qwen2, Qwen3, ...).
+(Llama, Qwen2, Qwen3, Gemma3, ...).
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import asdict, dataclass
+from typing import Iterable, Optional
 
 import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from bisup import ops, reference
 from bisup.nn.kv_cache import MixedPrecisionKVCache, MixedPrecisionKVLayer
+from bisup.quant.formats import SCALE_DTYPE, is_off
+from bisup.quant.quantizer import fake_quantize
+from bisup.rotation.hadamard import hadamard_matrix
 
 ATTN_IMPLEMENTATION = "bisup"
-_CACHE_ATTR = "_bisup_cache"
+STATE_ATTR = "bisup_attention_state"
+ROTATION_BUFFER = "bisup_kv_rotation"  # the checkpoint stores it under this name
 _CUDA_HEAD_DIMS = (64, 128, 256)  # what csrc/cuda/attention.cu takes; the CPU twin takes any
+
+
+@dataclass
+class KVQuantSpec:
+    """How an attention module quantizes its K/V (saved in checkpoints as to_dict())."""
+
+    bits: int = 4
+    group_size: int = -1
+    sym: bool = False
+    clip: float = 1.0
+    prompt_len: int = 0
+    rotate: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class AttentionQuantState:
+    """bisup's state on one attention module (its attribute `bisup_attention_state`).
+
+    kv_spec: KV quantization of the module (None: K/V unquantized).
+    cache: the cache of the forward in progress (set by a forward pre-hook, cleared after).
+    """
+
+    kv_spec: Optional[KVQuantSpec] = None
+    cache: Optional[Cache] = None
+
+
+# ------------------------------------------------------------------------------------------------
+# per-module state
+# ------------------------------------------------------------------------------------------------
+def attention_state(module: nn.Module) -> Optional[AttentionQuantState]:
+    """The module's AttentionQuantState, None when bisup never touched it."""
+    return getattr(module, STATE_ATTR, None)
+
+
+def _ensure_state(module: nn.Module) -> AttentionQuantState:
+    """The module's state, created (with the hooks that record the cache) on first use."""
+    state = attention_state(module)
+    if state is None:
+        state = AttentionQuantState()
+        setattr(module, STATE_ATTR, state)
+        module.register_forward_pre_hook(_record_cache, with_kwargs=True)
+        module.register_forward_hook(_forget_cache, with_kwargs=True)
+    return state
+
+
+def _record_cache(module, args, kwargs):
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    attention_state(module).cache = cache
+    config = getattr(module, "config", None)
+    if isinstance(cache, MixedPrecisionKVCache) and getattr(config, "_attn_implementation", None) == ATTN_IMPLEMENTATION:
+        cache.set_fused(True)
+
+
+def _forget_cache(module, args, kwargs, output):
+    state = attention_state(module)
+    if isinstance(state.cache, MixedPrecisionKVCache):
+        state.cache.set_fused(False)  # outside bisup attention, `update` returns full K/V again
+    state.cache = None
+
+
+def get_kv_spec(module: nn.Module) -> Optional[KVQuantSpec]:
+    """The KVQuantSpec of an attention module (None: its K/V are not quantized)."""
+    state = attention_state(module)
+    return None if state is None else state.kv_spec
+
+
+def set_kv_rotation(module: nn.Module, rotation: torch.Tensor) -> None:
+    """Sets the module's Q/K rotation [head_dim, head_dim] (the buffer `bisup_kv_rotation`)."""
+    module.register_buffer(ROTATION_BUFFER, rotation)
+
+
+def kv_rotation(module: nn.Module, head_dim: int, device=None) -> torch.Tensor:
+    """The module's Q/K rotation, created as a normalized Hadamard of order head_dim when missing."""
+    rot = getattr(module, ROTATION_BUFFER, None)
+    if rot is None:
+        rot = hadamard_matrix(head_dim, dtype=torch.float32, device=device)
+        set_kv_rotation(module, rot)
+    return rot
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def set_kv_quant(model: nn.Module, attention_modules: Iterable[nn.Module], spec: Optional[KVQuantSpec]) -> None:
+    """Gives every attention module `spec` (None removes it) and switches the model to bisup
+    attention. With spec.rotate the Q/K rotation buffer is created now (unless set_kv_rotation set
+    one), so that it is part of the state dict."""
+    for attn in attention_modules:
+        _ensure_state(attn).kv_spec = spec
+        if spec is not None and spec.rotate and getattr(attn, "head_dim", None):
+            kv_rotation(attn, attn.head_dim, _device_of(attn))
+    if spec is not None:
+        use_bisup_attention(model)
+
+
+# ------------------------------------------------------------------------------------------------
+# the attention function
+# ------------------------------------------------------------------------------------------------
+def fake_quant_kv(x: torch.Tensor, spec: KVQuantSpec) -> torch.Tensor:
+    """x [batch, heads, seq, head_dim]: fake-quantize positions >= prompt_len along head_dim."""
+    if is_off(spec.bits):
+        return x
+    p = min(spec.prompt_len, x.shape[2])
+    q = fake_quantize(x[:, :, p:], spec.bits, spec.group_size, spec.sym, spec.clip, scale_dtype=SCALE_DTYPE)
+    return q if p == 0 else torch.cat([x[:, :, :p], q], dim=2)
 
 
 def _plain_causal(mask: Optional[torch.Tensor], tq: int, total: int) -> bool:
@@ -38,8 +168,16 @@ def _plain_causal(mask: Optional[torch.Tensor], tq: int, total: int) -> bool:
     return bool(torch.equal(mask, want.unsqueeze(1).expand_as(mask)))
 
 
+def _mixed_precision_layer(module: nn.Module, state: Optional[AttentionQuantState]) -> Optional[MixedPrecisionKVLayer]:
+    cache, idx = (None if state is None else state.cache), getattr(module, "layer_idx", None)
+    if isinstance(cache, MixedPrecisionKVCache) and idx is not None and idx < len(cache.layers):
+        layer = cache.layers[idx]
+        return layer if isinstance(layer, MixedPrecisionKVLayer) else None
+    return None
+
+
 def bisup_attention_forward(
-    module: torch.nn.Module,
+    module: nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -49,13 +187,21 @@ def bisup_attention_forward(
     **kwargs,
 ):
     """transformers attention function: [B, Hq, Tq, D] queries -> ([B, Tq, Hq, D], None)."""
-    cache = getattr(module, _CACHE_ATTR, None)
-    layer = None
-    if isinstance(cache, MixedPrecisionKVCache) and getattr(module, "layer_idx", None) is not None:
-        layer = cache.layers[module.layer_idx]
+    state = attention_state(module)
+    spec = None if state is None else state.kv_spec
+    layer = _mixed_precision_layer(module, state)
+    sdpa_kw = dict(dropout=dropout, scaling=scaling, **kwargs)
+    if layer is None:  # fake KV quantization
+        if spec is not None:
+            if spec.rotate:
+                rot = kv_rotation(module, query.shape[-1], query.device).to(query.device, query.dtype)
+                query, key = query @ rot, key @ rot
+            key, value = fake_quant_kv(key, spec), fake_quant_kv(value, spec)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **sdpa_kw)
+    if layer.rotation is not None:  # the cache stored rotated keys
+        query = query @ layer.rotation.to(query.device, query.dtype)
     fused_ok = (
-        isinstance(layer, MixedPrecisionKVLayer)
-        and dropout == 0.0
+        dropout == 0.0
         and kwargs.get("softcap") is None
         and kwargs.get("sliding_window") is None
         and kwargs.get("s_aux") is None
@@ -63,9 +209,9 @@ def bisup_attention_forward(
         and _plain_causal(attention_mask, query.shape[2], layer.get_seq_length())
     )
     if not fused_ok:
-        if isinstance(layer, MixedPrecisionKVLayer) and layer.fused:
+        if layer.fused:
             key, value = layer.dequantized()  # `update` returned only the new tokens
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **sdpa_kw)
     out = ops.attention(
         query.contiguous(),
         *layer.attention_inputs(),
@@ -77,44 +223,38 @@ def bisup_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
-def register_bisup_attention() -> None:
+def _register() -> None:
     """Registers the "bisup" attention implementation and its mask function (idempotent)."""
     AttentionInterface.register(ATTN_IMPLEMENTATION, bisup_attention_forward)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
 
 
-def _remember_cache(module, args, kwargs):
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    setattr(module, _CACHE_ATTR, cache)
-    if isinstance(cache, MixedPrecisionKVCache) and not cache.fused:
-        cache.set_fused(True)
+def use_bisup_attention(model: nn.Module) -> None:
+    """Sets the model's attention implementation to "bisup"."""
+    _register()
+    try:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    except (ValueError, KeyError, AttributeError):
+        pass  # e.g. no set_attn_implementation: set the config directly below
+    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        model.config._attn_implementation = ATTN_IMPLEMENTATION
 
 
-def _forget_cache(module, args, kwargs, output):
-    cache = getattr(module, _CACHE_ATTR, None)
-    if isinstance(cache, MixedPrecisionKVCache):
-        cache.set_fused(False)  # outside bisup attention, `update` returns full K/V again
-    setattr(module, _CACHE_ATTR, None)
-
-
-def _attention_modules(model: torch.nn.Module):
+def attention_modules(model: nn.Module) -> list:
+    """The model's attention modules: those named *Attention that carry a layer_idx."""
     return [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
 
 
-def enable_bisup_attention(model: torch.nn.Module) -> torch.nn.Module:
-    """Switches `model` to bisup attention (see module doc); returns the model."""
-    register_bisup_attention()
-    modules = _attention_modules(model)
+def enable_bisup_attention(model: nn.Module) -> nn.Module:
+    """Switches a (plain or bisup-quantized) model to bisup attention, so that a
+    MixedPrecisionKVCache passed to forward / generate is read by the fused op; returns the model."""
+    modules = attention_modules(model)
     if not modules:
         raise ValueError(f"enable_bisup_attention: found no attention module with a layer_idx in {type(model).__name__}")
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    else:  # pragma: no cover - older transformers
-        model.config._attn_implementation = ATTN_IMPLEMENTATION
-    if not getattr(model, "_bisup_attention_hooks", None):
-        hooks = []
-        for m in modules:
-            hooks.append(m.register_forward_pre_hook(_remember_cache, with_kwargs=True))
-            hooks.append(m.register_forward_hook(_forget_cache, with_kwargs=True))
-        model._bisup_attention_hooks = hooks
+    for m in modules:
+        _ensure_state(m)
+    use_bisup_attention(model)
     return model
+
+
+_register()

@@ -1,136 +1,24 @@
-"""Fake-quant (simulation) modules: quantize-dequantize in floating point, same math as the kernels.
+"""Fake-quant (simulation) modules: ActQuantizer and FakeQuantLinear quantize-dequantize in floating
+point with the kernels' math (group math: bisup/quant/groups.py; integer codes: bisup/quant/codes.py;
+formulas: docs/formats.md).
 
-Scales are rounded to fp16 as the kernels store them, and a fake-quantized weight is kept together
-with its fp16 scales so that its integer codes can be exported exactly (save_quantized) and
-dequantized back bit-identically (load_quantized). Formulas: docs/formats.md.
-
-Outlier channels (Atom): input channels listed in `outlier_idx` are quantized per row (weights) or
-per token (activations, without clipping) at `outlier_bits`; the remaining channels, in their original order, are
-quantized in groups of `group_size` (a last, shorter group when the remaining count is not a
-multiple of the group size).
+A FakeQuantLinear keeps its dequantized weight together with the integer codes and fp16 scales
+it stands for (WeightCodes), so save_quantized exports the codes exactly and the real kernels run
+the very same weight. Outlier channels (Atom): input channels listed in `outlier_idx` are quantized
+per row (weights) or per token (activations, without clipping) at `outlier_bits`; the remaining
+channels, in their original order, are quantized in groups.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bisup.quant.quantizer import FP16_MAX, qrange, quantize_groups, to_groups
-
-OFF_BITS = 16
-SCALE_DTYPE = torch.float16
-
-
-# ------------------------------------------------------------------------------------------------
-# grouped quantization with an optional shorter last group
-# ------------------------------------------------------------------------------------------------
-def _quantize_ragged(x, bits, group_size, sym, clip) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes [..., K] (fp32-valued), scales and zeros [..., G] along the last dim.
-
-    group_size=-1: one group; K % group_size != 0: the last group is shorter.
-    """
-    k = x.shape[-1]
-    g = k if group_size == -1 or group_size >= k else group_size
-    if sym and k % g == 0 and not _needs_grad(x, clip):
-        return _fast_sym_codes(x, bits, g, clip)
-    full = (k // g) * g
-    parts = [(0, full, g)] + ([(full, k, k - full)] if full < k else [])
-    qs, ss, zs = [], [], []
-    for lo, hi, size in parts:
-        q, s, z = quantize_groups(x[..., lo:hi], bits, size, sym, clip, scale_dtype=SCALE_DTYPE)
-        qs.append(q.reshape(*x.shape[:-1], hi - lo))
-        ss.append(s.squeeze(-1))
-        zs.append(z.squeeze(-1))
-    return torch.cat(qs, -1), torch.cat(ss, -1), torch.cat(zs, -1)
-
-
-def _expand_groups(t: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
-    """Per-group values [..., G] -> per-element [..., K] (matching _quantize_ragged's groups)."""
-    g = k if group_size == -1 or group_size >= k else group_size
-    sizes = [g] * (k // g) + ([k % g] if k % g else [])
-    return torch.repeat_interleave(t, torch.tensor(sizes, device=t.device), dim=-1)
-
-
-def _dequant(codes, scales, zeros, group_size) -> torch.Tensor:
-    """(q - z) * s in fp32, the one formula used by construction, save and load."""
-    k = codes.shape[-1]
-    g = k if group_size == -1 or group_size >= k else group_size
-    if k % g == 0:  # equal groups: broadcast instead of expanding (same elementwise arithmetic)
-        q = codes.to(torch.float32).reshape(*codes.shape[:-1], k // g, g)
-        if zeros is not None:
-            q = q - zeros.to(torch.float32)[..., None]
-        return (q * scales.to(torch.float32)[..., None]).reshape(codes.shape)
-    s = _expand_groups(scales.to(torch.float32), k, group_size)
-    q = codes.to(torch.float32)
-    if zeros is not None:
-        q = q - _expand_groups(zeros.to(torch.float32), k, group_size)
-    return q * s
-
-
-def _needs_grad(x, clip) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or (isinstance(clip, torch.Tensor) and clip.requires_grad))
-
-
-def _fast_sym_grouped(x, bits, group_size, clip):
-    """Inference-only twin of quantize_groups (symmetric, K % group == 0): the same fp32 operations
-    without the STE bookkeeping, so codes and scales are bit-identical (tests check it).
-    Returns codes [..., G, g] and scales [..., G, 1], both fp32."""
-    qmin, qmax = qrange(bits, True)
-    xg = to_groups(x, group_size).to(torch.float32)
-    s = (clip * xg.abs().amax(dim=-1, keepdim=True)) / qmax
-    s = s.clamp_(max=FP16_MAX).to(SCALE_DTYPE).to(torch.float32)
-    s = torch.where(s > 0, s, torch.ones_like(s))
-    return torch.round(xg / s).clamp_(qmin, qmax), s
-
-
-def _fast_sym_fake_quant(x, bits, group_size, clip):
-    q, s = _fast_sym_grouped(x, bits, group_size, clip)
-    return (q * s).reshape(x.shape).to(x.dtype)
-
-
-def _fast_sym_codes(x, bits, group_size, clip):
-    q, s = _fast_sym_grouped(x, bits, group_size, clip)
-    s = s.squeeze(-1)
-    return q.reshape(x.shape), s, torch.zeros_like(s)
-
-
-def fake_quant_channels(x, bits, group_size, sym=True, clip=1.0, outlier_idx=None, outlier_bits=8):
-    """Fake-quantize the last dim: outlier channels per row at outlier_bits, the rest in groups.
-
-    `clip` applies to the low-bit groups only: the outlier channels keep their full range (Atom's
-    INT8 channels exist to hold the large values; QuantLinear's INT8 segment is not clipped either)."""
-    if outlier_idx is None or outlier_idx.numel() == 0:
-        if bits >= OFF_BITS:
-            return x
-        k = x.shape[-1]
-        if sym and (group_size == -1 or k % group_size == 0) and not _needs_grad(x, clip):
-            return _fast_sym_fake_quant(x, bits, group_size, clip)
-        q, s, z = _quantize_ragged(x, bits, group_size, sym, clip)
-        return _dequant(q, s, None if sym else z, group_size).to(x.dtype)
-    main_idx = complement(outlier_idx, x.shape[-1])
-    out = torch.empty_like(x)
-    out[..., main_idx] = fake_quant_channels(x[..., main_idx], bits, group_size, sym, clip)
-    out[..., outlier_idx] = fake_quant_channels(x[..., outlier_idx], outlier_bits, -1, sym, 1.0)
-    return out
-
-
-def complement(idx: torch.Tensor, k: int) -> torch.Tensor:
-    """Sorted channel indices in [0, k) that are not in idx."""
-    keep = torch.ones(k, dtype=torch.bool, device=idx.device)
-    keep[idx] = False
-    return torch.nonzero(keep).flatten()
-
-
-def _as_index(idx, device=None) -> Optional[torch.Tensor]:
-    if idx is None:
-        return None
-    t = torch.as_tensor(idx, dtype=torch.long, device=device).flatten().clone()  # own copy (no shared storage)
-    if t.unique().numel() != t.numel():
-        raise ValueError("outlier_idx must not contain duplicates")
-    return t
+from bisup.quant.codes import WeightCodes, quantize_weight, recover_codes
+from bisup.quant.formats import OFF_BITS
+from bisup.quant.groups import as_index, fake_quant_channels
 
 
 # ------------------------------------------------------------------------------------------------
@@ -144,7 +32,7 @@ class ActQuantizer(nn.Module):
         super().__init__()
         self.bits, self.group_size, self.sym, self.clip = bits, group_size, sym, clip
         self.outlier_bits = outlier_bits
-        idx = _as_index(outlier_idx)
+        idx = as_index(outlier_idx)
         self.register_buffer("outlier_idx", idx if idx is not None else torch.empty(0, dtype=torch.long))
 
     @property
@@ -169,105 +57,8 @@ class ActQuantizer(nn.Module):
                 f"outliers={self.outlier_idx.numel()}@{self.outlier_bits}b")
 
 
-# ------------------------------------------------------------------------------------------------
 # weights
 # ------------------------------------------------------------------------------------------------
-@dataclass
-class WeightCodes:
-    """Integer form of a fake-quantized weight [N, K] (what save_quantized packs).
-
-    codes: int8 [N, Km] of the non-outlier channels (in order), scales/zeros fp16 [N, G];
-    outlier_codes int8 [N, n_out] with outlier_scales/zeros fp16 [N, 1] for channels outlier_idx.
-    """
-
-    bits: int
-    group_size: int
-    sym: bool
-    codes: torch.Tensor
-    scales: torch.Tensor
-    zeros: Optional[torch.Tensor] = None
-    outlier_idx: Optional[torch.Tensor] = None
-    outlier_bits: int = 8
-    outlier_codes: Optional[torch.Tensor] = None
-    outlier_scales: Optional[torch.Tensor] = None
-    outlier_zeros: Optional[torch.Tensor] = None
-
-    def dequantize(self, in_features: int, dtype: torch.dtype) -> torch.Tensor:
-        main = _dequant(self.codes, self.scales, self.zeros, self.group_size)
-        if self.outlier_idx is None or self.outlier_idx.numel() == 0:
-            return main.to(dtype)
-        w = torch.empty(main.shape[0], in_features, dtype=torch.float32, device=main.device)
-        w[:, complement(self.outlier_idx, in_features)] = main
-        w[:, self.outlier_idx] = _dequant(self.outlier_codes, self.outlier_scales, self.outlier_zeros, -1)
-        return w.to(dtype)
-
-
-def _codes_of(w, bits, group_size, sym, clip):
-    q, s, z = _quantize_ragged(w, bits, group_size, sym, clip)
-    return q.to(torch.int8), s.to(SCALE_DTYPE), (None if sym else z.to(SCALE_DTYPE))
-
-
-def quantize_weight(weight: torch.Tensor, bits: int, group_size: int, sym: bool = True, clip: float = 1.0,
-                    outlier_idx: Optional[torch.Tensor] = None, outlier_bits: int = 8) -> WeightCodes:
-    """RTN codes of a weight [N, K] (groups along K, outlier input channels per row)."""
-    w = weight.detach()
-    has_out = outlier_idx is not None and outlier_idx.numel() > 0
-    main = w[:, complement(outlier_idx, w.shape[1])] if has_out else w
-    q, s, z = _codes_of(main, bits, group_size, sym, clip)
-    wc = WeightCodes(bits, group_size, sym, q, s, z)
-    if has_out:
-        oq, os_, oz = _codes_of(w[:, outlier_idx], outlier_bits, -1, sym, 1.0)
-        wc.outlier_idx, wc.outlier_bits = outlier_idx, outlier_bits
-        wc.outlier_codes, wc.outlier_scales, wc.outlier_zeros = oq, os_, oz
-    return wc
-
-
-def _codes_on_grid(w, scales, zeros, bits, group_size, sym, dtype) -> torch.Tensor:
-    """Codes of an already dequantized w given its scales (and zeros); ValueError if w is off that grid."""
-    k = w.shape[-1]
-    s = _expand_groups(scales.to(torch.float32), k, group_size)
-    q = torch.round(w.to(torch.float32) / s)
-    if zeros is not None:
-        q = q + _expand_groups(zeros.to(torch.float32), k, group_size)
-    lo, hi = qrange(bits, sym)
-    if q.numel() and (q.min() < lo or q.max() > hi):
-        raise ValueError(f"weight is not on the given {bits}-bit grid: codes outside [{lo}, {hi}]")
-    codes = q.to(torch.int8)
-    if not torch.equal(_dequant(codes, scales, zeros, group_size).to(dtype), w.to(dtype)):
-        raise ValueError("weight is not on the grid of the given scales (dequantized codes differ)")
-    return codes
-
-
-def _infer_sym_codes(w, bits, group_size, dtype):
-    """Codes and fp16 scales of a symmetric dequantized weight whose scales were not given.
-
-    In each group, s = max|w| / m for the largest code magnitude m that occurred; try every m and
-    keep, per group, the first one that reproduces the group exactly.
-    """
-    k = w.shape[-1]
-    g = k if group_size == -1 or group_size >= k else group_size
-    lo, hi = qrange(bits, True)
-    wf = w.to(torch.float32)
-    amax = torch.stack([blk.abs().amax(-1) for blk in torch.split(wf, g, dim=-1)], -1)  # [N, G]
-    best_s = torch.ones_like(amax)
-    found = amax == 0
-    for m in range(-lo, 0, -1):
-        s = (amax / m).to(SCALE_DTYPE).to(torch.float32)
-        s = torch.where(s > 0, s, torch.ones_like(s))
-        q = torch.round(wf / _expand_groups(s, k, group_size)).clamp(lo, hi)
-        ok_elem = (q * _expand_groups(s, k, group_size)).to(dtype) == w.to(dtype)
-        ok = torch.stack([blk.all(-1) for blk in torch.split(ok_elem, g, dim=-1)], -1)
-        take = ok & ~found
-        best_s = torch.where(take, s, best_s)
-        found |= ok
-    if not bool(found.all()):
-        raise ValueError(
-            "cannot recover integer codes of this weight: it is not on a symmetric "
-            f"{bits}-bit group grid. Pass its scales: set_weight(w, scales=..., zeros=...)")
-    scales = best_s.to(SCALE_DTYPE)
-    return _codes_on_grid(w, scales, None, bits, group_size, True, dtype), scales
-
-
 class FakeQuantLinear(nn.Module):
     """A linear layer with a fake-quantized weight and optional activation quantization.
 
@@ -287,7 +78,7 @@ class FakeQuantLinear(nn.Module):
         dev, dtype = linear.weight.device, linear.weight.dtype
         if linear.weight.is_meta and weight is not None:  # a shell (load_quantized): the weight decides
             dev, dtype = weight.device, weight.dtype
-        idx = _as_index(outlier_idx, dev)
+        idx = as_index(outlier_idx, dev)
         self.register_buffer("outlier_idx", idx if idx is not None else torch.empty(0, dtype=torch.long, device=dev))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self._codes: Optional[WeightCodes] = None
@@ -314,55 +105,45 @@ class FakeQuantLinear(nn.Module):
         if tuple(w.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight must have shape {(self.out_features, self.in_features)}, got {tuple(w.shape)}")
 
+    @classmethod
+    def from_codes(cls, codes: WeightCodes, in_features: int, bias: Optional[torch.Tensor] = None,
+                   act_quantizer: Optional[ActQuantizer] = None, input_transform: Optional[Callable] = None,
+                   w_clip: float = 1.0, dtype: torch.dtype = torch.float32) -> "FakeQuantLinear":
+        """The FakeQuantLinear whose weight is exactly `codes` dequantized (in dtype); w_clip only
+        records the clip ratio the codes were made with."""
+        n = codes.codes.shape[0]
+        shell = nn.Linear(in_features, n, bias=bias is not None, device="meta")
+        idx = codes.outlier_idx if codes.has_outliers else None
+        fq = cls(shell, codes.bits, codes.group_size, codes.sym, w_clip, act_quantizer, input_transform,
+                 idx, codes.outlier_bits, weight=codes.dequantize(in_features, dtype))
+        fq._codes = codes
+        if bias is not None:
+            fq.bias = nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
+        return fq
+
     def set_weight(self, weight: torch.Tensor, scales: Optional[torch.Tensor] = None,
                    zeros: Optional[torch.Tensor] = None, outlier_scales: Optional[torch.Tensor] = None,
                    outlier_zeros: Optional[torch.Tensor] = None) -> None:
         """Replace the weight by an already quantized-dequantized one (e.g. from GPTQ).
 
         Scales [N, G] (and zeros for asymmetric) let save_quantized export exact codes; without them
-        symmetric codes are recovered from the weight itself, or codes are checked when exported.
+        symmetric codes are recovered from the weight itself when they are first asked for.
         """
         self._check_shape(weight)
         with torch.no_grad():
             self.weight.data = weight.detach().to(self.weight.dtype).clone()
         self._codes = None
         if scales is not None and self.quantized:
-            self._codes = self._codes_from_scales(scales, zeros, outlier_scales, outlier_zeros)
-
-    def _codes_from_scales(self, scales, zeros, outlier_scales, outlier_zeros) -> WeightCodes:
-        w, dt, idx = self.weight.data, self.weight.dtype, self._out_idx
-        main = w[:, complement(idx, self.in_features)] if idx is not None else w
-        scales = scales.to(SCALE_DTYPE)
-        zeros = None if zeros is None else zeros.to(SCALE_DTYPE)
-        codes = _codes_on_grid(main, scales, zeros, self.w_bits, self.w_group_size, self.w_sym, dt)
-        wc = WeightCodes(self.w_bits, self.w_group_size, self.w_sym, codes, scales, zeros)
-        if idx is not None:
-            if outlier_scales is None:
-                oc, os_ = _infer_sym_codes(w[:, idx], self.outlier_bits, -1, dt)
-                oz = None
-            else:
-                os_ = outlier_scales.to(SCALE_DTYPE).reshape(-1, 1)
-                oz = None if outlier_zeros is None else outlier_zeros.to(SCALE_DTYPE).reshape(-1, 1)
-                oc = _codes_on_grid(w[:, idx], os_, oz, self.outlier_bits, -1, self.w_sym, dt)
-            wc.outlier_idx, wc.outlier_bits = idx, self.outlier_bits
-            wc.outlier_codes, wc.outlier_scales, wc.outlier_zeros = oc, os_, oz
-        return wc
+            self._codes = recover_codes(self.weight.data, self.w_bits, self.w_group_size, self.w_sym, self._out_idx,
+                                        self.outlier_bits, scales, zeros, outlier_scales, outlier_zeros)
 
     def weight_codes(self) -> WeightCodes:
         """The integer codes + scales of the current weight (exactly reproducing it)."""
         if not self.quantized:
             raise ValueError("this FakeQuantLinear keeps its weight in floating point (w_bits >= 16)")
         if self._codes is None:
-            if not self.w_sym:
-                raise ValueError("asymmetric weights set without scales: call set_weight(w, scales=..., zeros=...)")
-            w, dt, idx = self.weight.data, self.weight.dtype, self._out_idx
-            main = w[:, complement(idx, self.in_features)] if idx is not None else w
-            codes, scales = _infer_sym_codes(main, self.w_bits, self.w_group_size, dt)
-            wc = WeightCodes(self.w_bits, self.w_group_size, True, codes, scales)
-            if idx is not None:
-                oc, os_ = _infer_sym_codes(w[:, idx], self.outlier_bits, -1, dt)
-                wc.outlier_idx, wc.outlier_bits, wc.outlier_codes, wc.outlier_scales = idx, self.outlier_bits, oc, os_
-            self._codes = wc
+            self._codes = recover_codes(self.weight.data, self.w_bits, self.w_group_size, self.w_sym, self._out_idx,
+                                        self.outlier_bits)
         return self._codes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -376,11 +157,7 @@ class FakeQuantLinear(nn.Module):
         # keep cached integer codes on the same device as the weight
         out = super()._apply(fn, *args, **kwargs)
         if self._codes is not None:
-            dev = self.weight.device
-            for name in ("codes", "scales", "zeros", "outlier_idx", "outlier_codes", "outlier_scales", "outlier_zeros"):
-                t = getattr(self._codes, name)
-                if t is not None:
-                    setattr(self._codes, name, t.to(dev))
+            self._codes.to(self.weight.device)
         return out
 
     def extra_repr(self) -> str:

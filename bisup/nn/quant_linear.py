@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bisup import ops, reference
+from bisup.quant.formats import packed_row_bytes
 from bisup.quant.quantizer import quantize_groups
 
 _K_MULTIPLE = 32  # bisup.ops.gemm: K % 32 == 0
@@ -82,12 +83,12 @@ class QuantLinear(nn.Module):
         self.k_main = in_features - n_outliers
         self.k_padded = _padded_k(self.k_main, group_size, w_bits)
         groups = 1 if group_size == -1 else self.k_padded // group_size
-        packed_cols = self.k_padded // 2 if w_bits == 4 else self.k_padded // 32 * 12
+        packed_cols = packed_row_bytes(w_bits, self.k_padded)
         self.register_buffer("w_q", torch.zeros(out_features, packed_cols, dtype=torch.uint8, device=device))
         self.register_buffer("w_scale", torch.ones(out_features, groups, dtype=torch.float16, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
         self.register_buffer("outlier_idx", torch.zeros(n_outliers, dtype=torch.long, device=device))
-        self.register_buffer("keep_idx", torch.arange(self.k_main, dtype=torch.long, device=device))
+        self.register_buffer("main_idx", torch.arange(self.k_main, dtype=torch.long, device=device))
         self.register_buffer("w_outlier", torch.zeros(out_features, n_outliers, dtype=torch.int8, device=device))
         self.register_buffer("w_outlier_scale", torch.ones(out_features, dtype=torch.float16, device=device))
 
@@ -123,13 +124,13 @@ class QuantLinear(nn.Module):
         layer = cls(k, n, w_bits, a_bits, group_size, linear.bias is not None, idx.numel(), a_clip, dev, bias_dtype)
         keep = torch.ones(k, dtype=torch.bool, device=dev)
         keep[idx] = False
-        keep_idx = keep.nonzero().flatten()
+        main_idx = keep.nonzero().flatten()
         layer.outlier_idx.copy_(idx)
-        layer.keep_idx.copy_(keep_idx)
+        layer.main_idx.copy_(main_idx)
         pad = layer.k_padded - layer.k_main
 
         if weight_q is None:
-            w_main = F.pad(weight[:, keep_idx].float(), (0, pad))
+            w_main = F.pad(weight[:, main_idx].float(), (0, pad))
             q, s, _ = quantize_groups(w_main, w_bits, group_size, sym=True, clip_ratio=w_clip, scale_dtype=torch.float16)
             q = q.reshape(n, layer.k_padded).to(torch.int8)
             s = s.reshape(n, -1).to(torch.float16)
@@ -138,7 +139,7 @@ class QuantLinear(nn.Module):
                 raise ValueError("QuantLinear: weight_q needs weight_scale")
             q = weight_q.to(dev)
             if q.shape == (n, k) and idx.numel():
-                q = q[:, keep_idx]
+                q = q[:, main_idx]
             if q.shape != (n, layer.k_main):
                 raise ValueError(f"QuantLinear: weight_q must be [{n}, {layer.k_main}] (or [{n}, {k}]), got {tuple(q.shape)}")
             q = F.pad(q.to(torch.int8), (0, pad))
@@ -171,7 +172,7 @@ class QuantLinear(nn.Module):
             raise ValueError(f"QuantLinear: expected input [..., {self.in_features}], got {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        xm = x2[:, self.keep_idx] if self.outlier_idx.numel() else x2
+        xm = x2[:, self.main_idx] if self.outlier_idx.numel() else x2
         if self.k_padded != self.k_main:
             xm = F.pad(xm, (0, self.k_padded - self.k_main))
         xm = xm.contiguous()

@@ -1,112 +1,55 @@
-"""The real KV path of a mode="real" model: MixedPrecisionKVCache + bisup.ops.attention.
+"""A real-mode model's KV path: bisup attention on a MixedPrecisionKVCache it makes itself.
 
 `enable_real_kv(model, adapter)` switches a quantized model (whose attention modules carry a
-KVQuantSpec, see fake_attention.py) to the attention implementation "bisup_real", which reads the
-cache through bisup.ops.attention (bisup/nn/attention.py). `make_cache(model)` builds the cache
-for one run: the first `prompt_len` tokens of every layer at full precision, every later token at
-kv_bits; `make_cache(model, prompt_kv=...)` starts it from a precomputed system prompt (BiSup's
-horizontal suppression). Forward calls and generate() that pass no cache get a fresh one, so a
-real-mode model never runs with an unquantized KV cache by accident.
+KVQuantSpec, see attention.py) to bisup attention and makes it create its own cache:
+`make_cache(model)` builds the cache for one run -- the first `prompt_len` tokens of every layer
+at full precision, every later token at kv_bits, keys rotated by the layer's QuaRot rotation --
+and `make_cache(model, prompt_kv=...)` starts it from a precomputed system prompt (BiSup's
+horizontal suppression). A forward call or generate() that passes no cache gets a fresh one, so
+a real-mode model never runs with an unquantized KV cache by accident:
 
-QuaRot's Q/K rotation (spec.rotate): keys must be rotated after RoPE and before they are
-quantized into the cache, queries by the same orthogonal matrix. RoPE sits between k_proj and the
-cache, so the rotation cannot be folded into weights: the cache layers (RotatingKVLayer) rotate
-keys on append, and "bisup_real" rotates the queries (and the keys of any other cache).
+- forward: a forward pre-hook on the model adds the cache argument;
+- generate: transformers 5.x has no public way to make generate() start from a custom Cache
+  class (GenerationConfig.cache_implementation only names transformers' own caches, and
+  generate builds its DynamicCache before the first forward), so the model's `generate` is
+  replaced by `generate_with_mixed_precision_cache`, which adds the cache and calls the class's
+  generate.
+
+Model-level state: `model.bisup_runtime` (RealKVRuntime), present once enable_real_kv ran.
 """
 from __future__ import annotations
 
 import inspect
 import types
+from dataclasses import dataclass
 from typing import Optional
 
-import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.cache_utils import Cache
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from bisup.nn.attention import _CACHE_ATTR, bisup_attention_forward, enable_bisup_attention
-from bisup.nn.fake_attention import kv_rotation
-from bisup.nn.kv_cache import MixedPrecisionKVCache, MixedPrecisionKVLayer
+from bisup.nn.attention import ROTATION_BUFFER, enable_bisup_attention, get_kv_spec, kv_rotation
+from bisup.nn.kv_cache import MixedPrecisionKVCache
 
-ATTN_NAME = "bisup_real"
-REAL_KV_BITS = (3, 4, 8)
+RUNTIME_ATTR = "bisup_runtime"
+_CACHE_KWARGS = ("cache", "past_key_values")
 
 
-class RotatingKVLayer(MixedPrecisionKVLayer):
-    """A MixedPrecisionKVLayer that multiplies keys by `rotation` [D, D] (None: no rotation) before storing them."""
+@dataclass
+class RealKVRuntime:
+    """Model-level state of a real-mode model (its attribute `bisup_runtime`).
 
-    def __init__(self, prompt_len: int = 0, kv_bits: int = 4, group_size: int = -1,
-                 rotation: Optional[torch.Tensor] = None, **kwargs):
-        super().__init__(prompt_len, kv_bits, group_size, **kwargs)
-        self.rotation = rotation
+    cache_argument: the name under which model.forward takes its cache.
+    cache_position: that argument's position in forward's signature (a positional cache counts as given).
+    """
 
-    def _rotate(self, keys: torch.Tensor) -> torch.Tensor:
-        return keys if self.rotation is None else keys @ self.rotation.to(keys.device, keys.dtype)
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        return super().update(self._rotate(key_states), value_states, *args, **kwargs)
-
-    def set_prompt(self, key_states, value_states) -> None:
-        super().set_prompt(self._rotate(key_states), value_states)
+    cache_argument: str
+    cache_position: int
 
 
-class BisupKVCache(MixedPrecisionKVCache):
-    """MixedPrecisionKVCache whose layer i rotates keys by rotations[i] (QuaRot's rotate_kv)."""
-
-    def __init__(self, prompt_len: int = 0, kv_bits: int = 4, group_size: int = -1, config=None, rotations=None):
-        self.rotations = None if rotations is None else list(rotations)
-        self._layers_made = 0
-        super().__init__(prompt_len, kv_bits, group_size, config)
-
-    def _new_layer(self) -> RotatingKVLayer:
-        i, self._layers_made = self._layers_made, self._layers_made + 1
-        rot = self.rotations[i] if self.rotations is not None and i < len(self.rotations) else None
-        layer = RotatingKVLayer(self.prompt_len, self.kv_bits, self.group_size, rot)
-        layer.fused = self.fused
-        return layer
-
-
-# ------------------------------------------------------------------------------------------------
-# attention
-# ------------------------------------------------------------------------------------------------
-def _cache_layer(module: nn.Module):
-    cache, idx = getattr(module, _CACHE_ATTR, None), getattr(module, "layer_idx", None)
-    if isinstance(cache, Cache) and idx is not None and idx < len(cache.layers):
-        return cache.layers[idx]
-    return None
-
-
-def real_attention_forward(module, query, key, value, attention_mask, **kwargs):
-    """bisup attention, with q (and k, unless the cache layer already rotated it) rotated per spec.rotate."""
-    spec = getattr(module, "bisup_kv", None)
-    rot = getattr(module, "bisup_kv_rotation", None) if spec is not None and spec.rotate else None
-    if rot is not None:
-        r = rot.to(query.device, query.dtype)
-        query = query @ r
-        layer = _cache_layer(module)
-        if not (isinstance(layer, RotatingKVLayer) and layer.rotation is not None):
-            key = key @ r  # keys from another cache (or none) are not rotated yet
-    return bisup_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-def register() -> None:
-    AttentionInterface.register(ATTN_NAME, real_attention_forward)
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
-
-
-# ------------------------------------------------------------------------------------------------
-# caches
-# ------------------------------------------------------------------------------------------------
-def _attention_modules(model: nn.Module):
+def _attention_modules(model: nn.Module) -> list:
     from bisup.models.adapters import get_adapter
 
     adapter = get_adapter(model)
     return [adapter.attention(layer) for layer in adapter.layers()]
-
-
-def uses_real_kv(model: nn.Module) -> bool:
-    return bool(getattr(model, "_bisup_real_kv", False))
 
 
 def make_cache(model: nn.Module, config=None, prompt_kv=None) -> Optional[MixedPrecisionKVCache]:
@@ -119,19 +62,13 @@ def make_cache(model: nn.Module, config=None, prompt_kv=None) -> Optional[MixedP
     config = config if config is not None else getattr(model, "bisup_config", None)
     if config is None or config.mode != "real" or not config.quantizes_kv:
         return None
-    attns = _attention_modules(model)
-    rotations = [getattr(a, "bisup_kv_rotation", None) if getattr(a, "bisup_kv", None) is not None
-                 and a.bisup_kv.rotate else None for a in attns]
-    pairs = None
-    if prompt_kv is not None:
-        pairs = [(la.keys, la.values) for la in prompt_kv.layers] if isinstance(prompt_kv, Cache) else list(prompt_kv)
-        if len(pairs) != len(attns):
-            raise ValueError(f"make_cache: prompt_kv has {len(pairs)} layers, the model has {len(attns)}")
-    prompt_len = pairs[0][0].shape[2] if pairs else config.prompt_len
-    cache = BisupKVCache(prompt_len, config.kv_bits, config.kv_group_size, model.config, rotations)
-    for layer, (k, v) in zip(cache.layers, pairs or []):
-        layer.set_prompt(k, v)
-    return cache
+    rotations = []
+    for attn in _attention_modules(model):
+        spec = get_kv_spec(attn)
+        rotations.append(getattr(attn, ROTATION_BUFFER, None) if spec is not None and spec.rotate else None)
+    if prompt_kv is None:
+        return MixedPrecisionKVCache(config.prompt_len, config.kv_bits, config.kv_group_size, model.config, rotations)
+    return MixedPrecisionKVCache.from_prompt_kv(prompt_kv, config.kv_bits, config.kv_group_size, model.config, rotations)
 
 
 def cache_argument(model: nn.Module) -> str:
@@ -141,43 +78,45 @@ def cache_argument(model: nn.Module) -> str:
 
 
 def _without_cache(kwargs: dict) -> bool:
-    return all(kwargs.get(k) is None for k in ("cache", "past_key_values"))
+    return all(kwargs.get(k) is None for k in _CACHE_KWARGS)
 
 
-def _inject_cache(model, args, kwargs):
+def _with_fresh_cache(model: nn.Module, kwargs: dict) -> dict:
+    for k in _CACHE_KWARGS:
+        kwargs.pop(k, None)
+    kwargs[model.bisup_runtime.cache_argument] = make_cache(model)
+    return kwargs
+
+
+def _add_cache_to_forward(model, args, kwargs):
     """Forward pre-hook: a forward without a cache gets a fresh real-mode cache."""
-    if _without_cache(kwargs) and len(args) <= model._bisup_cache_pos:
-        kwargs.pop("cache", None)
-        kwargs.pop("past_key_values", None)
-        kwargs[model._bisup_cache_arg] = make_cache(model)
+    if _without_cache(kwargs) and len(args) <= model.bisup_runtime.cache_position:
+        kwargs = _with_fresh_cache(model, kwargs)
     return args, kwargs
 
 
-def _generate_with_cache(self, *args, **kwargs):
-    """generate() that starts from make_cache(self) unless a cache is given (or use_cache=False)."""
+def generate_with_mixed_precision_cache(self, *args, **kwargs):
+    """A real-mode model's generate(): the class's generate, started from make_cache(self) unless a
+    cache is given or use_cache=False (installed as the instance's `generate` by enable_real_kv)."""
     if _without_cache(kwargs) and kwargs.get("use_cache", True) is not False:
-        kwargs.pop("cache", None)
-        kwargs.pop("past_key_values", None)
-        kwargs[self._bisup_cache_arg] = make_cache(self)
+        kwargs = _with_fresh_cache(self, kwargs)
     return type(self).generate(self, *args, **kwargs)
 
 
 def enable_real_kv(model: nn.Module, adapter, device=None) -> None:
-    """Switch a model with KV specs to the real KV path (idempotent): rotation buffers, the
-    "bisup_real" attention, and cache injection for forward / generate."""
+    """Switches a model with KV specs to the real KV path (idempotent): rotation buffers, bisup
+    attention, and a fresh MixedPrecisionKVCache for forward / generate calls without one."""
     device = device if device is not None else adapter.embeddings().weight.device
     for layer in adapter.layers():
         attn = adapter.attention(layer)
-        spec = getattr(attn, "bisup_kv", None)
+        spec = get_kv_spec(attn)
         if spec is not None and spec.rotate:
-            kv_rotation(attn, adapter.head_dim, device, torch.float32)  # registers the buffer once
+            kv_rotation(attn, adapter.head_dim, device)  # a no-op when set_kv_quant made it
     enable_bisup_attention(model)
-    register()
-    model.set_attn_implementation(ATTN_NAME)
-    if uses_real_kv(model):
+    if getattr(model, RUNTIME_ATTR, None) is not None:
         return
-    model._bisup_cache_arg = cache_argument(model)
-    model._bisup_cache_pos = list(inspect.signature(model.forward).parameters).index(model._bisup_cache_arg)
-    model.register_forward_pre_hook(_inject_cache, with_kwargs=True)
-    model.generate = types.MethodType(_generate_with_cache, model)
-    model._bisup_real_kv = True
+    arg = cache_argument(model)
+    position = list(inspect.signature(model.forward).parameters).index(arg)
+    setattr(model, RUNTIME_ATTR, RealKVRuntime(arg, position))
+    model.register_forward_pre_hook(_add_cache_to_forward, with_kwargs=True)
+    model.generate = types.MethodType(generate_with_mixed_precision_cache, model)

@@ -7,13 +7,13 @@ modes); `dequantized_weight` is the floating-point weight a QuantLinear computes
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
 from bisup import reference
-from bisup.nn.fake_quant import ActQuantizer, FakeQuantLinear, WeightCodes
+from bisup.nn.fake_quant import ActQuantizer, FakeQuantLinear
+from bisup.quant.codes import WeightCodes
+from bisup.quant.formats import num_groups
 from bisup.nn.quant_linear import QuantLinear
 
 
@@ -52,12 +52,10 @@ def weight_codes(q: QuantLinear) -> WeightCodes:
     """The codes of a QuantLinear without the GEMM's zero padding (symmetric, fp16 scales)."""
     unpack = reference.unpack_int4 if q.w_bits == 4 else reference.unpack_int3
     codes = unpack(q.w_q, True)[:, : q.k_main].to(torch.int8)
-    groups = 1 if q.group_size == -1 else -(-q.k_main // q.group_size)
+    groups = num_groups(q.k_main, q.group_size)
     wc = WeightCodes(q.w_bits, q.group_size, True, codes.contiguous(), q.w_scale[:, :groups].contiguous())
     if q.outlier_idx.numel():
-        wc.outlier_idx, wc.outlier_bits = q.outlier_idx.clone(), 8
-        wc.outlier_codes = q.w_outlier.clone()
-        wc.outlier_scales = q.w_outlier_scale.reshape(-1, 1).clone()
+        wc.with_outliers(q.outlier_idx.clone(), 8, q.w_outlier.clone(), q.w_outlier_scale.reshape(-1, 1).clone())
     return wc
 
 
@@ -71,13 +69,5 @@ def real_to_fake(module: nn.Module, dtype: torch.dtype, w_clip: float = 1.0) -> 
     transform; w_clip only records the clip ratio the codes were made with."""
     q, transform = split_real(module)
     wc = weight_codes(q)
-    shell = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
-    outlier_idx: Optional[torch.Tensor] = wc.outlier_idx
-    aq = ActQuantizer(q.a_bits, q.group_size, True, q.a_clip, outlier_idx=outlier_idx, outlier_bits=8)
-    fq = FakeQuantLinear(shell, q.w_bits, q.group_size, True, w_clip, aq, transform, outlier_idx, 8,
-                         weight=wc.dequantize(q.in_features, dtype))
-    fq._codes = wc
-    if q.bias is not None:
-        fq.bias = nn.Parameter(q.bias.detach().to(dtype).clone(), requires_grad=False)
-    return fq
-
+    aq = ActQuantizer(q.a_bits, q.group_size, True, q.a_clip, outlier_idx=wc.outlier_idx, outlier_bits=8)
+    return FakeQuantLinear.from_codes(wc, q.in_features, q.bias, aq, transform, w_clip, dtype)

@@ -12,11 +12,11 @@ Choices made here (all of them visible in the tests):
   (pending lazy-block updates included). Without act-order that is textbook GPTQ; with act-order
   (columns processed by descending diag(H)) a group's columns may be scattered over the sequence,
   and its scale still sees all of them, already error-compensated.
-- keep_idx (Atom's outlier input channels) leave the group quantizer: they are quantized at
-  `keep_bits` with one scale per output row (symmetric unless keep_sym=False; default: like the
+- outlier_idx (Atom's outlier input channels) leave the group quantizer: they are quantized at
+  `outlier_bits` with one scale per output row (symmetric unless outlier_sym=False; default: like the
   rest, as FakeQuantLinear does), and are processed LAST, so the high-precision channels absorb
   the error of the low-bit ones (as Atom does).
-  The remaining ("normal") channels form the groups: normal channel j (in original order, keep
+  The remaining ("normal") channels form the groups: normal channel j (in original order, outlier
   channels removed) belongs to group j // group_size; a last partial group is allowed.
 - Dead inputs (H[i, i] == 0: the channel never fired) get H[i, i] = 1 and a zero weight column.
 - Damping: damp * mean(diag(H)) on the diagonal; if the Cholesky still fails the damping grows x10.
@@ -34,30 +34,30 @@ IndexLike = Union[torch.Tensor, Sequence[int], None]
 
 class GPTQResult(NamedTuple):
     """weight: dequantized [N, K] (weight's dtype); codes: int8 [N, K] in the original column order
-    (int16 only if an asymmetric 8-bit keep segment needs codes above 127); scales/zeros: fp16 [N, G]
-    of the normal groups (zeros all 0 when sym); keep_scales/keep_zeros: fp16 [N, 1] of the keep
-    (outlier) channels, or None without keep_idx."""
+    (int16 only if an asymmetric 8-bit outlier segment needs codes above 127); scales/zeros: fp16 [N, G]
+    of the normal groups (zeros all 0 when sym); outlier_scales/outlier_zeros: fp16 [N, 1] of the outlier
+    (outlier) channels, or None without outlier_idx."""
 
     weight: torch.Tensor
     codes: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor
-    keep_scales: Optional[torch.Tensor] = None
-    keep_zeros: Optional[torch.Tensor] = None
+    outlier_scales: Optional[torch.Tensor] = None
+    outlier_zeros: Optional[torch.Tensor] = None
 
 
-def normal_group_index(k: int, group_size: int, keep_idx: IndexLike = None) -> Tuple[torch.Tensor, int]:
-    """(group id of every input channel, G): normal channels (keep_idx removed, original order) in
-    runs of group_size (-1: one group), G groups; keep channels get id G (one past the last)."""
-    keep = _as_index(keep_idx, k)
-    is_keep = torch.zeros(k, dtype=torch.bool)
-    is_keep[keep] = True
-    n_normal = k - int(is_keep.sum())
+def normal_group_index(k: int, group_size: int, outlier_idx: IndexLike = None) -> Tuple[torch.Tensor, int]:
+    """(group id of every input channel, G): normal channels (outlier_idx removed, original order) in
+    runs of group_size (-1: one group), G groups; outlier channels get id G (one past the last)."""
+    outliers = _as_index(outlier_idx, k)
+    is_outlier = torch.zeros(k, dtype=torch.bool)
+    is_outlier[outliers] = True
+    n_normal = k - int(is_outlier.sum())
     g = n_normal if group_size == -1 else group_size
     gid = torch.empty(k, dtype=torch.long)
-    gid[~is_keep] = torch.arange(n_normal) // max(g, 1)
+    gid[~is_outlier] = torch.arange(n_normal) // max(g, 1)
     n_groups = -(-n_normal // g) if n_normal > 0 else 0
-    gid[is_keep] = n_groups
+    gid[is_outlier] = n_groups
     return gid, n_groups
 
 
@@ -66,9 +66,9 @@ def _as_index(idx: IndexLike, k: int) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.long)
     t = torch.as_tensor(idx, dtype=torch.long).flatten().cpu()
     if t.numel() and (t.min() < 0 or t.max() >= k):
-        raise ValueError(f"keep_idx must lie in [0, {k}), got values in [{int(t.min())}, {int(t.max())}]")
+        raise ValueError(f"outlier_idx must lie in [0, {k}), got values in [{int(t.min())}, {int(t.max())}]")
     if t.unique().numel() != t.numel():
-        raise ValueError("keep_idx has repeated channels")
+        raise ValueError("outlier_idx has repeated channels")
     return t
 
 
@@ -102,14 +102,14 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = True,
     block_size: int = 128,
-    keep_idx: IndexLike = None,
-    keep_bits: int = 8,
-    keep_sym: Optional[bool] = None,
+    outlier_idx: IndexLike = None,
+    outlier_bits: int = 8,
+    outlier_sym: Optional[bool] = None,
     scale_dtype: Optional[torch.dtype] = torch.float16,
 ) -> GPTQResult:
     """GPTQ-quantize weight [N, K] given the input Hessian [K, K] (any positive scale).
 
-    Returns GPTQResult(weight, codes, scales, zeros, keep_scales); see the module docstring.
+    Returns GPTQResult(weight, codes, scales, zeros, outlier_scales); see the module docstring.
     """
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
@@ -119,13 +119,13 @@ def gptq_quantize(
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     qmin, qmax = qrange(bits, sym)
-    keep_sym = sym if keep_sym is None else keep_sym
-    kmin, kmax = qrange(keep_bits, keep_sym)
+    outlier_sym = sym if outlier_sym is None else outlier_sym
+    kmin, kmax = qrange(outlier_bits, outlier_sym)
     dev = weight.device
 
-    keep = _as_index(keep_idx, k)
-    gid, n_groups = normal_group_index(k, group_size, keep)
-    has_keep = keep.numel() > 0
+    outliers = _as_index(outlier_idx, k)
+    gid, n_groups = normal_group_index(k, group_size, outliers)
+    has_outliers = outliers.numel() > 0
 
     w = weight.detach().to(torch.float32).clone()
     h = hessian.detach().to(device=dev, dtype=torch.float64).clone()
@@ -133,10 +133,10 @@ def gptq_quantize(
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
 
-    # processing order: normal channels (by descending diag(H) with act_order), then keep channels
-    is_keep = gid == n_groups
-    normal = torch.nonzero(~is_keep).flatten()
-    kept = torch.nonzero(is_keep).flatten()
+    # processing order: normal channels (by descending diag(H) with act_order), then outlier channels
+    is_outlier = gid == n_groups
+    normal = torch.nonzero(~is_outlier).flatten()
+    kept = torch.nonzero(is_outlier).flatten()
     if act_order:
         diag = h.diagonal().cpu()
         normal = normal[torch.argsort(diag[normal], descending=True, stable=True)]
@@ -145,8 +145,8 @@ def gptq_quantize(
     pos_of = torch.empty(k, dtype=torch.long)
     pos_of[perm] = torch.arange(k)
     gid_perm = gid[perm]
-    # positions (in processing order) of every group's columns, the keep set as group n_groups
-    members = [pos_of[gid == g].to(dev) for g in range(n_groups + int(has_keep))]
+    # positions (in processing order) of every group's columns, the outlier set as group n_groups
+    members = [pos_of[gid == g].to(dev) for g in range(n_groups + int(has_outliers))]
 
     w = w[:, perm.to(dev)]
     u = inverse_hessian_cholesky(h[perm][:, perm], damp).to(torch.float32)
@@ -167,9 +167,9 @@ def gptq_quantize(
             g = int(gid_perm[p])
             if not ready[g]:
                 cur = _current_columns(w, w1, err1, u, members[g], i1, i2, i)
-                in_keep = g == n_groups
-                s, z = group_params(cur.unsqueeze(1), keep_bits if in_keep else bits,
-                                    keep_sym if in_keep else sym, clip, scale_dtype=scale_dtype)
+                in_outliers = g == n_groups
+                s, z = group_params(cur.unsqueeze(1), outlier_bits if in_outliers else bits,
+                                    outlier_sym if in_outliers else sym, clip, scale_dtype=scale_dtype)
                 scales[:, g], zeros[:, g] = s[:, 0, 0], z[:, 0, 0]
                 ready[g] = True
             lo, hi = (kmin, kmax) if g == n_groups else (qmin, qmax)
@@ -189,9 +189,9 @@ def gptq_quantize(
     codes = codes[:, inv]
     codes = codes.to(torch.int8 if codes.numel() == 0 or codes.max() <= 127 else torch.int16)
     half = scale_dtype if scale_dtype is not None else torch.float16
-    keep_s = scales[:, n_groups:].to(half) if has_keep else None
-    keep_z = zeros[:, n_groups:].to(half) if has_keep else None
-    return GPTQResult(q_w, codes, scales[:, :n_groups].to(half), zeros[:, :n_groups].to(half), keep_s, keep_z)
+    outlier_s = scales[:, n_groups:].to(half) if has_outliers else None
+    outlier_z = zeros[:, n_groups:].to(half) if has_outliers else None
+    return GPTQResult(q_w, codes, scales[:, :n_groups].to(half), zeros[:, :n_groups].to(half), outlier_s, outlier_z)
 
 
 def _current_columns(w, w1, err1, u, cols, i1, i2, i):

@@ -8,7 +8,9 @@ from bisup.methods import atom
 from bisup.methods.calibration import iterate_layers
 from bisup.models.adapters import get_adapter
 from bisup.models.tiny import random_tokens, tiny_model
-from bisup.nn.fake_quant import FakeQuantLinear, fake_quant_channels
+from bisup.nn.attention import get_kv_spec
+from bisup.nn.fake_quant import FakeQuantLinear
+from bisup.quant.groups import fake_quant_channels
 
 HOT = [7, 50, 81]  # hidden channels made into activation outliers
 
@@ -53,7 +55,7 @@ def test_outlier_sets_found_and_shared():
             assert torch.equal(perm.sort().values, torch.arange(m.in_features))
             assert torch.equal(perm[-8:], m.outlier_idx)
     for layer in adapter.layers():
-        spec = adapter.attention(layer).bisup_kv
+        spec = get_kv_spec(adapter.attention(layer))
         assert spec.bits == 4 and not spec.sym
 
 

@@ -4,8 +4,9 @@ from torch import nn
 
 from bisup.models.adapters import get_adapter
 from bisup.models.tiny import random_tokens, tiny_model
-from bisup.nn.fake_attention import KVQuantSpec, fake_quant_kv, set_kv_quant
-from bisup.nn.fake_quant import ActQuantizer, FakeQuantLinear, quantize_weight
+from bisup.nn.attention import KVQuantSpec, fake_quant_kv, set_kv_quant, set_kv_rotation
+from bisup.nn.fake_quant import ActQuantizer, FakeQuantLinear
+from bisup.quant.codes import quantize_weight
 from bisup.quant.quantizer import fake_quantize
 
 
@@ -129,7 +130,7 @@ def test_fakequant_attention_matches_sdpa_when_off_and_changes_logits_when_on(fa
     with torch.no_grad():
         ref = model(ids).logits
         set_kv_quant(model, [a.attention(l) for l in a.layers()], KVQuantSpec(bits=16))
-        assert model.config._attn_implementation == "bisup_fakequant"
+        assert model.config._attn_implementation == "bisup"
         torch.testing.assert_close(model(ids).logits, ref, rtol=1e-5, atol=1e-5)
         set_kv_quant(model, [a.attention(l) for l in a.layers()], KVQuantSpec(bits=4))
         q4 = model(ids).logits
@@ -149,7 +150,7 @@ def test_rotated_kv_is_exact_without_quantization():
     with torch.no_grad():
         ref = model(ids).logits
         for l in a.layers():
-            a.attention(l).register_buffer("bisup_kv_rotation", q)
+            set_kv_rotation(a.attention(l), q)
         set_kv_quant(model, [a.attention(l) for l in a.layers()], KVQuantSpec(bits=16, rotate=True))
         torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-4)
 

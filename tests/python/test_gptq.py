@@ -18,13 +18,13 @@ def _correlated(n_tokens, k, seed):
     return x * (0.1 + 3 * torch.rand(k, generator=g))  # uneven channel scales -> act-order matters
 
 
-def _textbook_gptq(w, h, bits, group_size, sym, damp, act_order, keep_idx):
+def _textbook_gptq(w, h, bits, group_size, sym, damp, act_order, outlier_idx):
     """Column-at-a-time GPTQ/OBQ in float64 with an explicit inverse Hessian downdated after every
     column (no Cholesky, no lazy blocks); a group's scale comes from the current weights at its
-    first column; keep channels last at 8 bits per row."""
+    first column; outlier channels last at 8 bits per row."""
     w, h = w.double().clone(), h.double().clone()
     k = w.shape[1]
-    gid, n_groups = normal_group_index(k, group_size, keep_idx)
+    gid, n_groups = normal_group_index(k, group_size, outlier_idx)
     dead = h.diagonal() == 0
     h[dead, dead] = 1
     w[:, dead] = 0
@@ -71,17 +71,17 @@ def test_identity_hessian_is_rtn(group_size, sym, act_order, clip, gen):
 
 @pytest.mark.parametrize("act_order", [True, False])
 @pytest.mark.parametrize("block_size", [1, 24, 128])
-@pytest.mark.parametrize("group_size,sym,keep", [(16, True, None), (16, False, None), (-1, True, None),
+@pytest.mark.parametrize("group_size,sym,outliers", [(16, True, None), (16, False, None), (-1, True, None),
                                                  (16, True, [5, 70, 2, 33]), (32, False, [90])])
-def test_matches_textbook_gptq(act_order, block_size, group_size, sym, keep, gen):
+def test_matches_textbook_gptq(act_order, block_size, group_size, sym, outliers, gen):
     """Blocked lazy updates + Cholesky + group scales at first use == the unblocked definition."""
     w = torch.randn(24, 96, generator=gen)
     x = _correlated(400, 96, seed=1)
     h = x.T @ x
     h[11, :] = 0  # a dead channel
     h[:, 11] = 0
-    r = gptq_quantize(w, h, 4, group_size, sym=sym, act_order=act_order, block_size=block_size, keep_idx=keep)
-    ref = _textbook_gptq(w, h, 4, group_size, sym, 0.01, act_order, keep)
+    r = gptq_quantize(w, h, 4, group_size, sym=sym, act_order=act_order, block_size=block_size, outlier_idx=outliers)
+    ref = _textbook_gptq(w, h, 4, group_size, sym, 0.01, act_order, outliers)
     torch.testing.assert_close(r.weight.double(), ref, rtol=0, atol=1e-5)
     assert (r.weight[:, 11] == 0).all()
 
@@ -105,45 +105,45 @@ def test_act_order_is_permutation_equivariant(group_size, sym, gen):
     torch.testing.assert_close(b.weight, a.weight[:, perm], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("group_size,sym,keep", [(16, True, None), (32, False, None), (16, True, [0, 17, 63]),
+@pytest.mark.parametrize("group_size,sym,outliers", [(16, True, None), (32, False, None), (16, True, [0, 17, 63]),
                                                  (16, False, [0, 17, 63])])
-def test_codes_and_scales_rebuild_weight(group_size, sym, keep, gen):
+def test_codes_and_scales_rebuild_weight(group_size, sym, outliers, gen):
     k = 64
     w = torch.randn(12, k, generator=gen)
     x = _correlated(200, k, seed=3)
-    r = gptq_quantize(w, x.T @ x, 4, group_size, sym=sym, keep_idx=keep)
-    gid, n_groups = normal_group_index(k, group_size, keep)
-    wide = keep is not None and not sym  # asymmetric 8-bit keep codes reach 255
+    r = gptq_quantize(w, x.T @ x, 4, group_size, sym=sym, outlier_idx=outliers)
+    gid, n_groups = normal_group_index(k, group_size, outliers)
+    wide = outliers is not None and not sym  # asymmetric 8-bit outliers codes reach 255
     assert r.codes.dtype == (torch.int16 if wide else torch.int8)
     assert r.scales.dtype == F16 and r.scales.shape == (12, n_groups)
-    is_keep = gid == n_groups
+    is_outlier = gid == n_groups
     lo, hi = qrange(4, sym)
-    normal_codes = r.codes[:, ~is_keep].int()
+    normal_codes = r.codes[:, ~is_outlier].int()
     assert normal_codes.min() >= lo and normal_codes.max() <= hi
     s = r.scales.float()[:, gid.clamp(max=n_groups - 1)]
     z = r.zeros.float()[:, gid.clamp(max=n_groups - 1)]
     rebuilt = (r.codes.float() - z) * s
-    if keep is not None:
-        rebuilt[:, is_keep] = (r.codes[:, is_keep].float() - r.keep_zeros.float()) * r.keep_scales.float()
+    if outliers is not None:
+        rebuilt[:, is_outlier] = (r.codes[:, is_outlier].float() - r.outlier_zeros.float()) * r.outlier_scales.float()
     else:
-        assert r.keep_scales is None
+        assert r.outlier_scales is None
     torch.testing.assert_close(rebuilt, r.weight, rtol=0, atol=0)
 
 
-def test_keep_channels_are_int8_and_groups_skip_them(gen):
-    """H = I: normal channels are RTN in groups of the remaining channels (keep ones removed), keep
+def test_outlier_channels_are_int8_and_groups_skip_them(gen):
+    """H = I: normal channels are RTN in groups of the remaining channels (outlier ones removed), outliers
     channels are RTN at 8 bits with one scale per row."""
-    k, keep = 84, [1, 40, 41, 83]
+    k, outliers = 84, [1, 40, 41, 83]
     w = torch.randn(16, k, generator=gen)
-    w[:, keep] *= 30  # outlier channels
-    r = gptq_quantize(w, torch.eye(k), 4, 16, keep_idx=keep)
-    normal = [c for c in range(k) if c not in keep]
+    w[:, outliers] *= 30  # outlier channels
+    r = gptq_quantize(w, torch.eye(k), 4, 16, outlier_idx=outliers)
+    normal = [c for c in range(k) if c not in outliers]
     torch.testing.assert_close(r.weight[:, normal], fake_quantize(w[:, normal], 4, 16, True, scale_dtype=F16), rtol=0, atol=0)
-    torch.testing.assert_close(r.weight[:, keep], fake_quantize(w[:, keep], 8, -1, True, scale_dtype=F16), rtol=0, atol=0)
+    torch.testing.assert_close(r.weight[:, outliers], fake_quantize(w[:, outliers], 8, -1, True, scale_dtype=F16), rtol=0, atol=0)
     # 8-bit resolution: error within half an INT8 step of the row scale (max|w|/127)
-    step = w[:, keep].abs().amax(1, keepdim=True) / 127
-    assert ((r.weight[:, keep] - w[:, keep]).abs() <= 0.5 * step * 1.001).all()
-    assert r.codes[:, keep].abs().max() == 127
+    step = w[:, outliers].abs().amax(1, keepdim=True) / 127
+    assert ((r.weight[:, outliers] - w[:, outliers]).abs() <= 0.5 * step * 1.001).all()
+    assert r.codes[:, outliers].abs().max() == 127
 
 
 def test_lower_output_error_than_rtn_on_correlated_inputs(gen):
@@ -190,10 +190,10 @@ def test_errors():
         gptq_quantize(w, torch.eye(7), 4, 4)
     with pytest.raises(ValueError, match="weight must be 2-D"):
         gptq_quantize(w.flatten(), torch.eye(8), 4, 4)
-    with pytest.raises(ValueError, match="keep_idx must lie in"):
-        gptq_quantize(w, torch.eye(8), 4, 4, keep_idx=[8])
+    with pytest.raises(ValueError, match="outlier_idx must lie in"):
+        gptq_quantize(w, torch.eye(8), 4, 4, outlier_idx=[8])
     with pytest.raises(ValueError, match="repeated"):
-        gptq_quantize(w, torch.eye(8), 4, 4, keep_idx=[1, 1])
+        gptq_quantize(w, torch.eye(8), 4, 4, outlier_idx=[1, 1])
     with pytest.raises(ValueError, match="bits must be in"):
         gptq_quantize(w, torch.eye(8), 9, 4)
     with pytest.raises(ValueError, match="block_size"):

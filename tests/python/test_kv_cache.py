@@ -154,6 +154,47 @@ def test_qwen3_generate_fp_equivalent():
     assert torch.equal(greedy(model, x, MixedPrecisionKVCache(kv_bits=16, config=model.config), new=6), want)
 
 
+def _orthogonal(d, seed=1):
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed)))
+    return q
+
+
+def test_key_rotation_is_stored_and_matched_on_the_queries(op_calls):
+    """A cache layer with a rotation R stores K R; bisup attention multiplies q by the same R."""
+    model = tiny_llama()
+    seq = ids(12, seed=4)
+    with torch.no_grad():
+        ref = model(seq).logits
+        plain = DynamicCache()
+        model(seq[:, :5], past_key_values=plain, use_cache=True)
+    rot = _orthogonal(64)
+    enable_bisup_attention(model)
+    lazy = MixedPrecisionKVCache(kv_bits=16, rotations=[rot, None])  # layers made on first update
+    got = teacher_forced_logits(model, seq, lazy, 5)
+    torch.testing.assert_close(got, ref[:, 4:-1], rtol=1e-5, atol=1e-5)
+    assert lazy.layers[0].rotation is rot and lazy.layers[1].rotation is None
+    assert op_calls == [5] * 2 + [1] * 2 * 6
+    # a precomputed prompt is rotated on the way in, too
+    cache = MixedPrecisionKVCache.from_prompt_kv(plain, kv_bits=16, config=model.config, rotations=[rot, rot])
+    torch.testing.assert_close(cache.layers[0].k_prompt, plain.layers[0].keys @ rot)
+    with torch.no_grad():
+        out = [model(seq[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1] for t in range(5, 11)]
+    torch.testing.assert_close(torch.stack(out, 1), ref[:, 5:-1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="prompt_kv has 2 layers, the model has 3"):
+        MixedPrecisionKVCache.from_prompt_kv(plain, config=tiny_llama(num_hidden_layers=3).config)
+
+
+def test_another_attention_implementation_gets_full_kv_from_the_cache(op_calls):
+    """After switching back from bisup attention, `update` must return the whole dequantized K/V."""
+    model = tiny_llama()
+    x = ids(9)
+    want = greedy(model, x, new=4)
+    enable_bisup_attention(model)
+    model.set_attn_implementation("sdpa")
+    assert torch.equal(greedy(model, x, MixedPrecisionKVCache(kv_bits=16, config=model.config), new=4), want)
+    assert op_calls == []
+
+
 def test_cache_errors():
     with pytest.raises(ValueError, match="kv_bits must be one of"):
         MixedPrecisionKVCache(kv_bits=5)

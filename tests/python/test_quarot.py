@@ -6,7 +6,7 @@ from bisup.config import QuantConfig
 from bisup.methods import quarot
 from bisup.models.adapters import get_adapter
 from bisup.models.tiny import FAMILIES, random_tokens, tiny_model
-from bisup.nn.fake_attention import KVQuantSpec, set_kv_quant
+from bisup.nn.attention import KVQuantSpec, get_kv_spec, set_kv_quant
 from bisup.nn.fake_quant import FakeQuantLinear
 from bisup.rotation import fuse
 
@@ -88,7 +88,7 @@ def test_quantized_quarot_runs_and_beats_plain_rtn_on_outliers(use_gptq):
         for name in adapter.linear_names():
             lin = adapter.get_linear(layer, name)
             assert isinstance(lin, FakeQuantLinear) and lin.quantized and lin.act_quantizer.bits == 4
-        assert adapter.attention(layer).bisup_kv.rotate
+        assert get_kv_spec(adapter.attention(layer)).rotate
     err_quarot = rel_err(got, want)
     assert err_quarot < err_rtn, (err_quarot, err_rtn)
 

@@ -6,15 +6,15 @@ from safetensors.torch import load_file
 from transformers import DynamicCache
 
 import bisup
-from bisup.api import CONFIG_FILE, TENSOR_FILE
+from bisup.checkpoint import CONFIG_FILE, TENSOR_FILE
 from bisup.config import QuantConfig
 from bisup.models.adapters import get_adapter
 from bisup.models.tiny import random_tokens, tiny_model
-from bisup.nn.fake_attention import KVQuantSpec, fake_quant_kv, set_kv_quant
+from bisup.nn.attention import KVQuantSpec, fake_quant_kv, get_kv_spec, set_kv_quant, set_kv_rotation
 from bisup.nn.fake_quant import FakeQuantLinear
-from bisup.nn.kv_cache import MixedPrecisionKVCache
+from bisup.nn.kv_cache import MixedPrecisionKVCache, MixedPrecisionKVLayer
 from bisup.nn.quant_linear import QuantLinear
-from bisup.nn.real_kv import BisupKVCache, RotatingKVLayer, enable_real_kv, make_cache
+from bisup.nn.real_kv import enable_real_kv, make_cache
 
 G = 32  # QuantLinear groups are multiples of 32
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")
@@ -50,20 +50,20 @@ def _close_except_rounding_ties(a, b, tol=1e-4, share=0.75):
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_real_kv_cache_holds_the_fake_quantized_keys_and_values(family, monkeypatch):
     model = _quantize(family, kv_bits=4, prompt_len=3)
-    assert model.config._attn_implementation == "bisup_real"
+    assert model.config._attn_implementation == "bisup"
     seen = {}
-    update = RotatingKVLayer.update
+    update = MixedPrecisionKVLayer.update
 
     def spy(self, k, v, *a, **kw):
         seen[id(self)] = (k.clone(), v.clone())
         return update(self, k, v, *a, **kw)
 
-    monkeypatch.setattr(RotatingKVLayer, "update", spy)
+    monkeypatch.setattr(MixedPrecisionKVLayer, "update", spy)
     cache = make_cache(model)
     _logits(model, random_tokens(2, 19), cache=cache)
     adapter = get_adapter(model)
     for i, layer in enumerate(cache.layers):
-        spec = adapter.attention(adapter.layers()[i]).bisup_kv
+        spec = get_kv_spec(adapter.attention(adapter.layers()[i]))
         k, v = seen[id(layer)]
         kd, vd = layer.dequantized()
         assert layer.k_prompt.shape[2] == 3 and layer.quant_len == 16
@@ -98,14 +98,18 @@ def test_rotated_real_kv_is_exact_without_quantization():
     rot, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(1)))
     attns = [adapter.attention(layer) for layer in adapter.layers()]
     for attn in attns:
-        attn.register_buffer("bisup_kv_rotation", rot)
+        set_kv_rotation(attn, rot)
     set_kv_quant(model, attns, KVQuantSpec(bits=16, rotate=True))
     enable_real_kv(model, adapter)
-    cache = BisupKVCache(0, 16, -1, model.config, [rot] * len(attns))
+    cache = MixedPrecisionKVCache(0, 16, -1, model.config, [rot] * len(attns))
     torch.testing.assert_close(_logits(model, ids, cache=cache), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cache.layers[0].k_prompt, ref_cache.layers[0].keys @ rot)  # stored rotated
     # another cache (unrotated keys): the attention rotates both q and k
     torch.testing.assert_close(_logits(model, ids, cache=DynamicCache(config=model.config)), ref, rtol=1e-5, atol=1e-5)
+    # a mixed-precision cache without rotations stores the keys as they come: q stays unrotated too
+    plain = MixedPrecisionKVCache(0, 16, -1, model.config)
+    torch.testing.assert_close(_logits(model, ids, cache=plain), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain.layers[0].k_prompt, ref_cache.layers[0].keys)
 
 
 def test_quarot_real_mode_quantizes_the_rotated_keys():
@@ -206,7 +210,7 @@ def test_load_mode_errors(tmp_path):
 
 
 def test_weight_bytes_of_a_real_model_equal_the_fake_one():
-    from bisup.api import weight_bytes
+    from bisup.accounting import weight_bytes
 
     assert weight_bytes(_quantize("llama")) == weight_bytes(_quantize("llama", mode="fake"))
 
@@ -244,7 +248,7 @@ def test_system_prompt_kv_is_full_precision_and_later_tokens_low_bit(mode):
     _logits(model, system, cache=own)
     assert not torch.allclose(own.layers[1].keys, want.layers[1].keys, atol=1e-3)
     assert all(m.act_quantizer is not None for m in model.modules() if isinstance(m, FakeQuantLinear))
-    assert all(getattr(m, "bisup_kv", None) is not None for m in model.modules() if hasattr(m, "layer_idx"))
+    assert all(get_kv_spec(m) is not None for m in model.modules() if hasattr(m, "layer_idx"))
 
 
 def test_system_prompt_from_an_fp_model_and_quarot_rejects_it():

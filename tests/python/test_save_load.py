@@ -1,14 +1,16 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import bisup
-from bisup.api import CONFIG_FILE, TENSOR_FILE, FormatError
+from bisup.checkpoint import CONFIG_FILE, TENSOR_FILE, FormatError
 from bisup.config import QuantConfig
 from bisup.models.tiny import TINY_GROUP, random_tokens, tiny_model
 from bisup.nn.fake_quant import FakeQuantLinear
+from bisup.quant.codes import quantize_weight
 
 
 def _quantized(family="llama", **kw):
@@ -56,7 +58,7 @@ def test_round_trip_with_gptq_style_weights_and_outliers(tmp_path):
     """A weight set by set_weight (GPTQ) and Atom-style outlier channels survive save/load exactly."""
     model = _quantized("llama")
     lin = model.model.layers[1].self_attn.o_proj
-    from bisup.nn.fake_quant import ActQuantizer, quantize_weight
+    from bisup.nn.fake_quant import ActQuantizer
 
     idx = torch.tensor([5, 40, 77])
     base = torch.nn.Linear(lin.in_features, lin.out_features, bias=False)
@@ -85,15 +87,15 @@ def test_overwrite_is_atomic_and_leaves_no_temp_dirs(tmp_path):
     def broken_save(*a, **k):
         raise Boom()
 
-    import bisup.api as api
+    import bisup.checkpoint.save as save_module
 
-    orig = api.save_file
-    api.save_file = broken_save
+    orig = save_module.save_file
+    save_module.save_file = broken_save
     try:
         with pytest.raises(Boom):
             bisup.save_quantized(model, tmp_path / "q")
     finally:
-        api.save_file = orig
+        save_module.save_file = orig
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # old copy intact, temp removed
     bisup.load_quantized(tmp_path / "q")
 
@@ -121,61 +123,75 @@ def _edit_tensors(path, fn):
     save_file(t, str(path / TENSOR_FILE))
 
 
-def test_wrong_version_is_rejected(saved):
-    _edit_meta(saved, lambda m: m.update(format_version=99))
-    with pytest.raises(FormatError, match="format_version 99 is not supported"):
+def _truncate(path, name, fraction):
+    data = (path / name).read_bytes()
+    (path / name).write_bytes(data[: int(len(data) * fraction)])
+
+
+_SCALES = "model.layers.0.self_attn.q_proj.scales"
+CORRUPTIONS = {
+    # name: (how the saved directory is damaged, the error, the message it must carry)
+    "wrong version": (lambda p: _edit_meta(p, lambda m: m.update(format_version=99)),
+                      FormatError, "format_version 99 is not supported"),
+    "truncated json": (lambda p: _truncate(p, CONFIG_FILE, 0.5), FormatError, "invalid JSON"),
+    "truncated safetensors": (lambda p: _truncate(p, TENSOR_FILE, 1 / 3), FormatError, "missing or corrupted"),
+    "scale shape": (lambda p: _edit_tensors(p, lambda t: t.update({_SCALES: t[_SCALES][:, :-1].contiguous()})),
+                    FormatError, r"q_proj.scales.*expected torch.float16"),
+    "missing code tensor": (lambda p: _edit_tensors(p, lambda t: t.pop("model.layers.1.mlp.down_proj.qweight")),
+                            FormatError, "missing tensor 'model.layers.1.mlp.down_proj.qweight'"),
+    "missing plain parameter": (lambda p: _edit_tensors(p, lambda t: t.pop("model.norm.weight")),
+                                FormatError, r"missing tensors \['model.norm.weight'\]"),
+    "model shape": (lambda p: _edit_meta(p, lambda m: m["model_config"].update(intermediate_size=192)),
+                    FormatError, "does not match the model"),
+    "foreign wrapper class": (lambda p: _edit_meta(p, lambda m: m.update(wrappers={"model.norm": {
+                                  "class": "os:system", "rotation": None}})),
+                              FormatError, "refusing to import wrapper 'os:system'"),
+    "not a model directory": (lambda p: (p / CONFIG_FILE).unlink(), FileNotFoundError,
+                              "not a bisup-quantized model directory"),
+}
+
+
+@pytest.mark.parametrize("damage, error, message", CORRUPTIONS.values(), ids=CORRUPTIONS.keys())
+def test_damaged_checkpoint_is_rejected_with_a_clear_error(saved, damage, error, message):
+    damage(saved)
+    with pytest.raises(error, match=message):
         bisup.load_quantized(saved)
 
 
-def test_truncated_json_is_rejected(saved):
-    text = (saved / CONFIG_FILE).read_text()
-    (saved / CONFIG_FILE).write_text(text[: len(text) // 2])
-    with pytest.raises(FormatError, match="invalid JSON"):
-        bisup.load_quantized(saved)
+FIXTURES = Path(__file__).parent / "fixtures" / "checkpoint_v1"
 
 
-def test_corrupted_safetensors_is_rejected(saved):
-    data = (saved / TENSOR_FILE).read_bytes()
-    (saved / TENSOR_FILE).write_bytes(data[: len(data) // 3])
-    with pytest.raises(FormatError, match="missing or corrupted"):
-        bisup.load_quantized(saved)
+@pytest.mark.parametrize("name", sorted(p.name for p in FIXTURES.iterdir() if p.is_dir()))
+def test_checkpoints_written_by_an_older_bisup_still_load(name):
+    """fixtures/checkpoint_v1 was written by bisup before the package was restructured
+    (fixtures/make_checkpoints.py); it must load, with its tokenizer, and give the same logits."""
+    expected = json.loads((FIXTURES / "expected_logits.json").read_text())
+    model, tok = bisup.load_quantized(FIXTURES / name, return_tokenizer=True)
+    assert tok is not None
+    with torch.no_grad():
+        logits = model(torch.tensor(expected["ids"])).logits[0]
+    assert torch.equal(logits, torch.tensor(expected["logits"][name], dtype=logits.dtype))
 
 
-def test_mismatched_scale_shape_is_rejected(saved):
-    key = "model.layers.0.self_attn.q_proj.scales"
-    _edit_tensors(saved, lambda t: t.update({key: t[key][:, :-1].contiguous()}))
-    with pytest.raises(FormatError, match=r"q_proj.scales.*expected torch.float16"):
-        bisup.load_quantized(saved)
+def test_gemma3_quarot_with_wrappers_and_tokenizer_evaluates_from_the_cli(tmp_path, capsys):
+    """Regression: a checkpoint with output-rotating wrappers loaded with its tokenizer (what the CLI
+    always does) used to raise TypeError (a loop variable shadowed the checkpoint path)."""
+    from bisup.cli import main
+    from bisup.models.tiny import tiny_tokenizer
 
-
-def test_missing_tensor_is_rejected(saved):
-    _edit_tensors(saved, lambda t: t.pop("model.layers.1.mlp.down_proj.qweight"))
-    with pytest.raises(FormatError, match="missing tensor 'model.layers.1.mlp.down_proj.qweight'"):
-        bisup.load_quantized(saved)
-
-
-def test_missing_plain_parameter_is_rejected(saved):
-    _edit_tensors(saved, lambda t: t.pop("model.norm.weight"))
-    with pytest.raises(FormatError, match=r"missing tensors \['model.norm.weight'\]"):
-        bisup.load_quantized(saved)
-
-
-def test_model_shape_mismatch_is_rejected(saved):
-    _edit_meta(saved, lambda m: m["model_config"].update(intermediate_size=192))
-    with pytest.raises(FormatError, match="does not match the model"):
-        bisup.load_quantized(saved)
-
-
-def test_not_a_model_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a bisup-quantized model directory"):
-        bisup.load_quantized(tmp_path)
+    cfg = QuantConfig(method="quarot", w_group_size=TINY_GROUP, a_group_size=TINY_GROUP)
+    model = bisup.quantize_model(tiny_model("gemma3"), cfg, progress=False)
+    bisup.save_quantized(model, tmp_path / "q", tokenizer=tiny_tokenizer())
+    assert json.loads((tmp_path / "q" / CONFIG_FILE).read_text())["wrappers"]
+    assert main(["eval", "--model", str(tmp_path / "q"), "--seq-len", "16", "--windows", "1", "--no-progress",
+                 "--dataset", "embedded"]) == 0
+    assert "perplexity" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 @pytest.mark.parametrize("method, extra", [("gptq", {}), ("atom", dict(kv_bits=4)), ("quarot", dict(gptq=True, kv_bits=4))])
 def test_round_trip_of_every_method(tmp_path, family, method, extra):
     """Weights from GPTQ, Atom outliers, QuaRot rotations / online Hadamard / Gemma3 norm wrappers all reload exactly."""
-    pytest.importorskip(f"bisup.methods.{method}")
     cfg = QuantConfig(method=method, w_group_size=TINY_GROUP, a_group_size=TINY_GROUP, n_calib=4, calib_seq_len=32,
                       atom_outliers=8, **extra)
     model = bisup.quantize_model(tiny_model(family), cfg, calib_data=random_tokens(4, 32, seed=3), progress=False)
