@@ -20,10 +20,10 @@ quantized the layer, so later layers calibrate on the inputs they will really se
 full-precision output is passed on (statistics from unquantized inputs).
 
 targets=True also hands out the FULL-PRECISION model's output of every layer (inputs.targets: the
-unquantized model run end to end, what block-wise fine-tuning regresses onto). With sequential=True
-that is a second stream carried beside the quantized one: the layer is run once more, before the
-caller changes it, on the full-precision stream. Either way only the current layer's inputs and
-outputs are held.
+unquantized model run end to end, without KV quantization either: what block-wise fine-tuning
+regresses onto). It is a second stream carried beside the calibration one: each layer runs once more,
+before the caller changes it, on the full-precision stream. Only the current layer's inputs and
+outputs of both streams are held.
 """
 from __future__ import annotations
 
@@ -248,7 +248,7 @@ def iterate_layers(
     names = list(adapter.linear_names() if linear_names is None else linear_names)
     captured = capture_layer_inputs(model, adapter, calib_batches, batch_size)
     hidden, layer_kwargs = captured.hidden, captured.layer_kwargs
-    fp_hidden = hidden if targets and sequential else None  # the full-precision stream
+    fp_hidden = hidden if targets else None  # the full-precision stream
     del captured  # only `hidden` (and fp_hidden) may hold activations
     was_training = model.training
     model.eval()
@@ -271,14 +271,11 @@ def iterate_layers(
             finally:
                 hooks.remove()
             inputs.stats = hooks.stats
-            if targets and not sequential:  # full-precision layer on the full-precision stream
-                with full_precision(layer):
-                    inputs.targets = inputs.run(layer)
             yield index, layer, inputs
             if sequential:
                 outputs = inputs.run(adapter.layers()[index])
-                if fp_hidden is not None:
-                    fp_hidden = inputs.targets
+            if fp_hidden is not None:
+                fp_hidden = inputs.targets
             layer_kwargs[index] = []  # this layer's kwargs are no longer needed
             hidden = outputs
             del inputs

@@ -3,7 +3,7 @@
 The GGUF is converted once (transformers + gguf, ~20 s) into a plain LlamaForCausalLM checkpoint in
 a cache dir outside the repo ($BISUP_CACHE_DIR/smollm2-135m, default ~/.cache/bisup); later loads
 read that checkpoint in about a second. Its weights come from a Q4_1 file, i.e. they already sit
-on an asymmetric 4-bit g32 grid (DESIGN.md §5).
+on an asymmetric 4-bit g32 grid (docs/default-model.md).
 """
 from __future__ import annotations
 

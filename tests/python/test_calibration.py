@@ -76,6 +76,31 @@ def test_sequential_feeds_modified_layer_output():
     assert not torch.allclose(seen[1], fp_states[1], atol=1e-4)
 
 
+@pytest.mark.parametrize("sequential", [True, False])
+def test_targets_are_the_full_precision_models_layer_outputs(sequential):
+    """targets=True: every layer's targets are the unquantized model's outputs (KV quantization off),
+    while with sequential=True the inputs are the stream of the layers as the caller changed them."""
+    from bisup.config import QuantConfig
+    from bisup.methods.common import apply_kv_quant
+
+    ids = random_tokens(3, 16, seed=4)
+    fp = tiny_model("llama", num_layers=3)
+    _, fp_states = _direct_inputs(fp, get_adapter(fp), ids)
+    model = tiny_model("llama", num_layers=3)
+    adapter = get_adapter(model)
+    apply_kv_quant(model, adapter, QuantConfig(kv_bits=3))  # targets must not see it
+    for index, layer, inputs in iterate_layers(model, adapter, ids, progress=False, sequential=sequential,
+                                               targets=True):
+        if index + 1 < adapter.num_layers:  # (the model's last hidden state is after the final norm)
+            torch.testing.assert_close(torch.cat(inputs.targets), fp_states[index + 1], rtol=1e-5, atol=1e-5)
+        if index == 0:
+            with torch.no_grad():
+                adapter.o_proj(layer).weight.mul_(0.5)
+        if index == 1:  # layer 1's inputs: the calibration stream (quantized KV; modified layer 0 if sequential)
+            assert not torch.allclose(torch.cat(inputs.hidden), fp_states[1], atol=1e-4)
+    assert index == adapter.num_layers - 1
+
+
 def test_memory_bounded_to_one_layer():
     """The inputs of layer i are released by the time layer i+1 is yielded; the model is restored."""
     model = tiny_model("llama", num_layers=3)
