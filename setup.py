@@ -17,6 +17,7 @@ CSRC = "csrc"
 # Explicit lists (not globs): a half-written file under csrc/ must not break everyone's build.
 CPU_SOURCES = [
     "csrc/bindings.cpp",
+    "csrc/checks.cpp",
     "csrc/cpu/pack.cpp",
     "csrc/cpu/quantize.cpp",
     "csrc/cpu/gemm.cpp",

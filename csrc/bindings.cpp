@@ -38,6 +38,16 @@ TORCH_LIBRARY_IMPL(bisup, CPU, m) {
   m.impl("gemm", &bisup::gemm_cpu);
 }
 
+// None of the ops is differentiable (training goes through bisup/reference.py's STE quantizers):
+// falling through the Autograd key makes their outputs plain tensors that do not require grad,
+// instead of PyTorch's fallback that marks them requires_grad and then yields no gradient.
+TORCH_LIBRARY_IMPL(bisup, Autograd, m) {
+  for (const char* op : {"pack_int4", "unpack_int4", "pack_int3", "unpack_int3", "quantize_pack", "dequantize",
+                         "kv_quantize", "kv_dequantize", "attention", "hadamard", "gemm"}) {
+    m.impl(op, torch::CppFunction::makeFallthrough());
+  }
+}
+
 #ifdef BISUP_WITH_CUDA
 TORCH_LIBRARY_IMPL(bisup, CUDA, m) {
   m.impl("pack_int4", &bisup::pack_int4_cuda);

@@ -4,19 +4,15 @@
 #pragma once
 #include <cstdint>
 
-#ifdef __CUDACC__
-#define BISUP_HADAMARD_HD __host__ __device__ __forceinline__
-#else
-#define BISUP_HADAMARD_HD inline
-#endif
+#include "host_device.h"
 
 namespace bisup {
 
-BISUP_HADAMARD_HD bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
+BISUP_HD bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
 
 // Flat index of the first element of butterfly pair t (0 <= t < n/2) at stage h; its partner
 // sits h * m further.
-BISUP_HADAMARD_HD int64_t butterfly_index(int64_t t, int64_t h, int64_t m) {
+BISUP_HD int64_t butterfly_index(int64_t t, int64_t h, int64_t m) {
   const int64_t b = t % m, u = t / m;          // position in the chunk, pair of chunks
   const int64_t a0 = (u / h) * 2 * h + u % h;  // chunk with bit h clear
   return a0 * m + b;

@@ -1,5 +1,6 @@
 // Declarations shared by bindings.cpp, the CPU twins (csrc/cpu) and the CUDA kernels (csrc/cuda).
-// Semantics of every op: bisup/reference.py. Data formats: docs/formats.md.
+// Semantics of every op: bisup/reference.py. Data formats: docs/formats.md. The argument checks
+// both devices share: checks.h.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -9,12 +10,6 @@
 namespace bisup {
 
 // ---- packing (pack.cpp / pack.cu) ----
-// Argument checks shared by both devices; return the packed/unpacked last-dim size.
-int64_t check_pack_int4_args(const at::Tensor& q);
-int64_t check_unpack_int4_args(const at::Tensor& packed);
-int64_t check_pack_int3_args(const at::Tensor& q);
-int64_t check_unpack_int3_args(const at::Tensor& packed);
-
 at::Tensor pack_int4_cpu(const at::Tensor& q, bool is_signed);
 at::Tensor unpack_int4_cpu(const at::Tensor& packed, bool is_signed);
 at::Tensor pack_int3_cpu(const at::Tensor& q, bool is_signed);
@@ -28,24 +23,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cpu(const at::Tenso
 at::Tensor dequantize_cpu(const at::Tensor& q, const at::Tensor& scale,
                           const std::optional<at::Tensor>& zero, int64_t group_size,
                           at::ScalarType out_dtype);
-void check_quantize_pack_args(const at::Tensor& x, int64_t bits, int64_t group_size,
-                              double clip_ratio);
-void check_dequantize_args(const at::Tensor& q, const at::Tensor& scale,
-                           const std::optional<at::Tensor>& zero, int64_t group_size);
 
 // ---- hadamard transform (hadamard.cpp / hadamard.cu) ----
 // y = x @ (S_p / sqrt(p) (x) base)^T along the last dim n = p * m; base: fp32 [m, m] or none (m = 1).
-int64_t check_hadamard_args(const at::Tensor& x, const std::optional<at::Tensor>& base);  // returns m
 at::Tensor hadamard_cpu(const at::Tensor& x, const std::optional<at::Tensor>& base);
 
 // ---- KV-cache quantization (kv_quantize.cpp / kv_quantize.cu) ----
 // Asymmetric per-row (token, head) quantization along head_dim into 3/4/8-bit codes
 // (csrc/kv_format.h). Returns (codes uint8 [..., row bytes], scale fp16 [..., G], zero fp16 [..., G]).
-void check_float_dtype(at::ScalarType dt, const char* what);
-void check_kv_bits_and_group(int64_t head_dim, int64_t bits, int64_t group_size);
-void check_kv_quantize_args(const at::Tensor& x, int64_t bits, int64_t group_size);
-int64_t check_kv_dequantize_args(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
-                                 int64_t bits, int64_t group_size);  // returns head_dim
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_quantize_cpu(const at::Tensor& x, int64_t bits,
                                                                int64_t group_size);
 at::Tensor kv_dequantize_cpu(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
@@ -53,15 +38,6 @@ at::Tensor kv_dequantize_cpu(const at::Tensor& q, const at::Tensor& scale, const
 
 // ---- mixed-precision attention (attention.cpp / attention.cu) ----
 // Attention over concat(prompt K/V in q's dtype, dequant(quantized K/V)); bisup/reference.py.
-struct AttentionDims {
-  int64_t b, hq, hkv, tq, d, p, s, bits, group;
-  double scale;
-};
-AttentionDims check_attention_args(const at::Tensor& q, const at::Tensor& k_prompt, const at::Tensor& v_prompt,
-                                   const at::Tensor& k_q, const at::Tensor& k_scale, const at::Tensor& k_zero,
-                                   const at::Tensor& v_q, const at::Tensor& v_scale, const at::Tensor& v_zero,
-                                   int64_t kv_bits, int64_t group_size, std::optional<double> softmax_scale,
-                                   const std::optional<at::Tensor>& seq_lens);
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_prompt, const at::Tensor& v_prompt,
                          const at::Tensor& k_q, const at::Tensor& k_scale, const at::Tensor& k_zero,
                          const at::Tensor& v_q, const at::Tensor& v_scale, const at::Tensor& v_zero, int64_t kv_bits,
@@ -96,14 +72,6 @@ at::Tensor dequantize_cuda(const at::Tensor& q, const at::Tensor& scale,
 
 // ---- W4A4 / W3A3 group-scaled GEMM (gemm.cpp / gemm.cu) ----
 // y[M, N] = sum_g sa*sw*dot_g (+ INT8 outlier segment) (+ bias); bisup/reference.py::gemm.
-struct GemmDims {
-  int64_t m, n, k, group, groups, ko;  // ko = 0: no outlier segment
-};
-GemmDims check_gemm_args(const at::Tensor& a_q, const at::Tensor& a_scale, const at::Tensor& w_q, const at::Tensor& w_scale,
-    int64_t a_bits, int64_t w_bits, int64_t group_size, at::ScalarType out_dtype,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& a_outlier,
-    const std::optional<at::Tensor>& a_outlier_scale, const std::optional<at::Tensor>& w_outlier,
-    const std::optional<at::Tensor>& w_outlier_scale);
 at::Tensor gemm_cpu(const at::Tensor& a_q, const at::Tensor& a_scale, const at::Tensor& w_q, const at::Tensor& w_scale,
     int64_t a_bits, int64_t w_bits, int64_t group_size, at::ScalarType out_dtype,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& a_outlier,

@@ -14,69 +14,6 @@
 
 namespace bisup {
 
-AttentionDims check_attention_args(const at::Tensor& q, const at::Tensor& k_prompt, const at::Tensor& v_prompt,
-                                   const at::Tensor& k_q, const at::Tensor& k_scale, const at::Tensor& k_zero,
-                                   const at::Tensor& v_q, const at::Tensor& v_scale, const at::Tensor& v_zero,
-                                   int64_t kv_bits, int64_t group_size, std::optional<double> softmax_scale,
-                                   const std::optional<at::Tensor>& seq_lens) {
-  BISUP_CHECK_FLOAT(q);
-  BISUP_CHECK_DIM(q, 4);
-  BISUP_CHECK_DIM(k_prompt, 4);
-  BISUP_CHECK_DIM(v_prompt, 4);
-  BISUP_CHECK_DIM(k_q, 4);
-  BISUP_CHECK_DIM(v_q, 4);
-  BISUP_CHECK_CONTIGUOUS(q);
-  BISUP_CHECK_CONTIGUOUS(k_prompt);
-  BISUP_CHECK_CONTIGUOUS(v_prompt);
-  for (const at::Tensor* t : {&k_prompt, &v_prompt, &k_q, &k_scale, &k_zero, &v_q, &v_scale, &v_zero}) {
-    TORCH_CHECK(t->device() == q.device(), "bisup: attention needs every tensor on q's device ", q.device(),
-                ", got one on ", t->device());
-  }
-  TORCH_CHECK(k_prompt.scalar_type() == q.scalar_type() && v_prompt.scalar_type() == q.scalar_type(),
-              "bisup: k_prompt / v_prompt must have q's dtype ", q.scalar_type(), ", got ", k_prompt.scalar_type(),
-              " / ", v_prompt.scalar_type());
-  AttentionDims a;
-  a.b = q.size(0);
-  a.hq = q.size(1);
-  a.tq = q.size(2);
-  a.d = q.size(3);
-  a.hkv = k_prompt.size(1);
-  a.p = k_prompt.size(2);
-  a.s = k_q.size(2);
-  a.bits = kv_bits;
-  TORCH_CHECK(k_prompt.size(0) == a.b && k_prompt.size(3) == a.d, "bisup: k_prompt must be [B=", a.b,
-              ", Hkv, P, D=", a.d, "], got ", k_prompt.sizes());
-  TORCH_CHECK(v_prompt.sizes() == k_prompt.sizes(), "bisup: v_prompt must have k_prompt's shape ",
-              k_prompt.sizes(), ", got ", v_prompt.sizes());
-  TORCH_CHECK(a.hkv > 0 && a.hq % a.hkv == 0, "bisup: the number of query heads (", a.hq,
-              ") must be a multiple of the number of KV heads (", a.hkv, ")");
-  const int64_t dk = check_kv_dequantize_args(k_q, k_scale, k_zero, kv_bits, group_size);
-  check_kv_dequantize_args(v_q, v_scale, v_zero, kv_bits, group_size);
-  TORCH_CHECK(dk == a.d, "bisup: k_q rows of ", k_q.size(3), " bytes hold ", dk, " values at ", kv_bits,
-              " bits, but head_dim is ", a.d);
-  TORCH_CHECK(k_q.size(0) == a.b && k_q.size(1) == a.hkv, "bisup: k_q must be [B=", a.b, ", Hkv=", a.hkv,
-              ", S, bytes], got ", k_q.sizes());
-  TORCH_CHECK(v_q.sizes() == k_q.sizes(), "bisup: v_q must have k_q's shape ", k_q.sizes(), ", got ", v_q.sizes());
-  a.group = effective_group(a.d, group_size);
-  a.scale = softmax_scale.has_value() ? *softmax_scale : 1.0 / std::sqrt(double(a.d));
-  TORCH_CHECK(std::isfinite(a.scale), "bisup: softmax_scale must be finite, got ", a.scale);
-  if (seq_lens.has_value()) {
-    const at::Tensor& sl = *seq_lens;
-    TORCH_CHECK(sl.scalar_type() == at::kInt || sl.scalar_type() == at::kLong,
-                "bisup: seq_lens must be int32 or int64, got ", sl.scalar_type());
-    TORCH_CHECK(sl.dim() == 1 && sl.size(0) == a.b, "bisup: seq_lens must have shape [B=", a.b, "], got ",
-                sl.sizes());
-    TORCH_CHECK(sl.device() == q.device(), "bisup: seq_lens is on ", sl.device(), " but q is on ", q.device());
-    if (a.b > 0) {
-      const auto [lo, hi] = at::aminmax(sl);
-      const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
-      TORCH_CHECK(lo_v >= 0 && hi_v <= a.s, "bisup: seq_lens (valid lengths of the quantized segment) must be in [0, S=",
-                  a.s, "], got values in [", lo_v, ", ", hi_v, "]");
-    }
-  }
-  return a;
-}
-
 namespace {
 
 template <typename T>
@@ -85,7 +22,7 @@ void attention_rows(const AttentionDims& a, const T* q, const T* kp, const T* vp
                     const c10::Half* vz, const int64_t* lens, bool causal, T* out) {
   const int64_t d = a.d, gqa = a.hq / a.hkv, groups = d / a.group;
   const int bits = static_cast<int>(a.bits);
-  const int64_t row_bytes = kv_row_bytes(d, bits);
+  const int64_t row_bytes = packed_row_bytes(bits, d);
   const float scale = static_cast<float>(a.scale);
   at::parallel_for(0, a.b * a.hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> k, v, qrow(d), scores, acc(d);

@@ -28,92 +28,6 @@ namespace bisup {
 
 namespace {
 
-void check_optional_float_vector(const std::optional<at::Tensor>& t, int64_t len, const char* what,
-                                 const at::Tensor& like) {
-  if (!t.has_value()) return;
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == len, "bisup: gemm ", what, " must have shape [", len, "], got ",
-              t->sizes());
-  BISUP_CHECK_SAME_DEVICE(like, (*t));
-}
-
-}  // namespace
-
-GemmDims check_gemm_args(const at::Tensor& a_q, const at::Tensor& a_scale, const at::Tensor& w_q,
-                         const at::Tensor& w_scale, int64_t a_bits, int64_t w_bits, int64_t group_size,
-                         at::ScalarType out_dtype, const std::optional<at::Tensor>& bias,
-                         const std::optional<at::Tensor>& a_outlier, const std::optional<at::Tensor>& a_outlier_scale,
-                         const std::optional<at::Tensor>& w_outlier,
-                         const std::optional<at::Tensor>& w_outlier_scale) {
-  TORCH_CHECK(a_bits == 3 || a_bits == 4, "bisup: gemm supports a_bits 3 or 4, got ", a_bits);
-  TORCH_CHECK(w_bits == 3 || w_bits == 4, "bisup: gemm supports w_bits 3 or 4, got ", w_bits);
-  TORCH_CHECK(out_dtype == at::kHalf || out_dtype == at::kBFloat16 || out_dtype == at::kFloat,
-              "bisup: gemm out_dtype must be float16, bfloat16 or float32, got ", out_dtype);
-  BISUP_CHECK_DTYPE(a_q, at::kByte);
-  BISUP_CHECK_DTYPE(w_q, at::kByte);
-  BISUP_CHECK_DIM(a_q, 2);
-  BISUP_CHECK_DIM(w_q, 2);
-  BISUP_CHECK_CONTIGUOUS(a_q);
-  BISUP_CHECK_CONTIGUOUS(w_q);
-  BISUP_CHECK_SAME_DEVICE(a_q, w_q);
-  GemmDims d{};
-  d.m = a_q.size(0);
-  d.n = w_q.size(0);
-  d.k = a_q.size(1) * 2;
-  TORCH_CHECK(d.k > 0 && d.k % kGemmKMultiple == 0, "bisup: gemm needs K (= 2 * a_q.size(1)) to be a positive multiple of ",
-              kGemmKMultiple, ", got K=", d.k);
-  const int64_t w_cols = w_bits == 4 ? d.k / 2 : d.k / kInt3BlockValues * kInt3BlockBytes;
-  TORCH_CHECK(w_q.size(1) == w_cols, "bisup: gemm with w_bits=", w_bits, " and K=", d.k, " expects w_q of shape [N, ",
-              w_cols, "] (", w_bits == 4 ? "pack_int4" : "pack_int3", "), got ", w_q.sizes());
-  check_group_size(d.k, group_size, kGemmKMultiple);
-  d.group = effective_group(d.k, group_size);
-  d.groups = num_groups(d.k, group_size);
-  TORCH_CHECK(d.group <= kGemmMaxGroup, "bisup: gemm accumulates each group in int32, so the group size must be <= ",
-              kGemmMaxGroup, ", got ", d.group, " (use a smaller group_size)");
-  BISUP_CHECK_DTYPE(a_scale, at::kHalf);
-  BISUP_CHECK_DTYPE(w_scale, at::kHalf);
-  BISUP_CHECK_CONTIGUOUS(a_scale);
-  BISUP_CHECK_CONTIGUOUS(w_scale);
-  BISUP_CHECK_SAME_DEVICE(a_q, a_scale);
-  BISUP_CHECK_SAME_DEVICE(a_q, w_scale);
-  TORCH_CHECK(a_scale.dim() == 2 && a_scale.size(0) == d.m && a_scale.size(1) == d.groups,
-              "bisup: gemm a_scale must have shape [", d.m, ", ", d.groups, "] (M, K/group_size), got ", a_scale.sizes());
-  TORCH_CHECK(w_scale.dim() == 2 && w_scale.size(0) == d.n && w_scale.size(1) == d.groups,
-              "bisup: gemm w_scale must have shape [", d.n, ", ", d.groups, "] (N, K/group_size), got ", w_scale.sizes());
-  if (bias.has_value()) BISUP_CHECK_FLOAT((*bias));
-  check_optional_float_vector(bias, d.n, "bias", a_q);
-
-  const int given = int(a_outlier.has_value()) + int(a_outlier_scale.has_value()) + int(w_outlier.has_value()) +
-                    int(w_outlier_scale.has_value());
-  TORCH_CHECK(given == 0 || given == 4,
-              "bisup: gemm needs all four outlier tensors (a_outlier, a_outlier_scale, w_outlier, w_outlier_scale) "
-              "or none, got ", given);
-  d.ko = 0;
-  if (given == 4) {
-    BISUP_CHECK_DTYPE((*a_outlier), at::kChar);
-    BISUP_CHECK_DTYPE((*w_outlier), at::kChar);
-    BISUP_CHECK_DTYPE((*a_outlier_scale), at::kHalf);
-    BISUP_CHECK_DTYPE((*w_outlier_scale), at::kHalf);
-    BISUP_CHECK_CONTIGUOUS((*a_outlier));
-    BISUP_CHECK_CONTIGUOUS((*w_outlier));
-    BISUP_CHECK_CONTIGUOUS((*a_outlier_scale));
-    BISUP_CHECK_CONTIGUOUS((*w_outlier_scale));
-    TORCH_CHECK(a_outlier->dim() == 2 && a_outlier->size(0) == d.m, "bisup: gemm a_outlier must have shape [", d.m,
-                ", Ko], got ", a_outlier->sizes());
-    d.ko = a_outlier->size(1);
-    TORCH_CHECK(w_outlier->dim() == 2 && w_outlier->size(0) == d.n && w_outlier->size(1) == d.ko,
-                "bisup: gemm w_outlier must have shape [", d.n, ", ", d.ko, "] (N, Ko), got ", w_outlier->sizes());
-    TORCH_CHECK(d.ko % kGemmOutlierMultiple == 0, "bisup: gemm needs the outlier count Ko to be a multiple of ",
-                kGemmOutlierMultiple, ", got ", d.ko);
-    BISUP_CHECK_SAME_DEVICE(a_q, (*a_outlier));
-    BISUP_CHECK_SAME_DEVICE(a_q, (*w_outlier));
-    check_optional_float_vector(a_outlier_scale, d.m, "a_outlier_scale", a_q);
-    check_optional_float_vector(w_outlier_scale, d.n, "w_outlier_scale", a_q);
-  }
-  return d;
-}
-
-namespace {
-
 constexpr int64_t kTileM = 8;   // rows of A per tile
 constexpr int64_t kTileN = 32;  // rows of W per tile: (8 + 32) * group bytes stay in L1
 
@@ -183,7 +97,7 @@ BlockDotFn pick_block_dot() {
 
 // A nibbles -> uint8 (a + 8): the signed nibble v stored as (v & 15) becomes v + 8 = nibble ^ 8.
 at::Tensor unpack_a_offset(const at::Tensor& a_q) {
-  auto out = at::empty({a_q.size(0), a_q.size(1) * 2}, a_q.options());
+  auto out = at::empty({a_q.size(0), packed_row_values(4, a_q.size(1))}, a_q.options());
   const uint8_t* src = a_q.data_ptr<uint8_t>();
   uint8_t* dst = out.data_ptr<uint8_t>();
   at::parallel_for(0, a_q.numel(), 1 << 14, [&](int64_t b, int64_t e) {
@@ -208,13 +122,13 @@ std::pair<at::Tensor, at::Tensor> unpack_w(const at::Tensor& w_q, int64_t w_bits
       const uint8_t* s = src + n * row_bytes;
       int8_t* o = dst + n * d.k;
       if (w_bits == 4) {
-        for (int64_t i = 0; i < d.k / 2; ++i) {  // shifts instead of branches: vectorizes
+        for (int64_t i = 0; i < row_bytes; ++i) {  // shifts instead of branches: vectorizes
           o[2 * i] = static_cast<int8_t>(static_cast<uint8_t>(s[i] << 4)) >> 4;
           o[2 * i + 1] = static_cast<int8_t>(s[i]) >> 4;
         }
       } else {
         for (int64_t blk = 0; blk < d.k / kInt3BlockValues; ++blk) {
-          uint32_t words[3];
+          uint32_t words[kInt3BlockWords];
           std::memcpy(words, s + blk * kInt3BlockBytes, sizeof(words));  // rows need not be 4-byte aligned
           for (int i = 0; i < kInt3BlockValues; ++i) o[blk * kInt3BlockValues + i] = int3_value(words, i, true);
         }

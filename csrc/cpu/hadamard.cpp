@@ -14,29 +14,6 @@
 
 namespace bisup {
 
-int64_t check_hadamard_args(const at::Tensor& x, const std::optional<at::Tensor>& base_opt) {
-  BISUP_CHECK_FLOAT(x);
-  BISUP_CHECK_CONTIGUOUS(x);
-  TORCH_CHECK(x.dim() >= 1, "bisup: hadamard needs at least 1 dim, got a scalar");
-  const int64_t n = x.size(-1);
-  TORCH_CHECK(n >= 1, "bisup: hadamard needs a non-empty last dim, got shape ", x.sizes());
-  int64_t m = 1;
-  if (base_opt.has_value()) {
-    const at::Tensor& base = *base_opt;
-    BISUP_CHECK_DTYPE(base, at::kFloat);
-    BISUP_CHECK_DIM(base, 2);
-    BISUP_CHECK_CONTIGUOUS(base);
-    BISUP_CHECK_SAME_DEVICE(x, base);
-    TORCH_CHECK(base.size(0) == base.size(1), "bisup: hadamard base must be square, got shape ", base.sizes());
-    m = base.size(0);
-    TORCH_CHECK(m >= 1 && n % m == 0, "bisup: hadamard last dim n=", n, " must be a multiple of the base order m=",
-                m);
-  }
-  TORCH_CHECK(is_pow2(n / m), "bisup: hadamard needs n / m to be a power of two, got n=", n, " m=", m,
-              " (n / m = ", n / m, "); use bisup.rotation.hadamard_base(n) for the base");
-  return m;
-}
-
 namespace {
 
 template <typename T>

@@ -4,59 +4,20 @@
 #include "checks.h"
 #include "ops.h"
 #include "pack_format.h"
+#include "quant_math.h"
 
 namespace bisup {
-
-int64_t check_pack_int4_args(const at::Tensor& q) {
-  BISUP_CHECK_DTYPE(q, at::kChar);
-  BISUP_CHECK_CONTIGUOUS(q);
-  TORCH_CHECK(q.dim() >= 1, "bisup: pack_int4 needs at least 1 dim");
-  TORCH_CHECK(q.size(-1) % 2 == 0, "bisup: pack_int4 needs an even last dim K, got ", q.size(-1));
-  return q.size(-1) / 2;
-}
-
-int64_t check_unpack_int4_args(const at::Tensor& packed) {
-  BISUP_CHECK_DTYPE(packed, at::kByte);
-  BISUP_CHECK_CONTIGUOUS(packed);
-  TORCH_CHECK(packed.dim() >= 1, "bisup: unpack_int4 needs at least 1 dim");
-  return packed.size(-1) * 2;
-}
-
-int64_t check_pack_int3_args(const at::Tensor& q) {
-  BISUP_CHECK_DTYPE(q, at::kChar);
-  BISUP_CHECK_CONTIGUOUS(q);
-  TORCH_CHECK(q.dim() >= 1, "bisup: pack_int3 needs at least 1 dim");
-  TORCH_CHECK(q.size(-1) % kInt3BlockValues == 0, "bisup: pack_int3 needs the last dim K to be a multiple of ",
-              kInt3BlockValues, ", got ", q.size(-1));
-  return q.size(-1) / kInt3BlockValues * kInt3BlockBytes;
-}
-
-int64_t check_unpack_int3_args(const at::Tensor& packed) {
-  BISUP_CHECK_DTYPE(packed, at::kByte);
-  BISUP_CHECK_CONTIGUOUS(packed);
-  TORCH_CHECK(packed.dim() >= 1, "bisup: unpack_int3 needs at least 1 dim");
-  TORCH_CHECK(packed.size(-1) % kInt3BlockBytes == 0, "bisup: unpack_int3 needs the last dim to be a multiple of ",
-              kInt3BlockBytes, " bytes, got ", packed.size(-1));
-  return packed.size(-1) / kInt3BlockBytes * kInt3BlockValues;
-}
 
 namespace {
 
 // Range check on the host: out-of-range values would silently wrap into other codes.
 void check_range(const at::Tensor& q, int bits, bool is_signed, const char* op) {
   if (q.numel() == 0) return;
-  const int lo = is_signed ? -(1 << (bits - 1)) : 0;
-  const int hi = is_signed ? (1 << (bits - 1)) - 1 : (1 << bits) - 1;
+  const int lo = code_min(bits, is_signed), hi = code_max(bits, is_signed);
   auto [mn, mx] = at::aminmax(q);
   const int vmin = mn.item<int8_t>(), vmax = mx.item<int8_t>();
   TORCH_CHECK(vmin >= lo && vmax <= hi, "bisup: ", op, " expects ", is_signed ? "signed" : "unsigned",
               " ", bits, "-bit values in [", lo, ", ", hi, "], got values in [", vmin, ", ", vmax, "]");
-}
-
-std::vector<int64_t> with_last_dim(const at::Tensor& t, int64_t last) {
-  auto sizes = t.sizes().vec();
-  sizes.back() = last;
-  return sizes;
 }
 
 }  // namespace
@@ -95,7 +56,8 @@ at::Tensor pack_int3_cpu(const at::Tensor& q, bool is_signed) {
   uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<uint8_t>());
   const int64_t blocks = q.numel() / kInt3BlockValues;
   at::parallel_for(0, blocks, 1 << 12, [&](int64_t b, int64_t e) {
-    for (int64_t blk = b; blk < e; ++blk) pack_int3_block(src + blk * kInt3BlockValues, dst + blk * 3);
+    for (int64_t blk = b; blk < e; ++blk)
+      pack_int3_block(src + blk * kInt3BlockValues, dst + blk * kInt3BlockWords);
   });
   return out;
 }
@@ -109,7 +71,7 @@ at::Tensor unpack_int3_cpu(const at::Tensor& packed, bool is_signed) {
   at::parallel_for(0, blocks, 1 << 12, [&](int64_t b, int64_t e) {
     for (int64_t blk = b; blk < e; ++blk)
       for (int i = 0; i < kInt3BlockValues; ++i)
-        dst[blk * kInt3BlockValues + i] = int3_value(src + blk * 3, i, is_signed);
+        dst[blk * kInt3BlockValues + i] = int3_value(src + blk * kInt3BlockWords, i, is_signed);
   });
   return out;
 }

@@ -9,40 +9,6 @@
 
 namespace bisup {
 
-void check_quantize_pack_args(const at::Tensor& x, int64_t bits, int64_t group_size,
-                              double clip_ratio) {
-  BISUP_CHECK_FLOAT(x);
-  BISUP_CHECK_CONTIGUOUS(x);
-  TORCH_CHECK(x.dim() >= 1, "bisup: quantize_pack needs at least 1 dim");
-  TORCH_CHECK(bits >= 2 && bits <= 4, "bisup: quantize_pack packs into INT4 nibbles, so bits must be in [2, 4], got ",
-              bits);
-  TORCH_CHECK(clip_ratio > 0.0 && clip_ratio <= 1.0, "bisup: clip_ratio must be in (0, 1], got ", clip_ratio);
-  TORCH_CHECK(x.size(-1) % 2 == 0, "bisup: quantize_pack needs an even last dim K, got ", x.size(-1));
-  check_group_size(x.size(-1), group_size, 2);
-}
-
-void check_dequantize_args(const at::Tensor& q, const at::Tensor& scale,
-                           const std::optional<at::Tensor>& zero, int64_t group_size) {
-  BISUP_CHECK_DTYPE(q, at::kByte);
-  BISUP_CHECK_DTYPE(scale, at::kHalf);
-  BISUP_CHECK_CONTIGUOUS(q);
-  BISUP_CHECK_CONTIGUOUS(scale);
-  BISUP_CHECK_SAME_DEVICE(q, scale);
-  const int64_t k = q.size(-1) * 2;
-  check_group_size(k, group_size, 2);
-  auto expect = q.sizes().vec();
-  expect.back() = num_groups(k, group_size);
-  TORCH_CHECK(scale.sizes().vec() == expect, "bisup: scale must have shape ", at::IntArrayRef(expect),
-              " for packed q of shape ", q.sizes(), " and group_size ", group_size, ", got ", scale.sizes());
-  if (zero.has_value()) {
-    BISUP_CHECK_DTYPE((*zero), at::kHalf);
-    BISUP_CHECK_CONTIGUOUS((*zero));
-    BISUP_CHECK_SAME_DEVICE(q, (*zero));
-    TORCH_CHECK(zero->sizes() == scale.sizes(), "bisup: zero must have the shape of scale ", scale.sizes(),
-                ", got ", zero->sizes());
-  }
-}
-
 namespace {
 
 template <typename T>
@@ -52,7 +18,7 @@ void quantize_rows(const T* x, uint8_t* q, c10::Half* scale, c10::Half* zero, in
   at::parallel_for(0, rows * groups, 64, [&](int64_t b, int64_t e) {
     for (int64_t rg = b; rg < e; ++rg) {
       const T* xg = x + rg * group;  // groups are consecutive in memory
-      uint8_t* qg = q + rg * group / 2;
+      uint8_t* qg = q + packed_row_bytes(4, rg * group);
       float lo = 0.f, hi = 0.f, amax = 0.f;
       for (int64_t i = 0; i < group; ++i) {
         const float v = static_cast<float>(xg[i]);
@@ -60,16 +26,10 @@ void quantize_rows(const T* x, uint8_t* q, c10::Half* scale, c10::Half* zero, in
         hi = i ? fmaxf(hi, v) : v;
         amax = fmaxf(amax, fabsf(v));
       }
-      float s, z = 0.f;
-      if (sym) {
-        s = finalize_scale(clip * amax / float((1 << (bits - 1)) - 1));
-      } else {
-        const float qmax = float((1 << bits) - 1);
-        s = finalize_scale((clip * hi - clip * lo) / qmax);
-        z = zero_point(clip * lo, s);
-        zero[rg] = c10::Half(z);
-      }
+      const GroupParams gp = sym ? sym_group_params(amax, clip, bits) : asym_group_params(lo, hi, clip, bits);
+      const float s = gp.scale, z = gp.zero;
       scale[rg] = c10::Half(s);
+      if (!sym) zero[rg] = c10::Half(z);
       for (int64_t i = 0; i < group; i += 2) {
         const float a = static_cast<float>(xg[i]), c = static_cast<float>(xg[i + 1]);
         const int qa = sym ? quantize_sym(a, s, bits) : quantize_asym(a, s, z, bits);
@@ -106,11 +66,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cpu(const at::Tenso
   check_quantize_pack_args(x, bits, group_size, clip_ratio);
   const int64_t k = x.size(-1), rows = x.numel() / std::max<int64_t>(k, 1);
   const int64_t group = effective_group(k, group_size);
-  auto qshape = x.sizes().vec();
-  qshape.back() = k / 2;
-  auto sshape = x.sizes().vec();
-  sshape.back() = num_groups(k, group_size);
-  auto q = at::empty(qshape, x.options().dtype(at::kByte));
+  const auto sshape = with_last_dim(x, num_groups(k, group_size));
+  auto q = at::empty(with_last_dim(x, packed_row_bytes(4, k)), x.options().dtype(at::kByte));
   auto scale = at::empty(sshape, x.options().dtype(at::kHalf));
   auto zero = sym ? at::empty({0}, x.options().dtype(at::kHalf)) : at::empty(sshape, x.options().dtype(at::kHalf));
   if (x.numel() == 0) return {q, scale, zero};
@@ -125,10 +82,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cpu(const at::Tenso
 at::Tensor dequantize_cpu(const at::Tensor& q, const at::Tensor& scale, const std::optional<at::Tensor>& zero,
                           int64_t group_size, at::ScalarType out_dtype) {
   check_dequantize_args(q, scale, zero, group_size);
-  const int64_t k = q.size(-1) * 2, rows = q.numel() / std::max<int64_t>(q.size(-1), 1);
-  auto shape = q.sizes().vec();
-  shape.back() = k;
-  auto out = at::empty(shape, q.options().dtype(out_dtype));
+  const int64_t k = packed_row_values(4, q.size(-1)), rows = q.numel() / std::max<int64_t>(q.size(-1), 1);
+  auto out = at::empty(with_last_dim(q, k), q.options().dtype(out_dtype));
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "dequantize_cpu", [&] {
     dequantize_rows<scalar_t>(q.data_ptr<uint8_t>(), scale.data_ptr<c10::Half>(),

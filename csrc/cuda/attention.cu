@@ -17,14 +17,16 @@ namespace {
 
 constexpr int64_t kFusedMaxTq = 16;
 constexpr int kMaxSplits = 256;
+constexpr int kSplitWaves = 4;  // splits: enough blocks for ~this many waves of resident blocks
+// 99 KB: the smallest opt-in per-block shared memory limit among sm_80+ parts (sm_86 / sm_89).
+constexpr int kMaxSmemOptIn = 99 * 1024;
 
 template <typename T, int D, int BITS>
 void launch_decode(kv::DecodeParams p, int splits, int row_tiles, void* out, cudaStream_t stream) {
   constexpr int smem = kv::decode_smem_bytes<D>();
-  // 99 KB: the smallest opt-in per-block limit among sm_80+ parts (sm_86 / sm_89).
-  static_assert(smem <= 99 * 1024, "decode tile does not fit in shared memory");
+  static_assert(smem <= kMaxSmemOptIn, "decode tile does not fit in shared memory");
   auto kernel = kv::decode_split_kernel<T, D, BITS>;
-  if (smem > 48 * 1024) {
+  if (smem > kSmemNoOptIn) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   }
   const dim3 grid(splits, p.b * p.hkv, row_tiles);
@@ -45,11 +47,6 @@ void dispatch_bits(int bits, const kv::DecodeParams& p, int splits, int row_tile
   }
 }
 
-void check_aligned(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "bisup: attention needs ", name,
-              " to start on a 16-byte boundary (vector loads); pass a fresh tensor (.clone()) instead of a view");
-}
-
 at::Tensor attention_decode(const AttentionDims& a, const at::Tensor& q, const at::Tensor& k_prompt,
                             const at::Tensor& v_prompt, const at::Tensor& k_q, const at::Tensor& k_scale,
                             const at::Tensor& k_zero, const at::Tensor& v_q, const at::Tensor& v_scale,
@@ -58,23 +55,24 @@ at::Tensor attention_decode(const AttentionDims& a, const at::Tensor& q, const a
               a.d);
   for (auto [t, name] : {std::pair{&q, "q"}, {&k_prompt, "k_prompt"}, {&v_prompt, "v_prompt"}, {&k_q, "k_q"},
                          {&v_q, "v_q"}}) {
-    check_aligned(*t, name);
+    check_aligned(*t, 16, "attention", name, "vector loads");
   }
   auto out = at::empty_like(q);
   const at::Tensor lens = seq_lens.has_value() ? seq_lens->to(at::kLong).contiguous() : at::Tensor();
 
-  // Splits: enough blocks for ~4 waves of resident blocks, each split a whole number of tiles.
+  // Splits: enough blocks for ~kSplitWaves waves of resident blocks, each a whole number of tiles.
   int device = q.get_device(), sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int64_t total = a.p + a.s;
   const int64_t row_tiles = ceil_div((a.hq / a.hkv) * a.tq, kv::kMaxRows);
   const int64_t tiles = std::max<int64_t>(ceil_div(total, kv::kTile), 1);
   const int64_t base_blocks = a.b * a.hkv * row_tiles;
-  const int64_t want = std::clamp<int64_t>(ceil_div(4 * sms, base_blocks), 1, std::min<int64_t>(tiles, kMaxSplits));
+  const int64_t want =
+      std::clamp<int64_t>(ceil_div(kSplitWaves * sms, base_blocks), 1, std::min<int64_t>(tiles, kMaxSplits));
   const int64_t split_len = ceil_div(tiles, want) * kv::kTile;
   const int64_t splits = std::max<int64_t>(ceil_div(total, split_len), 1);
-  TORCH_CHECK(a.b * a.hkv <= 65535, "bisup: batch * kv_heads must be <= 65535 for the CUDA attention, got ",
-              a.b * a.hkv);
+  TORCH_CHECK(a.b * a.hkv <= kMaxGridYZ, "bisup: batch * kv_heads must be <= ", kMaxGridYZ,
+              " for the CUDA attention (gridDim.y), got ", a.b * a.hkv);
 
   const int64_t rows = a.b * a.hq * a.tq;
   auto part_o = at::empty({splits, rows, a.d}, q.options().dtype(at::kFloat));

@@ -1,25 +1,11 @@
-// Device helpers shared by the KV-cache kernels (kv_quantize.cu, attention.cu): conversions of
-// the activation dtypes (float, at::Half, at::BFloat16) and vectorised 8-value loads of prompt
-// rows and quantized rows, all returning fp32.
+// Device helpers of the attention kernels (attention_decode.cuh): vectorised 8-value loads of
+// prompt rows (float, at::Half, at::BFloat16) and of quantized KV rows, all returning fp32.
 #pragma once
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#include <ATen/ATen.h>
-
+#include "cuda_utils.cuh"
 #include "kv_format.h"
 
 namespace bisup {
 namespace kv {
-
-template <typename T>
-__device__ __forceinline__ float to_f(T v) { return static_cast<float>(v); }
-template <>
-__device__ __forceinline__ float to_f<at::Half>(at::Half v) { return __half2float(static_cast<__half>(v)); }
-template <>
-__device__ __forceinline__ float to_f<at::BFloat16>(at::BFloat16 v) {
-  return __bfloat162float(static_cast<__nv_bfloat16>(v));
-}
 
 // 8 consecutive activations (16-byte aligned for 2-byte types, 32-byte for float) -> fp32.
 template <typename T>
@@ -72,9 +58,18 @@ __device__ __forceinline__ void dequant8(const uint8_t* row, int d0, float s, fl
 #pragma unroll
     for (int i = 0; i < 8; ++i) out[i] = (float((raw >> (4 * i)) & 0xF) - z) * s;
   } else {
-    // INT3 rows are 12-byte blocks; byte reads keep any alignment valid.
+    static_assert(BITS == 3, "KV rows are 3, 4 or 8 bits");
+    // Values d0..d0+7 are quads q, q+1 of one INT3 block and share its low word; byte reads
+    // (int3_word on bytes) keep any alignment valid.
+    const uint8_t* blk = row + (d0 / kInt3BlockValues) * kInt3BlockBytes;
+    const int q = (d0 % kInt3BlockValues) / 4;
+    const uint32_t low_word = int3_word(blk, q >> 2), high_word = int3_word(blk, 2);
+    const uint32_t c0 = int3_quad(low_word, high_word, q), c1 = int3_quad(low_word, high_word, q + 1);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) out[i] = (float(kv_code(row, d0 + i, 3)) - z) * s;
+    for (int i = 0; i < 4; ++i) {
+      out[i] = (float((c0 >> (8 * i)) & 0xFF) - z) * s;
+      out[4 + i] = (float((c1 >> (8 * i)) & 0xFF) - z) * s;
+    }
   }
 }
 

@@ -19,6 +19,9 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kTile = 32;  // keys per shared-memory tile: one per lane when scoring
 constexpr int kRowsPerWarp = 4;
 constexpr int kMaxRows = kWarps * kRowsPerWarp;  // query rows per block
+// Row stride of the key tile in shared memory: D + kKeyPad floats, so lanes reading different
+// key rows (one each when scoring) hit different banks.
+constexpr int kKeyPad = 4;
 
 struct DecodeParams {
   const void* q;   // [B, Hq, Tq, D]
@@ -40,28 +43,16 @@ struct DecodeParams {
 
 template <int D>
 constexpr int decode_smem_bytes() {
-  return (kTile * (D + 4) + kTile * D + kMaxRows * D) * int(sizeof(float));
+  return (kTile * (D + kKeyPad) + kTile * D + kMaxRows * D) * int(sizeof(float));
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// Loads keys [t0, t0 + kTile) of one (batch, kv head) into ks (row stride D + 4: lanes reading
-// different rows hit different banks) and vs (stride D); keys at or past `end` become zeros.
+// Loads keys [t0, t0 + kTile) of one (batch, kv head) into ks (row stride D + kKeyPad) and vs
+// (stride D); keys at or past `end` become zeros.
 template <typename T, int D, int BITS>
 __device__ __forceinline__ void load_kv_tile(const DecodeParams& p, int64_t bh, int t0, int end, float* ks,
                                              float* vs) {
   constexpr int kChunks = D / 8;
-  constexpr int64_t kRowBytes = BITS == 8 ? D : BITS == 4 ? D / 2 : D / 32 * 12;
+  constexpr int64_t kRowBytes = packed_row_bytes(BITS, D);
   for (int c = threadIdx.x; c < kTile * kChunks; c += kThreads) {
     const int j = c / kChunks, d0 = (c % kChunks) * 8, pos = t0 + j;
     float kf[8], vf[8];
@@ -78,7 +69,7 @@ __device__ __forceinline__ void load_kv_tile(const DecodeParams& p, int64_t bh, 
       dequant8<BITS>(p.kq + row * kRowBytes, d0, __half2float(p.ks[g]), __half2float(p.kz[g]), kf);
       dequant8<BITS>(p.vq + row * kRowBytes, d0, __half2float(p.vs[g]), __half2float(p.vz[g]), vf);
     }
-    float4* kd = reinterpret_cast<float4*>(ks + j * (D + 4) + d0);
+    float4* kd = reinterpret_cast<float4*>(ks + j * (D + kKeyPad) + d0);
     float4* vd = reinterpret_cast<float4*>(vs + j * D + d0);
     kd[0] = make_float4(kf[0], kf[1], kf[2], kf[3]);
     kd[1] = make_float4(kf[4], kf[5], kf[6], kf[7]);
@@ -91,8 +82,8 @@ template <typename T, int D, int BITS>
 __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodeParams p) {
   static_assert(D % 32 == 0, "lanes own D/32 output dims");
   extern __shared__ float4 smem4[];
-  float* ks = reinterpret_cast<float*>(smem4);  // [kTile][D + 4]
-  float* vs = ks + kTile * (D + 4);              // [kTile][D]
+  float* ks = reinterpret_cast<float*>(smem4);  // [kTile][D + kKeyPad]
+  float* vs = ks + kTile * (D + kKeyPad);        // [kTile][D]
   float* qs = vs + kTile * D;                    // [kMaxRows][D], pre-scaled by softmax_scale
   const int split = blockIdx.x;
   const int64_t bh = blockIdx.y;
@@ -105,7 +96,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
   const T* q = static_cast<const T*>(p.q);
   for (int i = threadIdx.x; i < nrows * D; i += kThreads) {
     const int gr = row0 + i / D, hq = hkv * gqa + gr / p.tq, t = gr % p.tq;
-    qs[i] = to_f(q[((int64_t(b) * p.hq + hq) * p.tq + t) * D + i % D]) * p.scale;
+    qs[i] = to_float(q[((int64_t(b) * p.hq + hq) * p.tq + t) * D + i % D]) * p.scale;
   }
 
   // visible[k]: number of leading keys row k may see (end-aligned causal mask).
@@ -145,7 +136,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
       float s = -INFINITY;
       if (lane < n && pos < visible[k]) {
         const float4* qr = reinterpret_cast<const float4*>(qs + r * D);
-        const float4* kr = reinterpret_cast<const float4*>(ks + lane * (D + 4));
+        const float4* kr = reinterpret_cast<const float4*>(ks + lane * (D + kKeyPad));
         float dot = 0.f;
 #pragma unroll 8
         for (int i = 0; i < D / 4; ++i) {

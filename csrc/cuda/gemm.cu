@@ -31,17 +31,17 @@ using LargeTile = TileConfig<128, 128, 2, 4, 4>;
 template <class Cfg, MmaPath kPath, int kWBits>
 void launch(const Params& p, cudaStream_t stream) {
   auto kernel = gemm::gemm_kernel<Cfg, kPath, kWBits>;
-  if (Cfg::kSmemBytes > 48 * 1024)
+  if (Cfg::kSmemBytes > kSmemNoOptIn)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
-  // gridDim.y (M tiles) is limited to 65535: taller A runs as several launches over row slices
-  // (one launch, with p unchanged, below 65535 * BM rows). Slice offsets keep 16-byte alignment:
-  // A and outlier rows are multiples of 16 bytes.
-  constexpr int64_t kRowsPerLaunch = int64_t(65535) * Cfg::BM;
+  // gridDim.y (M tiles) is limited to kMaxGridYZ: taller A runs as several launches over row slices
+  // (one launch, with p unchanged, below kMaxGridYZ * BM rows). Slice offsets keep 16-byte
+  // alignment: A and outlier rows are multiples of 16 bytes.
+  constexpr int64_t kRowsPerLaunch = kMaxGridYZ * Cfg::BM;
   const int64_t out_elem_bytes = p.out_kind == gemm::kOutFloat ? 4 : 2;
   for (int64_t r0 = 0; r0 < p.m; r0 += kRowsPerLaunch) {
     Params q = p;
     q.m = static_cast<int>(std::min<int64_t>(p.m - r0, kRowsPerLaunch));
-    q.a = p.a + r0 * (p.k / 2);
+    q.a = p.a + r0 * packed_row_bytes(4, p.k);
     q.sa = p.sa + r0 * p.groups;
     if (p.ko > 0) {
       q.ao = p.ao + r0 * p.ko;
@@ -76,11 +76,6 @@ bool choose_s4(const at::Tensor& a_q, int64_t w_bits, int64_t group) {
   return legal && major == 8;  // Hopper has no INT4 tensor cores (s4 mma is emulated there)
 }
 
-void check_aligned16(const at::Tensor& t, const char* what) {
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "bisup: gemm on CUDA needs ", what,
-              " to start at a 16-byte aligned address (cp.async); pass a fresh tensor (e.g. .clone())");
-}
-
 }  // namespace
 
 at::Tensor gemm_cuda(const at::Tensor& a_q, const at::Tensor& a_scale, const at::Tensor& w_q, const at::Tensor& w_scale,
@@ -94,11 +89,11 @@ at::Tensor gemm_cuda(const at::Tensor& a_q, const at::Tensor& a_scale, const at:
   TORCH_CHECK(w_bits == 4 || d.k % gemm::kTileK == 0, "bisup: gemm on CUDA with w_bits=3 needs K to be a multiple of ",
               gemm::kTileK, " (16-byte aligned INT3 rows), got K=", d.k);
   TORCH_CHECK(d.m <= INT32_MAX && d.n <= INT32_MAX && d.k <= INT32_MAX, "bisup: gemm dims must fit in int32");
-  check_aligned16(a_q, "a_q");
-  check_aligned16(w_q, "w_q");
+  check_aligned(a_q, 16, "gemm", "a_q", "cp.async");
+  check_aligned(w_q, 16, "gemm", "w_q", "cp.async");
   if (d.ko > 0) {
-    check_aligned16(*a_outlier, "a_outlier");
-    check_aligned16(*w_outlier, "w_outlier");
+    check_aligned(*a_outlier, 16, "gemm", "a_outlier", "cp.async");
+    check_aligned(*w_outlier, 16, "gemm", "w_outlier", "cp.async");
   }
   const c10::cuda::CUDAGuard guard(a_q.device());
   auto out = at::empty({d.m, d.n}, a_q.options().dtype(out_dtype));

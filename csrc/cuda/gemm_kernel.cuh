@@ -22,6 +22,7 @@
 
 #include "gemm_math.h"
 #include "gemm_ptx.cuh"
+#include "pack_format.h"
 
 namespace bisup {
 namespace gemm {
@@ -29,9 +30,12 @@ namespace gemm {
 enum class MmaPath { kS4, kS8 };
 enum OutKind : int { kOutHalf = 0, kOutBFloat16 = 1, kOutFloat = 2 };
 
-constexpr int kTileBytes = 64;     // bytes per row per pipeline stage (A, INT4/INT8 W)
-constexpr int kTileK = 128;        // INT4 values per main tile
-constexpr int kInt3TileBytes = 48; // W3 bytes per row per main tile (4 blocks x 12 bytes)
+constexpr int kTileBytes = 64;  // bytes per row per pipeline stage (A, INT4/INT8 W)
+constexpr int kTileK = 128;     // INT4 values per main tile
+// W3 bytes per row per main tile: 4 INT3 blocks of 12 bytes (48), copied as 16-byte chunks.
+constexpr int kInt3TileBytes = kTileK / kInt3BlockValues * kInt3BlockBytes;
+constexpr int kInt3TileChunks = kInt3TileBytes / 16;
+static_assert(kInt3TileBytes % 16 == 0 && packed_row_bytes(4, kTileK) == kTileBytes, "tile sizes");
 
 struct Params {
   const uint8_t* a;        // [M, K/2] INT4 nibbles
@@ -81,8 +85,8 @@ __device__ __forceinline__ void load_rows64(uint8_t* dst, const uint8_t* src, in
 template <int kRows, int kThreads>
 __device__ __forceinline__ void load_rows48(uint8_t* dst, const uint8_t* src, int64_t row0, int64_t rows_total,
                                             int64_t row_bytes, int64_t byte0) {
-  for (int c = threadIdx.x; c < kRows * 3; c += kThreads) {
-    const int row = c / 3, chunk = c % 3;
+  for (int c = threadIdx.x; c < kRows * kInt3TileChunks; c += kThreads) {
+    const int row = c / kInt3TileChunks, chunk = c % kInt3TileChunks;
     const int64_t gr = row0 + row;
     const bool ok = gr < rows_total;
     cp_async16(smem_addr(dst + row * kInt3TileBytes + 16 * chunk), ok ? src + gr * row_bytes + byte0 + 16 * chunk : src,
@@ -103,8 +107,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) gemm_kernel(const Params p) 
   const int wm0 = (warp / Cfg::WARPS_N) * Cfg::WM, wn0 = (warp % Cfg::WARPS_N) * Cfg::WN;
   const int64_t m0 = int64_t(blockIdx.y) * Cfg::BM, n0 = int64_t(blockIdx.x) * Cfg::BN;
 
-  const int64_t a_row_bytes = p.k / 2;
-  const int64_t w_row_bytes = kWBits == 4 ? p.k / 2 : int64_t(p.k) / 32 * 12;
+  const int64_t a_row_bytes = packed_row_bytes(4, p.k);
+  const int64_t w_row_bytes = packed_row_bytes(kWBits, p.k);
   const int tiles_main = (p.k + kTileK - 1) / kTileK;
   const int tiles_total = tiles_main + (p.ko + kTileBytes - 1) / kTileBytes;
 
@@ -238,11 +242,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) gemm_kernel(const Params p) 
               b8[j][0] = int4_even_x16(b[j][step]);
               b8[j][1] = int4_odd_x16(b[j][step]);
             } else {
-              // INT3 block (2kc + step) of row n = wn0 + 8j + g: this lane needs its low-bit word t/2 and word 2.
-              const uint8_t* blk = ws + (wn0 + j * 8 + g) * kInt3TileBytes + (2 * kc + step) * 12;
-              const uint32_t low_word = *reinterpret_cast<const uint32_t*>(blk + 4 * (t >> 1));
-              const uint32_t high_word = *reinterpret_cast<const uint32_t*>(blk + 8);
-              int3_lane_x32(low_word, high_word, t, b8[j][0], b8[j][1]);
+              // INT3 block (2kc + step) of row n = wn0 + 8j + g: this lane needs its low-bit word t/2 and word 2
+              // (32-bit shared loads: blocks sit at multiples of 12 bytes).
+              const uint32_t* blk = reinterpret_cast<const uint32_t*>(ws + (wn0 + j * 8 + g) * kInt3TileBytes +
+                                                                      (2 * kc + step) * kInt3BlockBytes);
+              int3_lane_x32(int3_word(blk, t >> 1), int3_word(blk, 2), t, b8[j][0], b8[j][1]);
             }
           }
 #pragma unroll

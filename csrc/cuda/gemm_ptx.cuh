@@ -24,6 +24,8 @@
 #pragma once
 #include <cstdint>
 
+#include "pack_format.h"
+
 namespace bisup {
 namespace gemm {
 
@@ -73,12 +75,10 @@ __device__ __forceinline__ void mma_s8(int32_t (&c)[4], const uint32_t (&a)[4], 
 __device__ __forceinline__ uint32_t int4_even_x16(uint32_t p) { return (p << 4) & 0xF0F0F0F0u; }
 __device__ __forceinline__ uint32_t int4_odd_x16(uint32_t p) { return p & 0xF0F0F0F0u; }
 
-// Four consecutive INT3 values 4s..4s+3 of a 32-value block (docs/formats.md) -> int8 lanes
-// holding 32 * value: low 2 bits to bits 5-6, bit 2 (the 3-bit sign) to bit 7.
+// Four consecutive INT3 values 4s..4s+3 of a 32-value block (pack_format.h's int3_quad) -> int8
+// lanes holding 32 * value: each 3-bit code moves to bits 5-7, where its sign bit is the byte's.
 __device__ __forceinline__ uint32_t int3_quad_x32(uint32_t low_word, uint32_t high_word, int s) {
-  const uint32_t lo = (low_word >> (2 * (s & 3))) & 0x03030303u;
-  const uint32_t hi = (high_word >> s) & 0x01010101u;
-  return (lo << 5) | (hi << 7);
+  return int3_quad(low_word, high_word, s) << 5;
 }
 
 // Lane t's INT3 values 8t..8t+7 of a block, split like int4_even/odd: even k in `even`, odd in `odd`.

@@ -81,7 +81,7 @@ at::Tensor hadamard_cuda(const at::Tensor& x, const std::optional<at::Tensor>& b
   const float scale = 1.0f / std::sqrt(static_cast<float>(n / m));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hadamard_cuda", [&] {
     auto kernel = hadamard_kernel<scalar_t>;
-    if (smem > 48 * 1024) {
+    if (smem > kSmemNoOptIn) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     }
     kernel<<<static_cast<unsigned>(rows), threads, smem, current_stream()>>>(

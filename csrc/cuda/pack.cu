@@ -2,6 +2,7 @@
 #include "cuda_utils.cuh"
 #include "ops.h"
 #include "pack_format.h"
+#include "quant_math.h"
 
 namespace bisup {
 namespace {
@@ -28,33 +29,26 @@ __global__ void unpack_int4_kernel(const uint8_t* __restrict__ packed, int8_t* _
 __global__ void pack_int3_kernel(const int8_t* __restrict__ q, uint32_t* __restrict__ out, int64_t blocks, int lo,
                                  int hi, int* __restrict__ bad) {
   for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < blocks; b += int64_t(gridDim.x) * blockDim.x) {
-    int8_t v[32];
-    for (int i = 0; i < 32; ++i) {
-      v[i] = q[b * 32 + i];
+    int8_t v[kInt3BlockValues];
+    for (int i = 0; i < kInt3BlockValues; ++i) {
+      v[i] = q[b * kInt3BlockValues + i];
       if (v[i] < lo || v[i] > hi) *bad = 1;
     }
-    pack_int3_block(v, out + b * 3);
+    pack_int3_block(v, out + b * kInt3BlockWords);
   }
 }
 
 __global__ void unpack_int3_kernel(const uint32_t* __restrict__ packed, int8_t* __restrict__ out, int64_t n_out,
                                    bool is_signed) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n_out; i += int64_t(gridDim.x) * blockDim.x) {
-    out[i] = int3_value(packed + (i / 32) * 3, int(i % 32), is_signed);
+    out[i] = int3_value(packed + (i / kInt3BlockValues) * kInt3BlockWords, int(i % kInt3BlockValues), is_signed);
   }
 }
 
-std::vector<int64_t> with_last_dim(const at::Tensor& t, int64_t last) {
-  auto sizes = t.sizes().vec();
-  sizes.back() = last;
-  return sizes;
-}
-
 void raise_if_bad(const at::Tensor& bad, int bits, bool is_signed, const char* op) {
-  const int lo = is_signed ? -(1 << (bits - 1)) : 0;
-  const int hi = is_signed ? (1 << (bits - 1)) - 1 : (1 << bits) - 1;
   TORCH_CHECK(bad.item<int>() == 0, "bisup: ", op, " expects ", is_signed ? "signed" : "unsigned", " ", bits,
-              "-bit values in [", lo, ", ", hi, "], got values outside that range");
+              "-bit values in [", code_min(bits, is_signed), ", ", code_max(bits, is_signed),
+              "], got values outside that range");
 }
 
 constexpr int kThreads = 256;
@@ -69,7 +63,7 @@ at::Tensor pack_int4_cuda(const at::Tensor& q, bool is_signed) {
   auto bad = at::zeros({1}, q.options().dtype(at::kInt));
   if (out.numel() > 0) {
     pack_int4_kernel<<<grid_for(out.numel(), kThreads), kThreads, 0, current_stream()>>>(
-        q.data_ptr<int8_t>(), out.data_ptr<uint8_t>(), out.numel(), is_signed ? -8 : 0, is_signed ? 7 : 15,
+        q.data_ptr<int8_t>(), out.data_ptr<uint8_t>(), out.numel(), code_min(4, is_signed), code_max(4, is_signed),
         bad.data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -99,8 +93,8 @@ at::Tensor pack_int3_cuda(const at::Tensor& q, bool is_signed) {
   const int64_t blocks = q.numel() / kInt3BlockValues;
   if (blocks > 0) {
     pack_int3_kernel<<<grid_for(blocks, kThreads), kThreads, 0, current_stream()>>>(
-        q.data_ptr<int8_t>(), reinterpret_cast<uint32_t*>(out.data_ptr<uint8_t>()), blocks, is_signed ? -4 : 0,
-        is_signed ? 3 : 7, bad.data_ptr<int>());
+        q.data_ptr<int8_t>(), reinterpret_cast<uint32_t*>(out.data_ptr<uint8_t>()), blocks, code_min(3, is_signed),
+        code_max(3, is_signed), bad.data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   raise_if_bad(bad, 3, is_signed, "pack_int3");
@@ -111,9 +105,7 @@ at::Tensor unpack_int3_cuda(const at::Tensor& packed, bool is_signed) {
   BISUP_CHECK_CUDA(packed);
   const int64_t k = check_unpack_int3_args(packed);
   // The kernel reads whole 32-bit words; rows are 12-byte multiples, so only the start can be off.
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(packed.data_ptr()) % 4 == 0,
-              "bisup: unpack_int3 on CUDA needs packed to start at a 4-byte aligned address, got a view at byte offset ",
-              packed.storage_offset(), "; pass a fresh tensor (e.g. .clone())");
+  check_aligned(packed, 4, "unpack_int3", "packed", "32-bit word reads");
   const c10::cuda::CUDAGuard guard(packed.device());
   auto out = at::empty(with_last_dim(packed, k), packed.options().dtype(at::kChar));
   if (out.numel() > 0) {

@@ -1,9 +1,6 @@
 // CUDA quantize_pack / dequantize. One warp per (row, group): warp-reduce the group's range,
 // then each lane quantizes pairs of values into INT4 nibbles. Same scalar math as the CPU
 // twin (quant_math.h), so results are bit-identical.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include "cuda_utils.cuh"
 #include "ops.h"
 #include "pack_format.h"
@@ -13,24 +10,6 @@ namespace bisup {
 namespace {
 
 constexpr int kWarpsPerBlock = 8;
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v) { return static_cast<float>(v); }
-template <>
-__device__ __forceinline__ float to_float<at::Half>(at::Half v) { return __half2float(static_cast<__half>(v)); }
-template <>
-__device__ __forceinline__ float to_float<at::BFloat16>(at::BFloat16 v) {
-  return __bfloat162float(static_cast<__nv_bfloat16>(v));
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-__device__ __forceinline__ float warp_min(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
 
 template <typename T>
 __global__ void quantize_pack_kernel(const T* __restrict__ x, uint8_t* __restrict__ q, __half* __restrict__ scale,
@@ -49,20 +28,13 @@ __global__ void quantize_pack_kernel(const T* __restrict__ x, uint8_t* __restric
   lo = warp_min(lo);
   hi = warp_max(hi);
   const float amax = fmaxf(fabsf(lo), fabsf(hi));
-  float s, z = 0.f;
-  if (sym) {
-    s = finalize_scale(clip * amax / float((1 << (bits - 1)) - 1));
-  } else {
-    const float qmax = float((1 << bits) - 1);
-    // mul_rn: the two products round separately, as on the CPU (plain code here becomes an FFMA).
-    s = finalize_scale((mul_rn(clip, hi) - mul_rn(clip, lo)) / qmax);
-    z = zero_point(mul_rn(clip, lo), s);
-  }
+  const GroupParams gp = sym ? sym_group_params(amax, clip, bits) : asym_group_params(lo, hi, clip, bits);
+  const float s = gp.scale, z = gp.zero;
   if (lane == 0) {
     scale[rg] = __float2half_rn(s);
     if (!sym) zero[rg] = __float2half_rn(z);
   }
-  uint8_t* qg = q + rg * (group / 2);
+  uint8_t* qg = q + packed_row_bytes(4, rg * group);
   for (int i = lane; i < group / 2; i += 32) {
     const float a = to_float(xg[2 * i]), c = to_float(xg[2 * i + 1]);
     const int qa = sym ? quantize_sym(a, s, bits) : quantize_asym(a, s, z, bits);
@@ -94,11 +66,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_cuda(const at::Tens
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t k = x.size(-1);
   const int64_t group = effective_group(k, group_size);
-  auto qshape = x.sizes().vec();
-  qshape.back() = k / 2;
-  auto sshape = x.sizes().vec();
-  sshape.back() = num_groups(k, group_size);
-  auto q = at::empty(qshape, x.options().dtype(at::kByte));
+  const auto sshape = with_last_dim(x, num_groups(k, group_size));
+  auto q = at::empty(with_last_dim(x, packed_row_bytes(4, k)), x.options().dtype(at::kByte));
   auto scale = at::empty(sshape, x.options().dtype(at::kHalf));
   auto zero = sym ? at::empty({0}, x.options().dtype(at::kHalf)) : at::empty(sshape, x.options().dtype(at::kHalf));
   const int64_t n_groups = scale.numel();
@@ -119,10 +88,8 @@ at::Tensor dequantize_cuda(const at::Tensor& q, const at::Tensor& scale, const s
   BISUP_CHECK_CUDA(q);
   check_dequantize_args(q, scale, zero, group_size);
   const c10::cuda::CUDAGuard guard(q.device());
-  const int64_t k = q.size(-1) * 2;
-  auto shape = q.sizes().vec();
-  shape.back() = k;
-  auto out = at::empty(shape, q.options().dtype(out_dtype));
+  const int64_t k = packed_row_values(4, q.size(-1));
+  auto out = at::empty(with_last_dim(q, k), q.options().dtype(out_dtype));
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "dequantize_cuda", [&] {
     dequantize_kernel<scalar_t><<<grid_for(q.numel(), 256), 256, 0, current_stream()>>>(

@@ -2,27 +2,8 @@
 import pytest
 import torch
 
+from _helpers import ATTENTION_CASES as CASES, ATTENTION_TOL as TOL, attention_inputs as _inputs
 from bisup import ops, reference
-
-# The grid (P in {0, 1, 37}, S in {0, 1, 255}, Tq in {1, 5, 64}, GQA 1/3/4, head_dim
-# 64/128, ragged lengths, causal on/off) paired up rather than crossed, so it runs in seconds;
-# plus 3/8-bit, groups, head_dim 256 and every dtype.
-CASES = [
-    # P,  S,  Tq, Hq, Hkv, D, causal, ragged, bits, group, dtype
-    (37, 255, 1, 8, 2, 128, True, False, 4, -1, torch.float32),
-    (0, 255, 5, 6, 2, 64, True, True, 4, 32, torch.float32),
-    (1, 1, 64, 4, 4, 64, True, False, 4, -1, torch.float32),
-    (37, 0, 5, 8, 2, 128, False, False, 4, -1, torch.float32),
-    (0, 1, 1, 3, 1, 64, False, True, 8, 16, torch.float32),
-    (1, 255, 64, 6, 2, 128, False, True, 8, -1, torch.float16),
-    (37, 1, 1, 4, 1, 64, True, True, 3, 32, torch.float16),
-    (0, 0, 5, 4, 4, 64, True, False, 4, -1, torch.float32),  # no keys at all: zeros
-    (37, 255, 5, 4, 1, 128, True, True, 4, 64, torch.bfloat16),
-    (1, 37, 64, 8, 2, 64, True, True, 3, -1, torch.float32),
-    (37, 40, 1, 4, 2, 256, True, False, 8, 32, torch.float16),
-    (5, 70, 16, 2, 2, 256, True, True, 4, -1, torch.float32),  # largest fused Tq on CUDA
-]
-TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def _poison_cuda_allocator(device):
@@ -38,22 +19,6 @@ def _poison_cuda_allocator(device):
             blocks += [torch.full((1 << shift,), float("nan"), device=device) for _ in range(4)]
         torch.cuda.synchronize(device)
         del blocks
-
-
-def _inputs(p, s, tq, hq, hkv, d, ragged, bits, group, dtype, gen, batch=2):
-    q = torch.randn(batch, hq, tq, d, generator=gen).to(dtype)
-    kp = torch.randn(batch, hkv, p, d, generator=gen).to(dtype)
-    vp = torch.randn(batch, hkv, p, d, generator=gen).to(dtype)
-    k = torch.randn(batch, hkv, s, d, generator=gen) * 2 - 0.5
-    v = torch.randn(batch, hkv, s, d, generator=gen)
-    if s:
-        k[:, :, 0, :8] = 0.0  # a zero group
-    kq = reference.kv_quantize(k, bits, group)
-    vq = reference.kv_quantize(v, bits, group)
-    seq_lens = torch.tensor([s, max(s - 7, 0)][:batch]) if ragged else None
-    if ragged and s == 1:
-        seq_lens = torch.tensor([1, 0])
-    return q, kp, vp, kq, vq, seq_lens
 
 
 @pytest.mark.parametrize("p,s,tq,hq,hkv,d,causal,ragged,bits,group,dtype", CASES)

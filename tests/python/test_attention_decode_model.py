@@ -12,20 +12,23 @@ What it proves: the index math, masking and merge logic give the reference's res
 decode case of test_attention.py under several SM counts (1 split ... one split per tile), and
 the fp32 error of this summation order fits the tolerances the CUDA tests use. What it cannot:
 compiler FMA contraction and expf/logf ulps (both at the 1e-7 level), races, or launch errors.
+The kernel's sizes and limits are read from its sources (_kernel_constants), so the model follows
+a change of them; its transcribed logic must be kept in step by hand.
 """
 import math
 
 import pytest
 import torch
 
+import _kernel_constants as kc
+from _helpers import ATTENTION_CASES, ATTENTION_TOL as TOL, attention_inputs
 from bisup import ops, reference
 
-from test_attention import CASES, TOL, _inputs
-
-K_THREADS, K_TILE, K_ROWS_PER_WARP = 128, 32, 4
-K_WARPS = K_THREADS // 32
-K_MAX_ROWS = K_WARPS * K_ROWS_PER_WARP
-K_FUSED_MAX_TQ, K_MAX_SPLITS = 16, 256
+_SOURCES = ("pack_format.h", "cuda/cuda_utils.cuh", "cuda/attention_decode.cuh", "cuda/attention.cu")
+(K_TILE, K_MAX_ROWS, K_KEY_PAD, K_FUSED_MAX_TQ, K_MAX_SPLITS, K_SPLIT_WAVES, K_MAX_SMEM_OPT_IN, K_SMEM_NO_OPT_IN,
+ K_MAX_GRID_YZ, INT3_BLOCK_VALUES, INT3_BLOCK_BYTES) = kc.require(
+    kc.constants(*_SOURCES), "kTile", "kMaxRows", "kKeyPad", "kFusedMaxTq", "kMaxSplits", "kSplitWaves",
+    "kMaxSmemOptIn", "kSmemNoOptIn", "kMaxGridYZ", "kInt3BlockValues", "kInt3BlockBytes", source=", ".join(_SOURCES))
 LANES = torch.arange(32)
 
 
@@ -39,14 +42,14 @@ def launch_shape(b, hq, hkv, tq, p, s, sms):
     row_tiles = cdiv((hq // hkv) * tq, K_MAX_ROWS)
     tiles = max(cdiv(total, K_TILE), 1)
     base_blocks = b * hkv * row_tiles
-    want = min(max(cdiv(4 * sms, base_blocks), 1), min(tiles, K_MAX_SPLITS))
+    want = min(max(cdiv(K_SPLIT_WAVES * sms, base_blocks), 1), min(tiles, K_MAX_SPLITS))
     split_len = cdiv(tiles, want) * K_TILE
     splits = max(cdiv(total, split_len), 1)
     return splits, split_len, row_tiles
 
 
 def decode_smem_bytes(d):
-    return (K_TILE * (d + 4) + K_TILE * d + K_MAX_ROWS * d) * 4
+    return (K_TILE * (d + K_KEY_PAD) + K_TILE * d + K_MAX_ROWS * d) * 4
 
 
 def _le_u32(byte_rows, first):
@@ -63,12 +66,16 @@ def dequant8_codes(row, d0, bits):
         return torch.cat([(x[..., None] >> (8 * shifts[:4])) & 0xFF, (y[..., None] >> (8 * shifts[:4])) & 0xFF], -1)
     if bits == 4:  # one uint32 at byte d0 / 2, nibble i = value d0 + i
         return (_le_u32(row, d0 // 2)[..., None] >> (4 * shifts)) & 0xF
-    i = d0 + shifts  # kv_format.h kv_code, INT3 byte reads
-    blk, v = (i >> 5) * 12, i & 31
-    j = v & 15
-    lo = (row[..., blk + 4 * (v >> 4) + (j & 3)].long() >> (2 * (j >> 2))) & 3
-    hi = (row[..., blk + 8 + (v & 3)].long() >> (v >> 2)) & 1
-    return lo | (hi << 2)
+    # INT3: quads q, q + 1 of one block from its low word q / 4 and word 2 (pack_format.h int3_quad)
+    blk = (d0 // INT3_BLOCK_VALUES) * INT3_BLOCK_BYTES
+    q = (d0 % INT3_BLOCK_VALUES) // 4
+    low, high = _le_u32(row, blk + 4 * (q >> 2)), _le_u32(row, blk + 8)
+
+    def quad(s):
+        return ((low >> (2 * (s & 3))) & 0x03030303) | (((high >> s) & 0x01010101) << 2)
+
+    both = torch.stack([quad(q), quad(q + 1)], -1)  # [..., 2]: values d0..d0+3, d0+4..d0+7
+    return ((both[..., None] >> (8 * shifts[:4])) & 0xFF).flatten(-2)
 
 
 def dequant_rows(row, s, z, d, group, bits):
@@ -109,7 +116,7 @@ def decode_model(q, kp, vp, kq, vq, *, bits, group, scale=None, causal=True, seq
     scale = torch.tensor(d ** -0.5 if scale is None else scale, dtype=torch.float64).float()
     splits, split_len, row_tiles = launch_shape(b_, hq_, hkv_, tq_, p_, s_, sms)
     gqa, rows_total = hq_ // hkv_, b_ * hq_ * tq_
-    assert splits <= 2**31 - 1 and b_ * hkv_ <= 65535 and row_tiles <= 65535  # grid limits
+    assert splits <= 2**31 - 1 and b_ * hkv_ <= K_MAX_GRID_YZ and row_tiles <= K_MAX_GRID_YZ  # grid limits
     part_o = torch.full((splits, rows_total, d), float("nan"))
     part_lse = torch.full((splits, rows_total), float("nan"))
     qf = q.float().reshape(-1, d)
@@ -207,14 +214,14 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-DECODE_CASES = [c for c in CASES if c[2] <= K_FUSED_MAX_TQ and c[0] + c[1] > 0]
+DECODE_CASES = [c for c in ATTENTION_CASES if c[2] <= K_FUSED_MAX_TQ and c[0] + c[1] > 0]
 # SM counts: 1 (few splits), H200, and enough to give every tile its own split.
 SMS = (1, 132, 100_000)
 
 
 @pytest.mark.parametrize("p,s,tq,hq,hkv,d,causal,ragged,bits,group,dtype", DECODE_CASES)
 def test_decode_model_matches_reference(gen, p, s, tq, hq, hkv, d, causal, ragged, bits, group, dtype):
-    q, kp, vp, kq, vq, seq_lens = _inputs(p, s, tq, hq, hkv, d, ragged, bits, group, dtype, gen)
+    q, kp, vp, kq, vq, seq_lens = attention_inputs(p, s, tq, hq, hkv, d, ragged, bits, group, dtype, gen)
     kw = dict(bits=bits, group=group, causal=causal, seq_lens=seq_lens)
     want = reference.attention(q, kp, vp, *kq, *vq, kv_bits=bits, group_size=group, causal=causal, seq_lens=seq_lens)
     blind = ~reference.attention_mask(q.shape[0], tq, p, s, causal, seq_lens).any(-1)
@@ -231,7 +238,7 @@ def test_decode_model_edges(gen):
     """Splits that see no key (ragged lengths, causal rows before every key), a row tile boundary
     inside a GQA group, and the fp32 tolerance of the decode path against the CPU twin."""
     # Hq/Hkv = 6 and Tq = 3: 18 rows -> row tiles of 16 + 2, the second starting mid-group.
-    q, kp, vp, kq, vq, _ = _inputs(3, 200, 3, 6, 1, 64, False, 4, 16, torch.float32, gen)
+    q, kp, vp, kq, vq, _ = attention_inputs(3, 200, 3, 6, 1, 64, False, 4, 16, torch.float32, gen)
     seq_lens = torch.tensor([200, 2])  # batch 1: 5 keys, so most of its splits are empty
     want = reference.attention(q, kp, vp, *kq, *vq, kv_bits=4, group_size=16, seq_lens=seq_lens)
     got, st = decode_model(q, kp, vp, kq, vq, bits=4, group=16, seq_lens=seq_lens, sms=100_000)
@@ -240,7 +247,7 @@ def test_decode_model_edges(gen):
     cpu = ops.attention(q, kp, vp, *kq, *vq, kv_bits=4, group_size=16, seq_lens=seq_lens)
     torch.testing.assert_close(got, cpu, rtol=1e-5, atol=1e-5)
     # Tq > visible keys with causal masking: leading rows see nothing, their output is zero.
-    q, kp, vp, kq, vq, _ = _inputs(0, 3, 8, 2, 2, 128, True, 8, -1, torch.float16, gen)
+    q, kp, vp, kq, vq, _ = attention_inputs(0, 3, 8, 2, 2, 128, True, 8, -1, torch.float16, gen)
     got, _ = decode_model(q, kp, vp, kq, vq, bits=8, group=-1, seq_lens=torch.tensor([3, 0]), sms=100_000)
     want = reference.attention(q, kp, vp, *kq, *vq, kv_bits=8, seq_lens=torch.tensor([3, 0]))
     assert bool((got[:, :, :5] == 0).all()) and bool((got[1] == 0).all())
@@ -250,7 +257,7 @@ def test_decode_model_edges(gen):
 def test_decode_model_softmax_scale_vs_sdpa(gen):
     """test_attention_softmax_scale_and_dense_equivalence's case (atol 1e-5 vs CPU SDPA) through
     the decode model: the kernel's summation order must fit that tolerance too."""
-    q, kp, vp, kq, vq, _ = _inputs(3, 20, 4, 4, 2, 64, False, 8, -1, torch.float32, gen)
+    q, kp, vp, kq, vq, _ = attention_inputs(3, 20, 4, 4, 2, 64, False, 8, -1, torch.float32, gen)
     k = torch.cat([kp, reference.kv_dequantize(*kq, 8)], 2).repeat_interleave(2, 1)
     v = torch.cat([vp, reference.kv_dequantize(*vq, 8)], 2).repeat_interleave(2, 1)
     mask = reference.attention_mask(2, 4, 3, 20, True).unsqueeze(1)
@@ -289,10 +296,11 @@ def test_launch_shapes_and_shared_memory():
             total = p + s
             assert split_len % K_TILE == 0 and 1 <= splits <= K_MAX_SPLITS
             assert splits * split_len >= total > (splits - 1) * split_len
-            assert row_tiles * K_MAX_ROWS >= (hq // hkv) * tq and row_tiles <= 65535 and b * hkv <= 65535
+            assert row_tiles * K_MAX_ROWS >= (hq // hkv) * tq and row_tiles <= K_MAX_GRID_YZ
+            assert b * hkv <= K_MAX_GRID_YZ
     smem = {d: decode_smem_bytes(d) for d in (64, 128, 256)}
-    assert smem[64] <= 48 * 1024 and smem[128] <= 48 * 1024  # no opt-in needed
-    assert 48 * 1024 < smem[256] <= 99 * 1024  # opt-in (cudaFuncSetAttribute); fits every sm_80+ part
+    assert smem[64] <= K_SMEM_NO_OPT_IN and smem[128] <= K_SMEM_NO_OPT_IN  # no opt-in needed
+    assert K_SMEM_NO_OPT_IN < smem[256] <= K_MAX_SMEM_OPT_IN  # opt-in (cudaFuncSetAttribute); fits every sm_80+ part
 
 
 @pytest.mark.parametrize("p,s,tq,causal,ragged,dtype", [
@@ -301,7 +309,7 @@ def test_launch_shapes_and_shared_memory():
 def test_prefill_model_mask_and_blind_rows(gen, p, s, tq, causal, ragged, dtype):
     """attention_prefill's mask equals reference.attention_mask, and SDPA + masked_fill gives the
     reference (blind rows zero, no NaN)."""
-    q, kp, vp, kq, vq, seq_lens = _inputs(p, s, tq, 4, 2, 64, ragged, 4, -1, dtype, gen)
+    q, kp, vp, kq, vq, seq_lens = attention_inputs(p, s, tq, 4, 2, 64, ragged, 4, -1, dtype, gen)
     got, allowed = prefill_model(q, kp, vp, kq, vq, bits=4, group=-1, causal=causal, seq_lens=seq_lens)
     want_mask = reference.attention_mask(2, tq, p, s, causal, seq_lens).unsqueeze(1)
     assert torch.equal(allowed, want_mask)
@@ -320,7 +328,7 @@ def test_decode_model_error_stats(gen):
         p, s, tq, hq, hkv, d, causal, ragged, bits, group, dtype = case
         if dtype != torch.float32:
             continue
-        q, kp, vp, kq, vq, seq_lens = _inputs(p, s, tq, hq, hkv, d, ragged, bits, group, dtype, gen)
+        q, kp, vp, kq, vq, seq_lens = attention_inputs(p, s, tq, hq, hkv, d, ragged, bits, group, dtype, gen)
         want = reference.attention(q, kp, vp, *kq, *vq, kv_bits=bits, group_size=group, causal=causal,
                                    seq_lens=seq_lens)
         got, _ = decode_model(q, kp, vp, kq, vq, bits=bits, group=group, causal=causal, seq_lens=seq_lens, sms=132)

@@ -11,6 +11,7 @@ for bit.
 import pytest
 import torch
 
+from _helpers import make_gemm_case as make_case
 from bisup import ops, reference
 from conftest import poison_like
 
@@ -28,32 +29,6 @@ CASES = [
     (129, 257, 512, 64, 4, 4, 128, True),  # odd N
     (17, 64, 128, -1, 4, 4, 0, False),
 ]
-
-
-def make_case(m, n, k, group_size, w_bits, a_bits, ko, with_bias, gen):
-    g = k if group_size == -1 else group_size
-    qa = torch.randint(-(1 << (a_bits - 1)), 1 << (a_bits - 1), (m, k), generator=gen, dtype=torch.int8)
-    qw = torch.randint(-(1 << (w_bits - 1)), 1 << (w_bits - 1), (n, k), generator=gen, dtype=torch.int8)
-    qa[0, :g] = 0  # zero groups
-    qw[-1, -g:] = 0
-    # Scales over a few binades (fp16), so group terms differ in magnitude.
-    sa = (2.0 ** torch.randint(-6, 1, (m, k // g), generator=gen) * (1 + torch.rand(m, k // g, generator=gen))).half()
-    sw = (2.0 ** torch.randint(-6, 1, (n, k // g), generator=gen) * (1 + torch.rand(n, k // g, generator=gen))).half()
-    args = dict(
-        a_q=reference.pack_int4(qa),
-        a_scale=sa,
-        w_q=reference.pack_int4(qw) if w_bits == 4 else reference.pack_int3(qw),
-        w_scale=sw,
-    )
-    kw = dict(a_bits=a_bits, w_bits=w_bits, group_size=group_size)
-    if with_bias:
-        kw["bias"] = torch.randn(n, generator=gen)
-    if ko:
-        kw["a_outlier"] = torch.randint(-128, 128, (m, ko), generator=gen, dtype=torch.int8)
-        kw["w_outlier"] = torch.randint(-128, 128, (n, ko), generator=gen, dtype=torch.int8)
-        kw["a_outlier_scale"] = (torch.rand(m, generator=gen) * 2e-3 + 1e-4).half()
-        kw["w_outlier_scale"] = (torch.rand(n, generator=gen) * 2e-3 + 1e-4).half()
-    return qa, qw, args, kw
 
 
 def abs_term_sum(qa, qw, args, kw):

@@ -4,15 +4,21 @@ No GPU needed: they check the kernel's layout and bookkeeping logic against the 
 and the CPU twin, so CI guards what only a GPU run would otherwise catch. The kernel itself is
 checked on a GPU by the CUDA cases of test_gemm.py.
 """
-import pathlib
-import re
-
 import numpy as np
 import pytest
 import torch
 
+import _kernel_constants as kc
+from _helpers import make_gemm_case
 from bisup import ops, reference
-from test_gemm import make_case
+
+# The kernel's sizes, read from its sources (fails at import if one is missing).
+_SOURCES = ("pack_format.h", "cuda/cuda_utils.cuh", "cuda/gemm_kernel.cuh")
+(TILE_BYTES, TILE_K, INT3_TILE_BYTES, INT3_TILE_CHUNKS, INT3_BLOCK_VALUES, INT3_BLOCK_BYTES,
+ MAX_GRID_YZ) = kc.require(kc.constants(*_SOURCES), "kTileBytes", "kTileK", "kInt3TileBytes", "kInt3TileChunks",
+                           "kInt3BlockValues", "kInt3BlockBytes", "kMaxGridYZ", source=", ".join(_SOURCES))
+TILE_CONFIGS = kc.tile_configs("cuda/gemm.cu")  # name -> (BM, BN, WARPS_M, WARPS_N, STAGES)
+CHUNK = 16  # bytes per cp.async / per ldmatrix row (PTX)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -58,7 +64,7 @@ def _odd_x16(p):  # gemm_ptx.cuh int4_odd_x16
     return p & 0xF0F0F0F0
 
 
-def _int3_quad(lo, hi, s):
+def _int3_quad(lo, hi, s):  # gemm_ptx.cuh int3_quad_x32: pack_format.h int3_quad << 5
     return ((((lo >> (2 * (s & 3))) & 0x03030303) << 5) | (((hi >> s) & 0x01010101) << 7)) & 0xFFFFFFFF
 
 
@@ -102,17 +108,9 @@ def test_int8_unpack_fragment_model(gen, w_bits):
 # unpacks, the group-fold schedule, scale indexing and clamping, tails, epilogue, and the host's
 # M slicing. Shared memory starts as garbage and the output as NaN, every global access is
 # bounds-checked, every output must be written exactly once, and the result must equal the CPU
-# twin bit for bit. Keep it in step with the kernel when the kernel changes.
+# twin bit for bit. Tile configs, tile sizes and byte counts are read from the kernel sources
+# (_kernel_constants); keep the transcribed logic in step with the kernel when the kernel changes.
 # ------------------------------------------------------------------------------------------------
-_CUDA_DIR = pathlib.Path(__file__).resolve().parents[2] / "csrc" / "cuda"
-
-
-def _tile_configs():
-    """name -> (BM, BN, WARPS_M, WARPS_N, STAGES), read from gemm.cu so the emulator follows it."""
-    src = (_CUDA_DIR / "gemm.cu").read_text()
-    found = re.findall(r"using (\w+) = TileConfig<(\d+), (\d+), (\d+), (\d+), (\d+)>;", src)
-    assert found, "no TileConfig found in gemm.cu"
-    return {name: tuple(int(v) for v in vals) for name, *vals in found}
 
 
 def _mma_maps(kind):
@@ -193,12 +191,12 @@ class _Smem:
         self.open, self.groups = [], []
 
     def cp_async16(self, dst, src, src_bytes):  # cp.async.cg.shared.global [dst], [src], 16, src_bytes
-        assert dst % 16 == 0 and src.off % 16 == 0, "cp.async needs 16-byte aligned addresses"
-        data = np.zeros(16, np.uint8)
+        assert dst % CHUNK == 0 and src.off % CHUNK == 0, "cp.async needs 16-byte aligned addresses"
+        data = np.zeros(CHUNK, np.uint8)
         if src_bytes:
             data[:src_bytes] = src[np.arange(src_bytes)]
         self.open.append((dst, data))
-        self.inflight[dst : dst + 16] += 1
+        self.inflight[dst : dst + CHUNK] += 1
 
     def commit(self):
         self.groups.append(self.open)
@@ -207,8 +205,8 @@ class _Smem:
     def wait(self, pending):
         while len(self.groups) > pending:
             for dst, data in self.groups.pop(0):
-                self.mem[dst : dst + 16] = data
-                self.inflight[dst : dst + 16] -= 1
+                self.mem[dst : dst + CHUNK] = data
+                self.inflight[dst : dst + CHUNK] -= 1
 
     def _check(self, addrs, width):
         assert (addrs % width == 0).all(), "misaligned shared load"
@@ -231,23 +229,24 @@ class _Smem:
 
 
 def _swizzle(row, chunk):  # gemm_kernel.cuh swizzle
-    return row * 64 + ((chunk ^ ((row >> 1) & 3)) << 4)
+    return row * TILE_BYTES + ((chunk ^ ((row >> 1) & 3)) << 4)
 
 
 def _load_rows64(sm, dst, src, row0, rows_total, row_bytes, byte0, rows):
     for c in range(rows * 4):
         row, chunk = c >> 2, c & 3
-        gr, gb = row0 + row, byte0 + 16 * chunk
+        gr, gb = row0 + row, byte0 + CHUNK * chunk
         ok = gr < rows_total and gb < row_bytes
-        sm.cp_async16(dst + _swizzle(row, chunk), src + (gr * row_bytes + gb) if ok else src, 16 if ok else 0)
+        sm.cp_async16(dst + _swizzle(row, chunk), src + (gr * row_bytes + gb) if ok else src, CHUNK if ok else 0)
 
 
 def _load_rows48(sm, dst, src, row0, rows_total, row_bytes, byte0, rows):
-    for c in range(rows * 3):
-        row, chunk = c // 3, c % 3
+    for c in range(rows * INT3_TILE_CHUNKS):
+        row, chunk = c // INT3_TILE_CHUNKS, c % INT3_TILE_CHUNKS
         gr = row0 + row
         ok = gr < rows_total
-        sm.cp_async16(dst + row * 48 + 16 * chunk, src + (gr * row_bytes + byte0 + 16 * chunk) if ok else src, 16 if ok else 0)
+        sm.cp_async16(dst + row * INT3_TILE_BYTES + CHUNK * chunk,
+                      src + (gr * row_bytes + byte0 + CHUNK * chunk) if ok else src, CHUNK if ok else 0)
 
 
 def _emulate_cta(cfg, path, w_bits, p, bx, by, rng):
@@ -255,29 +254,29 @@ def _emulate_cta(cfg, path, w_bits, p, bx, by, rng):
     bm, bn, warps_m, warps_n, stages = cfg
     wm, wn = bm // warps_m, bn // warps_n
     mt, nt = wm // 16, wn // 8
-    stage_bytes = (bm + bn) * 64
+    stage_bytes = (bm + bn) * TILE_BYTES
     unpack_scale = np.float32(1.0 if path == "s4" else (1 / 256 if w_bits == 4 else 1 / 512))
     lane = np.arange(32)
     g, t = lane >> 2, lane & 3
     m, n, k, group, groups, ko = (p[x] for x in ("m", "n", "k", "group", "groups", "ko"))
     m0, n0 = by * bm, bx * bn
     a_row_bytes = k // 2
-    w_row_bytes = k // 2 if w_bits == 4 else k // 32 * 12
-    tiles_main = -(-k // 128)
-    tiles_total = tiles_main + -(-ko // 64)
+    w_row_bytes = k // 2 if w_bits == 4 else k // INT3_BLOCK_VALUES * INT3_BLOCK_BYTES
+    tiles_main = -(-k // TILE_K)
+    tiles_total = tiles_main + -(-ko // TILE_BYTES)
     sm = _Smem(stages * stage_bytes, rng)
 
     def load_tile(stage, tile):
         as_ = stage * stage_bytes
-        ws = as_ + bm * 64
+        ws = as_ + bm * TILE_BYTES
         if tile < tiles_main:
-            _load_rows64(sm, as_, p["a"], m0, m, a_row_bytes, tile * 64, bm)
+            _load_rows64(sm, as_, p["a"], m0, m, a_row_bytes, tile * TILE_BYTES, bm)
             if w_bits == 4:
-                _load_rows64(sm, ws, p["w"], n0, n, w_row_bytes, tile * 64, bn)
+                _load_rows64(sm, ws, p["w"], n0, n, w_row_bytes, tile * TILE_BYTES, bn)
             else:
-                _load_rows48(sm, ws, p["w"], n0, n, w_row_bytes, tile * 48, bn)
+                _load_rows48(sm, ws, p["w"], n0, n, w_row_bytes, tile * INT3_TILE_BYTES, bn)
         else:
-            byte0 = (tile - tiles_main) * 64
+            byte0 = (tile - tiles_main) * TILE_BYTES
             _load_rows64(sm, as_, p["ao"], m0, m, ko, byte0, bm)
             _load_rows64(sm, ws, p["wo"], n0, n, ko, byte0, bn)
 
@@ -316,7 +315,7 @@ def _emulate_cta(cfg, path, w_bits, p, bx, by, rng):
 
         def compute_tile(self, stage, tile):
             as_ = stage * stage_bytes
-            ws = as_ + bm * 64
+            ws = as_ + bm * TILE_BYTES
             main = tile < tiles_main
             for kc in range(2):
                 a = []
@@ -334,7 +333,7 @@ def _emulate_cta(cfg, path, w_bits, p, bx, by, rng):
                         for j in range(nt):
                             _mma(self.acc_i[i, j], a[i], np.stack(b[j], axis=1), "s8")
                     continue
-                k_chunk0 = tile * 128 + kc * 64
+                k_chunk0 = tile * TILE_K + kc * 64
                 if path == "s4":
                     for i in range(mt):
                         for j in range(nt):
@@ -352,7 +351,7 @@ def _emulate_cta(cfg, path, w_bits, p, bx, by, rng):
                         if w_bits == 4:
                             b8.append(np.stack([_even_x16(b[j][step]), _odd_x16(b[j][step])], axis=1))
                         else:
-                            blk = ws + (self.wn0 + j * 8 + g) * 48 + (2 * kc + step) * 12
+                            blk = ws + (self.wn0 + j * 8 + g) * INT3_TILE_BYTES + (2 * kc + step) * INT3_BLOCK_BYTES
                             even, odd = _int3_lane_x32(sm.ld32(blk + 4 * (t >> 1)), sm.ld32(blk + 8), t)
                             b8.append(np.stack([even, odd], axis=1))
                     for i in range(mt):
@@ -398,7 +397,7 @@ def _emulate_cta(cfg, path, w_bits, p, bx, by, rng):
 
 
 def _emulate_gemm(cfg, path, w_bits, args, kw, rows_per_launch=None):
-    """gemm_cuda's launch (M sliced into launches of at most 65535 M tiles) over emulated CTAs."""
+    """gemm_cuda's launch (M sliced into launches of at most MAX_GRID_YZ M tiles) over emulated CTAs."""
     m, k = args["a_q"].shape[0], args["a_q"].shape[1] * 2
     n = args["w_q"].shape[0]
     group = k if kw["group_size"] == -1 else kw["group_size"]
@@ -419,14 +418,14 @@ def _emulate_gemm(cfg, path, w_bits, args, kw, rows_per_launch=None):
         p.update(ao=flat(kw["a_outlier"].view(torch.uint8)), wo=flat(kw["w_outlier"].view(torch.uint8)),
                  sao=flat(kw["a_outlier_scale"]), swo=flat(kw["w_outlier_scale"]))
     bm, bn = cfg[0], cfg[1]
-    rows_per_launch = rows_per_launch or 65535 * bm
+    rows_per_launch = rows_per_launch or MAX_GRID_YZ * bm
     rng = np.random.default_rng(0)
     for r0 in range(0, m, rows_per_launch):
         q = dict(p, m=min(m - r0, rows_per_launch), a=p["a"] + r0 * (k // 2), sa=p["sa"] + r0 * p["groups"],
                  out=p["out"] + r0 * n)
         if ko:
             q.update(ao=p["ao"] + r0 * ko, sao=p["sao"] + r0)
-        assert -(-q["m"] // bm) <= 65535, "gridDim.y limit"
+        assert -(-q["m"] // bm) <= MAX_GRID_YZ, "gridDim.y limit"
         for by in range(-(-q["m"] // bm)):
             for bx in range(-(-n // bn)):
                 _emulate_cta(cfg, path, w_bits, q, bx, by, rng)
@@ -456,12 +455,32 @@ EMULATED = [
 ]
 
 
+def test_emulated_cases_cover_the_kernel_edges():
+    """With the tile sizes read from the sources, EMULATED still covers every tile config of
+    gemm.cu, K / N / outlier tails, groups smaller and larger than a K tile, W3 and M slicing."""
+    assert {c[0] for c in EMULATED} == set(TILE_CONFIGS)
+    assert any(c[4] % TILE_K for c in EMULATED)  # K tail inside the last K tile
+    assert any(c[3] % TILE_CONFIGS[c[0]][1] for c in EMULATED)  # N tail
+    assert any(c[8] % TILE_BYTES for c in EMULATED if c[8])  # outlier tail
+    groups = [(c[4] if c[5] == -1 else c[5], c[6]) for c in EMULATED]
+    assert any(g < TILE_K and w == 3 for g, w in groups) and any(g > TILE_K for g, _ in groups)
+    assert any(c[11] for c in EMULATED)  # M sliced into several launches
+
+
+def test_kernel_constants_fail_loudly(monkeypatch):
+    monkeypatch.setattr(kc, "read_source", lambda rel: "constexpr int kTileK = kUnknown * 2;\n")
+    with pytest.raises(kc.KernelConstantError, match="kTileK"):
+        kc.require(kc.constants("cuda/gemm_kernel.cuh"), "kTileK", source="cuda/gemm_kernel.cuh")
+    with pytest.raises(kc.KernelConstantError, match="TileConfig"):
+        kc.tile_configs("cuda/gemm.cu")
+
+
 @pytest.mark.parametrize("case", EMULATED, ids=lambda c: "{}-{}-M{}-N{}-K{}-g{}-w{}a{}-o{}-b{}-{}-r{}".format(*c))
 def test_kernel_emulation_matches_cpu_twin(gen, case):
     cfg_name, path, m, n, k, group_size, w_bits, a_bits, ko, bias, out_dtype, rows_per_launch = case
-    _, _, args, kw = make_case(m, n, k, group_size, w_bits, a_bits, ko, bias, gen)
+    _, _, args, kw = make_gemm_case(m, n, k, group_size, w_bits, a_bits, ko, bias, gen)
     kw["out_dtype"] = out_dtype
     assert path == "s8" or (w_bits == 4 and (k if group_size == -1 else group_size) % 64 == 0)  # choose_s4
-    y_emu = _emulate_gemm(_tile_configs()[cfg_name], path, w_bits, args, kw, rows_per_launch)
+    y_emu = _emulate_gemm(TILE_CONFIGS[cfg_name], path, w_bits, args, kw, rows_per_launch)
     y_cpu = ops.gemm(**args, **kw).float()
     assert torch.equal(y_emu, y_cpu), f"max diff {(y_emu - y_cpu).abs().max():.3g}"

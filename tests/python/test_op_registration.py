@@ -2,8 +2,8 @@
 
 `torch.library.opcheck` runs, per sample input:
   - test_schema: SchemaCheckMode (no undeclared input mutation, no output aliasing an input);
-  - test_autograd_registration: only runs when an input requires grad (see
-    test_ops_have_no_silent_autograd: the bisup ops are inference ops without an Autograd kernel);
+  - test_autograd_registration: only runs when an input requires grad, so it has its own test
+    (test_opcheck_autograd_registration): the bisup ops have no Autograd kernel;
   - test_faketensor: CrossRefFakeMode, the register_fake impls of bisup/ops.py against the real
     CPU kernel (shapes, dtypes, strides, devices of every output);
   - test_aot_dispatch_dynamic: AOTAutograd tracing with dynamic shapes (the fake impls under
@@ -264,16 +264,28 @@ _FLOAT_INPUT_OPS = {
 }
 
 
-@pytest.mark.parametrize("op", sorted(_FLOAT_INPUT_OPS))
-def test_ops_have_no_silent_autograd(op):
-    """No bisup op has an Autograd kernel (none is registered in csrc/bindings.cpp or ops.py; the
-    differentiable path is bisup.reference), so opcheck's autograd_registration_check must find
-    that no output requires grad when the autograd fallback does nothing: the backend kernels do
-    not secretly build an autograd graph."""
-    args = list(SAMPLES[op][_FLOAT_INPUT_OPS[op]]())
-    args = [a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+def _requires_grad_args(op):
+    args = [a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            for a in SAMPLES[op][_FLOAT_INPUT_OPS[op]]()]
     assert any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-    torch.library.opcheck(_overload(op), tuple(args), test_utils="test_autograd_registration")
+    return tuple(args)
+
+
+@pytest.mark.parametrize("op", sorted(_FLOAT_INPUT_OPS))
+def test_opcheck_autograd_registration(op):
+    """No bisup op has an Autograd kernel (the differentiable path is bisup.reference), so
+    opcheck's autograd_registration_check must find that no output requires grad when the
+    autograd fallback does nothing: the backend kernels do not secretly build an autograd graph."""
+    torch.library.opcheck(_overload(op), _requires_grad_args(op), test_utils="test_autograd_registration")
+
+
+def test_float_outputs_do_not_require_grad():
+    """The ops fall through the Autograd key (csrc/bindings.cpp): with an input that requires grad,
+    outputs are plain tensors instead of requires_grad tensors whose backward silently gives nothing."""
+    for op in sorted(_FLOAT_INPUT_OPS):
+        outs = _overload(op)(*_requires_grad_args(op))
+        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+        assert not any(o.requires_grad for o in outs), f"bisup::{op}: an output requires grad without a backward"
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,6 +296,23 @@ def test_ops_have_no_silent_autograd(op):
 _BACKEND = "inductor"
 
 
+def _compile(fn):
+    """torch.compile(fn, fullgraph=True) through _BACKEND, recording the FX graphs Dynamo hands it."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend(_BACKEND)
+    return torch.compile(fn, backend=counter, fullgraph=True), counter.graphs
+
+
+def _assert_one_graph_with(graphs, op_names):
+    """One graph (no recompile) that calls the bisup ops itself (they were traced, not run eagerly)."""
+    assert len(graphs) == 1, f"expected one compiled graph, got {len(graphs)}"
+    called = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
+    for name in op_names:
+        assert {f"bisup.{name}", f"bisup.{name}.default"} & called, f"bisup::{name} is not in the graph: {sorted(called)}"
+
+
 def test_compile_quant_linear_fullgraph():
     torch.manual_seed(0)
     linear = nn.Linear(200, 72, bias=True)  # K=200: zero-padded to 256 inside QuantLinear
@@ -291,8 +320,9 @@ def test_compile_quant_linear_fullgraph():
     x = _randn((3, 5, 200), 40, scale=2.0)
     with torch.no_grad():
         want = layer(x)
-        torch._dynamo.reset()
-        got = torch.compile(layer, backend=_BACKEND, fullgraph=True)(x)
+        compiled, graphs = _compile(layer)
+        got = compiled(x)
+    _assert_one_graph_with(graphs, {"quantize_pack", "gemm"})
     assert got.shape == want.shape == (3, 5, 72) and got.dtype == want.dtype
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
@@ -305,7 +335,8 @@ def test_compile_attention_fullgraph():
                              seq_lens=seq_lens)
 
     want = attend(*tensors, lens)
-    torch._dynamo.reset()
-    got = torch.compile(attend, backend=_BACKEND, fullgraph=True)(*tensors, lens)
+    compiled, graphs = _compile(attend)
+    got = compiled(*tensors, lens)
+    _assert_one_graph_with(graphs, {"attention"})
     assert got.shape == want.shape and got.dtype == want.dtype
     torch.testing.assert_close(got, want, rtol=0, atol=0)
