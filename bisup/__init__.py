@@ -8,7 +8,7 @@ from bisup import eval, ops, reference  # noqa: F401  (eval: bisup.eval.perplexi
 from bisup._ext import has_cuda_kernels  # noqa: F401
 from bisup.checkpoint import load_quantized, save_quantized  # noqa: F401
 from bisup.quantize import quantize_model  # noqa: F401
-from bisup.config import QuantConfig  # noqa: F401
+from bisup.config import BiSupConfig, QuantConfig  # noqa: F401
 from bisup.generation import generate  # noqa: F401
 from bisup.nn.real_kv import make_cache  # noqa: F401
 

@@ -46,6 +46,84 @@ def _check_bool(name: str, value: Any) -> None:
         raise ValueError(f"QuantConfig.{name}={value!r}: expected True or False")
 
 
+def _check_float(owner: str, name: str, value: Any, lo: float, hi: float, lo_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        v = float(value)
+        ok = (v > lo if lo_open else v >= lo) and v <= hi
+    if not ok:
+        bracket = "(" if lo_open else "["
+        raise ValueError(f"{owner}.{name}={value!r}: expected a float in {bracket}{lo:g}, {hi:g}]")
+
+
+@dataclass
+class BiSupConfig:
+    """BiSup's vertical error suppression: block-wise quantization-aware fine-tuning of a few
+    parameter spaces on top of a base method (bisup/methods/bisup.py). Each space is switchable.
+
+    Defaults: chosen on validation windows of the calibration split (bench/bisup_grid.py); see
+    bisup/methods/bisup.py for the record.
+    """
+
+    # parameter spaces
+    weight_clip: bool = True  # learnable per-group upper/lower weight clipping (sigmoid-bounded, LWC)
+    act_clip: bool = True  # learnable activation clip ratio per linear input (a scalar per linear)
+    smooth: bool = True  # learnable per-channel smoothing scales (norm->qkv, norm->gate/up, v->o, up->down)
+    lowrank: bool = True  # rank-r error compensation, merged into the weight before quantization
+    rank: int = 8
+    # training
+    epochs: int = 4  # passes over the training windows, per decoder layer
+    batch_size: int = 2  # calibration windows per step
+    lr: float = 1e-2  # clip and smoothing parameters (AdamW)
+    lowrank_lr: float = 1e-4  # the low-rank factors' own learning rate
+    weight_decay: float = 0.0
+    lowrank_scale: float = 1.0  # stabilising scale of the branch: delta = lowrank_scale * A @ B
+    lowrank_init: float = 0.0  # the branch starts at lowrank_init * (rank-r SVD of the quantization error)
+    smooth_alpha: float = 0.5  # SmoothQuant migration strength of the initial scales (0: scales of 1)
+    smooth_penalty: float = 1.0  # weight of the soft penalty keeping log-scales within smooth_range
+    smooth_range: float = 2.0  # |log s| allowed without penalty (natural log)
+    weight_clip_init: float = 1.0  # initial weight clip factors (sigmoid-bounded; a learnable clip starts <= 0.99)
+    val_windows: int = 0  # trailing calibration windows held out of training (validation loss only)
+
+    SPACES = ("weight_clip", "act_clip", "smooth", "lowrank")
+
+    def __post_init__(self) -> None:
+        own = "BiSupConfig"
+        for name in self.SPACES:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{own}.{name}={getattr(self, name)!r}: expected True or False")
+        for name, minimum in (("rank", 1), ("epochs", 0), ("batch_size", 1), ("val_windows", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"{own}.{name}={value!r}: expected an int >= {minimum}")
+        for name in ("lr", "lowrank_lr"):
+            _check_float(own, name, getattr(self, name), 0.0, 10.0)
+        _check_float(own, "weight_decay", self.weight_decay, 0.0, 10.0)
+        _check_float(own, "lowrank_scale", self.lowrank_scale, 0.0, 100.0, lo_open=True)
+        _check_float(own, "lowrank_init", self.lowrank_init, 0.0, 1.0)
+        _check_float(own, "smooth_alpha", self.smooth_alpha, 0.0, 1.0)
+        _check_float(own, "smooth_penalty", self.smooth_penalty, 0.0, 1e6)
+        _check_float(own, "smooth_range", self.smooth_range, 0.0, 20.0)
+        _check_float(own, "weight_clip_init", self.weight_clip_init, 0.0, 1.0, lo_open=True)
+
+    @property
+    def trains_anything(self) -> bool:
+        return self.epochs > 0 and any(getattr(self, name) for name in self.SPACES)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "BiSupConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"BiSupConfig.from_dict: expected a dict, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"BiSupConfig.from_dict: unknown fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+
 @dataclass
 class QuantConfig:
     """What to quantize and how. Bits of 16 switch a tensor kind off; group size -1 = per row/token."""
@@ -84,6 +162,8 @@ class QuantConfig:
     n_calib: int = 32
     calib_seq_len: int = 512
     seed: int = 0
+    # BiSup vertical suppression on top of `method` (None: the base method alone)
+    bisup: Optional[BiSupConfig] = None
 
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits", "kv_bits"):
@@ -107,6 +187,10 @@ class QuantConfig:
         _check_int("n_calib", self.n_calib, 1)
         _check_int("calib_seq_len", self.calib_seq_len, 1)
         _check_int("seed", self.seed, 0)
+        if isinstance(self.bisup, dict):
+            self.bisup = BiSupConfig.from_dict(self.bisup)
+        if self.bisup is not None and not isinstance(self.bisup, BiSupConfig):
+            raise ValueError(f"QuantConfig.bisup={self.bisup!r}: expected None, a BiSupConfig or its dict")
 
     # ------------------------------------------------------------------ derived values
     def outlier_count(self, hidden_size: int) -> int:
@@ -137,7 +221,7 @@ class QuantConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"QuantConfig.from_dict: unknown fields {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
+        return cls(**data)  # a nested "bisup" dict becomes a BiSupConfig in __post_init__
 
     def replace(self, **changes: Any) -> "QuantConfig":
         """A validated copy with some fields changed."""

@@ -131,6 +131,14 @@ def _model_limits(config: QuantConfig, model: nn.Module) -> list:
     return out
 
 
+def _act_clip(fq: FakeQuantLinear, config: QuantConfig) -> float:
+    """The linear's own activation clip ratio (BiSup learns one per linear), else config.a_clip."""
+    aq = fq.act_quantizer
+    if aq is None:
+        return config.a_clip
+    return float(aq.clip)
+
+
 def to_real(model: nn.Module, adapter, config: QuantConfig) -> None:
     """Swap every FakeQuantLinear for a bisup.nn.QuantLinear running the integer GEMM, with the
     same integer codes and scales (so GPTQ / Atom / QuaRot weights carry over exactly), and, when
@@ -143,7 +151,7 @@ def to_real(model: nn.Module, adapter, config: QuantConfig) -> None:
         for name in adapter.linear_names():
             fq = adapter.get_linear(layer, name)
             if isinstance(fq, FakeQuantLinear):
-                adapter.set_linear(layer, name, fake_to_real(fq, config.a_bits, config.a_clip))
+                adapter.set_linear(layer, name, fake_to_real(fq, config.a_bits, _act_clip(fq, config)))
     if config.quantizes_kv:
         enable_real_kv(model, adapter)
 
@@ -170,9 +178,17 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
     method = get_method(config.method)
     if config.mode == "real":
         check_real(config, model)  # fail before the (possibly long) calibration
-    calib = calibration_batches(calib_data, tokenizer, config) if method.calibrates(config) else None
+    if config.bisup is not None and method.bisup_base is None:
+        raise ValueError(f"QuantConfig.bisup: method {config.method!r} has no BiSup integration")
+    calibrates = method.calibrates(config) or config.bisup is not None
+    calib = calibration_batches(calib_data, tokenizer, config) if calibrates else None
     torch.manual_seed(config.seed)
-    method.apply(model, adapter, config, calib, progress=progress)
+    if config.bisup is not None:  # BiSup's layer loop wraps the base method's per-layer quantizer
+        from bisup.methods.bisup import apply as bisup_apply
+
+        bisup_apply(model, adapter, config, calib, method.bisup_base, progress=progress)
+    else:
+        method.apply(model, adapter, config, calib, progress=progress)
     if config.mode == "real":
         to_real(model, adapter, config)
     model.bisup_config = config

@@ -23,7 +23,7 @@ from torch import nn
 from bisup.config import QuantConfig
 from bisup.methods.calibration import InputStats, iterate_layers
 from bisup.methods.gptq import quantize_layer_gptq
-from bisup.methods.common import Method, apply_kv_quant, fake_quant_linear
+from bisup.methods.common import BiSupBase, Method, apply_kv_quant, fake_quant_linear
 from bisup.nn.fake_quant import FakeQuantLinear
 from bisup.quant.groups import complement
 
@@ -88,6 +88,12 @@ def apply(model: nn.Module, adapter, config: QuantConfig, calib_batches: torch.T
             adapter.set_linear(layer, name, fake_quant_linear(linear, config, outliers.get(name)))
 
 
+def _bisup_outliers(adapter, stats: Dict[str, InputStats], config: QuantConfig) -> Dict[str, torch.Tensor]:
+    """Atom's outlier sets of one layer, for BiSup (from the quantized stream's statistics)."""
+    return choose_outliers(adapter, stats, config.outlier_count(adapter.hidden_size))
+
+
 METHOD = Method("atom", apply, calibrates=lambda config: True,
                 options=("atom_outliers", "atom_outlier_bits", "gptq"),
-                summary="INT8 outlier channels (reordered) + low-bit groups; RTN or GPTQ weights")
+                summary="INT8 outlier channels (reordered) + low-bit groups; RTN or GPTQ weights",
+                bisup_base=BiSupBase(outliers=_bisup_outliers, stats=("channel",)))

@@ -3,13 +3,35 @@ fake KV quantization, and the `Method` record each method module registers itsel
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from bisup.config import QuantConfig
 from bisup.nn import KVQuantSpec, set_kv_quant
 from bisup.nn.fake_quant import ActQuantizer, FakeQuantLinear
+
+
+def _no_transforms(model, adapter, config: QuantConfig) -> Dict[str, Callable]:
+    apply_kv_quant(model, adapter, config)
+    return {}
+
+
+@dataclass(frozen=True)
+class BiSupBase:
+    """What BiSup's layer loop (bisup/methods/bisup.py) takes from a base method, so that the base's
+    per-layer quantizer construction is reused and its own `apply` stays untouched.
+
+    prepare(model, adapter, config): model-level steps run once before the layer loop (rotations, KV
+    quantization); returns {linear name: input transform} of transforms every layer gets (QuaRot's
+    online Hadamard before down_proj). outliers(adapter, stats, config): {linear name: outlier input
+    channels} of one layer from its InputStats (stats lists the kinds it needs). gptq(config):
+    whether the final weights are GPTQ-rounded (under the learned clipping and smoothing)."""
+
+    prepare: Callable = _no_transforms
+    outliers: Optional[Callable] = None
+    stats: Tuple[str, ...] = ()
+    gptq: Callable[[QuantConfig], bool] = lambda config: config.gptq
 
 
 @dataclass(frozen=True)
@@ -24,6 +46,7 @@ class Method:
     calibrates: Callable[[QuantConfig], bool]
     options: Tuple[str, ...] = ()
     summary: str = ""
+    bisup_base: Optional[BiSupBase] = None  # how BiSup wraps this method (QuantConfig.bisup); None: it cannot
 
 
 def act_quantizer(config: QuantConfig, outlier_idx: Optional[torch.Tensor] = None) -> Optional[ActQuantizer]:

@@ -18,7 +18,7 @@ from torch import nn
 
 from bisup.config import QuantConfig
 from bisup.methods.calibration import InputStats, iterate_layers
-from bisup.methods.common import Method, apply_kv_quant, fake_quant_linear
+from bisup.methods.common import BiSupBase, Method, apply_kv_quant, fake_quant_linear
 from bisup.nn.fake_quant import FakeQuantLinear
 from bisup.quant.gptq import gptq_quantize
 
@@ -66,4 +66,5 @@ def apply(model: nn.Module, adapter, config: QuantConfig, calib_batches: torch.T
 
 METHOD = Method("gptq", apply, calibrates=lambda config: config.quantizes_weights,
                 options=("gptq_damp", "gptq_act_order", "gptq_block_size"),
-                summary="GPTQ weights (Hessian-compensated rounding) calibrated block by block")
+                summary="GPTQ weights (Hessian-compensated rounding) calibrated block by block",
+                bisup_base=BiSupBase(gptq=lambda config: True))

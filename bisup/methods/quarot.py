@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from bisup.config import QuantConfig
 from bisup.methods.calibration import iterate_layers
-from bisup.methods.common import Method, apply_kv_quant, fake_quant_linear
+from bisup.methods.common import BiSupBase, Method, apply_kv_quant, fake_quant_linear
 from bisup.methods.gptq import quantize_layer_gptq
 from bisup.rotation import fuse
 from bisup.rotation.hadamard import hadamard_matrix
@@ -117,6 +117,16 @@ def apply(model: nn.Module, adapter, config: QuantConfig, calib_batches: Optiona
             adapter.set_linear(layer, name, fake_quant_linear(linear, config, input_transform=t))
 
 
+def _bisup_prepare(model: nn.Module, adapter, config: QuantConfig) -> dict:
+    """QuaRot's model-level steps for BiSup: rotate (steps 1, 2, 4), KV quantization with the Q/K
+    rotation (step 5); the online Hadamard before down_proj (step 3) is handed to the layer loop,
+    which folds it into down_proj's weight after the learned smoothing (see bisup/methods/bisup.py)."""
+    rotate_model(model, adapter, config)
+    apply_kv_quant(model, adapter, config, rotate=config.rotate_kv)
+    return {DOWN: fuse.HadamardTransform(adapter.intermediate_size)} if config.online_hadamard else {}
+
+
 METHOD = Method("quarot", apply, calibrates=lambda config: config.gptq and config.quantizes_weights,
                 options=("rotation_seed", "online_hadamard", "rotate_kv", "gptq"),
-                summary="Hadamard rotations (residual, online before down_proj, V/O, Q/K); RTN or GPTQ weights")
+                summary="Hadamard rotations (residual, online before down_proj, V/O, Q/K); RTN or GPTQ weights",
+                bisup_base=BiSupBase(prepare=_bisup_prepare))

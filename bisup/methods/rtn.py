@@ -4,7 +4,7 @@ from __future__ import annotations
 from tqdm.auto import tqdm
 
 from bisup.config import QuantConfig
-from bisup.methods.common import Method, apply_kv_quant, fake_quant_linear
+from bisup.methods.common import BiSupBase, Method, apply_kv_quant, fake_quant_linear
 
 
 def apply(model, adapter, config: QuantConfig, calib_batches=None, progress: bool = True) -> None:
@@ -17,4 +17,5 @@ def apply(model, adapter, config: QuantConfig, calib_batches=None, progress: boo
 
 
 METHOD = Method("rtn", apply, calibrates=lambda config: False,
-                summary="round-to-nearest weights, per-token activations, asymmetric KV")
+                summary="round-to-nearest weights, per-token activations, asymmetric KV",
+                bisup_base=BiSupBase(gptq=lambda config: False))

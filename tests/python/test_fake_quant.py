@@ -178,3 +178,24 @@ def test_outlier_channels_are_quantized_without_clipping():
         y = ActQuantizer(4, 16, clip=0.5, outlier_idx=idx, outlier_bits=8)(x)
     assert torch.equal(y[:, idx], fake_quantize(x[:, idx], 8, -1, True, 1.0, scale_dtype=torch.float16))
     assert torch.equal(y[:, main], fake_quantize(x[:, main], 4, 16, True, 0.5, scale_dtype=torch.float16))
+
+
+@pytest.mark.parametrize("sym, outliers", [(True, None), (False, None), (True, [3, 17, 40])])
+def test_from_codes_runs_exactly_the_given_codes(sym, outliers):
+    """FakeQuantLinear.from_codes: weight == codes dequantized, the codes object is what it exports,
+    bias and activation quantizer are used, and the codes follow the module across .to()."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 64, generator=gen)
+    idx = None if outliers is None else torch.tensor(outliers)
+    wc = quantize_weight(w, 4, 16, sym=sym, outlier_idx=idx)
+    bias = torch.randn(24, generator=gen)
+    aq = ActQuantizer(4, 16, outlier_idx=idx)
+    fq = FakeQuantLinear.from_codes(wc, 64, bias, aq, w_clip=0.9)
+    assert torch.equal(fq.weight, wc.dequantize(64, torch.float32))
+    assert fq.weight_codes() is wc and fq.w_clip == 0.9 and fq.w_sym == sym
+    x = torch.randn(5, 64, generator=gen)
+    assert torch.equal(fq(x), torch.nn.functional.linear(aq(x), fq.weight, bias))
+    if idx is not None:
+        assert torch.equal(fq.outlier_idx, idx)
+    fq.to(torch.float64)
+    assert fq.weight_codes().codes.device == fq.weight.device

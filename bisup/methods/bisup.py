@@ -1,0 +1,360 @@
+"""BiSup's vertical error suppression: block-wise quantization-aware fine-tuning on top of a base method.
+
+    quantize_model(model, QuantConfig(method="quarot" | "atom" | "gptq" | "rtn", bisup=BiSupConfig()))
+
+1. the base method's model-level steps (Method.bisup_base.prepare: QuaRot rotates the model; every
+   base switches on its KV quantization);
+2. decoder layer by decoder layer (iterate_layers(..., targets=True): inputs from the already
+   quantized layers below, targets = the full-precision model's outputs of this layer), the layer's
+   linears become LearnableLinears (bisup/quant/learnable.py) with the base's outlier channels
+   (Atom) and input transforms (QuaRot's online Hadamard), sharing per-channel smoothing scales:
+       norm -> q/k/v, norm -> gate/up   (readers divide their input; folded into the norm weight)
+       v -> o                           (v's output rows / s, o's input columns * s, GQA-expanded)
+       up -> down                       (up's output rows / s, down's input columns * s)
+   and trained with AdamW on  mean((layer(h) - target)^2) / mean(target^2) + smooth_penalty * penalty
+   (straight-through estimator through every fake quantizer; fixed seed per layer);
+3. export: an ORDINARY quantized layer. Smoothing is folded into the norms / weights, the learned
+   weight clipping fixes the group scales (RTN codes; or GPTQ codes, on the trained block's own input
+   Hessians, with the weight pre-clamped to the learned clip range), the learned activation clip
+   ratio (a Python float per linear) goes into its ActQuantizer; FakeQuantLinear.from_codes /
+   the GPTQ helpers build the modules, so save/load and mode="real" need nothing new.
+
+Where smoothing folds under QuaRot: the scales live in the rotated residual basis (norm readers: the
+norm weight is the identity after QuaRot's fold, it becomes 1/s) and in the per-head Hadamard basis
+of V/O. For up -> down, a diagonal scale does not commute with the online Hadamard M before
+down_proj (diag(s) M != M diag(s)), so a scale AFTER M could not be folded into up_proj. The scale is
+applied BEFORE M, in the intermediate basis: up rows / s, down weight (W diag(s)) M, online M
+unchanged; this folds exactly (x diag(1/s) M (W diag(s) M)^T = x W^T), at the price that the
+smoothed activation is then mixed by M before it is quantized. Its initial scales are 1 under QuaRot
+(SmoothQuant statistics of the pre-Hadamard activations say nothing about the quantized ones).
+
+Low-rank compensation is MERGED: delta = lowrank_scale * A @ B joins the latent weight before the
+(learned-clip) quantizer, so the checkpoint format and the kernels are unchanged. A side branch
+Q(W) x + A B x is what the SVD-of-the-error initialisation directly improves, but it would need an
+FP16 branch in QuantLinear, the checkpoint and the accounting; merged, adding the SVD of the error
+back before re-quantizing increases the weight error (measured: bench/results/bisup_first.md), so
+the merged branch starts at B = lowrank_init * sqrt(S) V^T with lowrank_init = 0 (the base
+method's model exactly) and learns in the error's leading left-singular subspace A = U sqrt(S).
+
+Defaults (BiSupConfig) and how they were chosen: bench/results/bisup_first.md.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from bisup.config import BiSupConfig, QuantConfig
+from bisup.methods.calibration import InputStats, iterate_layers
+from bisup.methods.common import BiSupBase, act_quantizer
+from bisup.methods.gptq import gptq_linear
+from bisup.nn.fake_quant import FakeQuantLinear
+from bisup.quant.learnable import LearnableLinear, LowRank, Smoothing, smooth_init, svd_factors
+
+Q, K, V, O = "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"
+GATE, UP, DOWN = "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"
+
+
+# ------------------------------------------------------------------------------------------------
+# building the trainable block
+# ------------------------------------------------------------------------------------------------
+def _learnable(linear: nn.Module, config: QuantConfig, bc: BiSupConfig,
+               outlier_idx: Optional[torch.Tensor]) -> LearnableLinear:
+    return LearnableLinear(linear.weight, linear.bias, config.w_bits, config.w_group_size, config.w_sym,
+                           config.a_bits, config.a_group_size, config.a_sym, config.w_clip, config.a_clip,
+                           outlier_idx, config.atom_outlier_bits,
+                           learn_weight_clip=bc.weight_clip and config.quantizes_weights,
+                           learn_act_clip=bc.act_clip and config.quantizes_activations,
+                           weight_clip_init=bc.weight_clip_init)
+
+
+def _col_absmax(mods: List[LearnableLinear]) -> torch.Tensor:
+    return torch.stack([m.weight.abs().amax(0) for m in mods]).amax(0)
+
+
+def _gqa_expand(adapter) -> torch.Tensor:
+    """o_proj input channel -> v_proj output channel (query head h reads kv head h // group)."""
+    d, group = adapter.head_dim, adapter.num_heads // adapter.num_kv_heads
+    heads = torch.arange(adapter.num_heads) // group
+    return (heads[:, None] * d + torch.arange(d)[None, :]).reshape(-1)
+
+
+class _DenseRotation(nn.Module):
+    """x -> x @ M (differentiable), for training."""
+
+    def __init__(self, matrix: torch.Tensor):
+        super().__init__()
+        self.register_buffer("m", matrix)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.to(torch.float32) @ self.m).to(x.dtype)
+
+
+class Block:
+    """The LearnableLinears of one decoder layer (installed in it) and their shared smoothing scales."""
+
+    def __init__(self, adapter, layer: nn.Module, config: QuantConfig, stats: Dict[str, InputStats],
+                 outliers: Dict[str, torch.Tensor], transforms: Dict[str, Callable]):
+        bc = config.bisup
+        self.adapter, self.layer, self.config = adapter, layer, config
+        self.transforms = transforms
+        self.original = {name: adapter.get_linear(layer, name) for name in adapter.linear_names()}
+        self.mods: Dict[str, LearnableLinear] = {
+            name: _learnable(lin, config, bc, outliers.get(name)) for name, lin in self.original.items()}
+        self.smoothers: Dict[str, Smoothing] = {}
+        for name, t in transforms.items():
+            self.mods[name].transform = t.matrix(torch.float32).to(self.mods[name].weight.device)
+        if bc.smooth:
+            self._add_smoothing(stats, bc.smooth_alpha)
+        if bc.lowrank and config.quantizes_weights:
+            for m in self.mods.values():
+                self._add_lowrank(m, bc)
+        for name, m in self.mods.items():
+            adapter.set_linear(layer, name, m)
+        # output rotations inside the layer (QuaRot's RotateAfter on Gemma3's post norms) run the
+        # bisup.ops kernel, which has no autograd: a dense matrix stands in while training
+        self._rotations = []
+        for child in layer.children():
+            rot = getattr(child, "rotation", None)
+            if isinstance(getattr(child, "inner", None), nn.Module) and hasattr(rot, "matrix"):
+                self._rotations.append((child, rot))
+                child.rotation = _DenseRotation(rot.matrix(torch.float32).to(m.weight.device))
+
+    def _stat(self, stats, name) -> Optional[torch.Tensor]:
+        st = stats.get(name)
+        return None if st is None or st.abs_max is None else st.abs_max
+
+    def _add_smoothing(self, stats, alpha: float) -> None:
+        m, dev = self.mods, next(iter(self.mods.values())).weight.device
+        for key, readers in (("attn", (Q, K, V)), ("mlp", (GATE, UP))):
+            amax = self._stat(stats, readers[0])
+            init = smooth_init(amax, _col_absmax([m[r] for r in readers]), alpha) if amax is not None \
+                else torch.ones(m[readers[0]].in_features)
+            sm = Smoothing(init.to(dev))
+            self.smoothers[key] = sm
+            for r in readers:
+                m[r].in_smooth, m[r].divide_input = sm, True
+        # v -> o (per kv channel; o's columns expanded over the query heads of each kv head)
+        expand = _gqa_expand(self.adapter).to(dev)
+        amax = self._stat(stats, O)
+        n_v = m[V].out_features
+        if amax is not None:
+            act = torch.zeros(n_v, device=dev).scatter_reduce(0, expand, amax.to(dev), "amax", include_self=False)
+            wmax = torch.zeros(n_v, device=dev).scatter_reduce(0, expand, m[O].weight.abs().amax(0), "amax",
+                                                               include_self=False)
+            init = smooth_init(act, torch.maximum(wmax, m[V].weight.abs().amax(1)), alpha)
+        else:
+            init = torch.ones(n_v, device=dev)
+        sm = Smoothing(init)
+        self.smoothers["vo"] = sm
+        m[V].out_smooth = sm
+        m[O].in_smooth, m[O].in_expand = sm, expand
+        # up -> down (before the online Hadamard, when there is one: see the module docstring)
+        amax = self._stat(stats, DOWN)
+        if amax is not None and DOWN not in self.transforms:
+            init = smooth_init(amax, torch.maximum(m[DOWN].weight.abs().amax(0), m[UP].weight.abs().amax(1)), alpha)
+        else:
+            init = torch.ones(m[DOWN].in_features, device=dev)
+        sm = Smoothing(init.to(dev))
+        self.smoothers["ud"] = sm
+        m[UP].out_smooth = sm
+        m[DOWN].in_smooth = sm
+
+    @torch.no_grad()
+    def _add_lowrank(self, mod: LearnableLinear, bc: BiSupConfig) -> None:
+        """A = U sqrt(S), B = lowrank_init sqrt(S) V^T of the quantization error, mapped back to the
+        latent basis (the error is made in the effective basis ((W * s_in) / s_out) M)."""
+        w_eff, _ = mod.effective_weight()
+        err = w_eff - mod.quantize_weight(w_eff)[0]
+        if mod.transform is not None:
+            err = err @ mod.transform.T
+        s_in = mod.input_scale()
+        if s_in is not None:
+            err = err / s_in[None, :]
+        if mod.out_smooth is not None:
+            err = err * mod.out_smooth.scale()[:, None]
+        a, b = svd_factors(err, bc.rank)
+        mod.lowrank = LowRank(a / math.sqrt(bc.lowrank_scale), b * (bc.lowrank_init / math.sqrt(bc.lowrank_scale)),
+                              bc.lowrank_scale)
+
+    def param_groups(self, bc: BiSupConfig) -> List[dict]:
+        main, low = [], []
+        for m in self.mods.values():
+            main += [p for p in (m.w_hi, m.w_lo, m.a_logit) if p is not None and p.requires_grad]
+            if m.lowrank is not None:
+                low += [m.lowrank.a, m.lowrank.b]
+        main += [s.log_s for s in self.smoothers.values()]
+        groups = [dict(params=main, lr=bc.lr)] if main else []
+        if low and bc.lowrank_lr > 0:
+            groups.append(dict(params=low, lr=bc.lowrank_lr))
+        return groups
+
+    def penalty(self, bc: BiSupConfig) -> torch.Tensor:
+        pens = [s.penalty(bc.smooth_range) for s in self.smoothers.values()]
+        return torch.stack(pens).sum() if pens else torch.zeros(())
+
+    # ---------------------------------------------------------------- export
+    @torch.no_grad()
+    def export(self, hessians: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """Replace the LearnableLinears by ordinary FakeQuantLinears; fold the reader smoothing into the norms."""
+        adapter, config = self.adapter, self.config
+        for child, rot in self._rotations:
+            child.rotation = rot
+        off = adapter.norm_offset
+        for key, norm in (("attn", adapter.attn_norm(self.layer)), ("mlp", adapter.mlp_norm(self.layer))):
+            sm = self.smoothers.get(key)
+            if sm is not None:
+                w = norm.weight.detach().to(torch.float64)
+                norm.weight.data = ((w + off) / sm.scale().to(torch.float64) - off).to(norm.weight.dtype)
+        dtype = adapter.embeddings().weight.dtype
+        for name, mod in self.mods.items():
+            adapter.set_linear(self.layer, name, self._export_linear(name, mod, dtype, hessians))
+
+    def _export_linear(self, name: str, mod: LearnableLinear, dtype, hessians) -> FakeQuantLinear:
+        config = self.config
+        wc, w, b, clip = mod.export()
+        outlier_idx = mod.outlier_idx
+        aq = act_quantizer(config.replace(a_clip=clip) if config.quantizes_activations else config,
+                           None if outlier_idx is None else outlier_idx.cpu())
+        transform = self.transforms.get(name)
+        if hessians is not None and wc is not None:  # GPTQ codes under the learned clipping
+            lo, hi = mod.clip_bounds(w)
+            w = w.clone()
+            if outlier_idx is None:
+                w = torch.maximum(torch.minimum(w, hi), lo)
+            else:
+                main = mod._main_idx
+                w[:, main] = torch.maximum(torch.minimum(w[:, main], hi), lo)
+            shell = nn.Linear(mod.in_features, mod.out_features, bias=b is not None, device=w.device, dtype=dtype)
+            shell.weight.data = w.to(dtype)
+            if b is not None:
+                shell.bias.data = b.to(dtype)
+            st = InputStats(mod.in_features, hessian_sum=hessians[name].to(torch.float64), tokens=1)
+            fq = gptq_linear(shell, st, config.replace(w_clip=1.0), outlier_idx)
+            fq.act_quantizer, fq.input_transform = aq, transform
+            return fq
+        if wc is None:  # weights stay in floating point
+            shell = nn.Linear(mod.in_features, mod.out_features, bias=b is not None, device="meta")
+            fq = FakeQuantLinear(shell, config.w_bits, config.w_group_size, config.w_sym, config.w_clip, aq,
+                                 transform, outlier_idx, config.atom_outlier_bits, weight=w.to(dtype))
+            if b is not None:
+                fq.bias = nn.Parameter(b.to(dtype), requires_grad=False)
+            return fq
+        return FakeQuantLinear.from_codes(wc, mod.in_features, None if b is None else b.to(dtype), aq, transform,
+                                          config.w_clip, dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# training
+# ------------------------------------------------------------------------------------------------
+def _out(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def block_loss(layer: nn.Module, hidden, kwargs, targets, chunks) -> float:
+    """Mean normalised MSE of the layer's outputs over the given chunks (no gradients)."""
+    with torch.no_grad():
+        vals = [((_out(layer(hidden[c], **kwargs[c])) - targets[c]).square().mean()
+                 / targets[c].square().mean().clamp(min=1e-12)).item() for c in chunks]
+    return sum(vals) / max(len(vals), 1)
+
+
+def train_block(block: Block, inputs, bc: BiSupConfig, train_chunks: List[int], seed: int,
+                desc: str, progress: bool) -> Dict[str, float]:
+    """AdamW over the block's parameters; returns the first/last epoch's mean training loss."""
+    groups = block.param_groups(bc)
+    log = {"loss_first_epoch": float("nan"), "loss_last_epoch": float("nan")}
+    if not groups or bc.epochs == 0 or not train_chunks:
+        return log
+    opt = torch.optim.AdamW(groups, weight_decay=bc.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    norms = {c: inputs.targets[c].square().mean().clamp(min=1e-12) for c in train_chunks}
+    steps = tqdm(total=bc.epochs * len(train_chunks), desc=desc, disable=not progress, leave=False)
+    with torch.enable_grad():
+        for epoch in range(bc.epochs):
+            order = [train_chunks[i] for i in torch.randperm(len(train_chunks), generator=gen).tolist()]
+            total = 0.0
+            for c in order:
+                out = _out(block.layer(inputs.hidden[c], **inputs.kwargs[c]))
+                mse = (out - inputs.targets[c]).square().mean() / norms[c]
+                loss = mse + bc.smooth_penalty * block.penalty(bc) if bc.smooth_penalty > 0 else mse
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += mse.item()
+                steps.update(1)
+                steps.set_postfix(loss=f"{mse.item():.4g}")
+            log["loss_last_epoch"] = total / len(order)
+            if epoch == 0:
+                log["loss_first_epoch"] = log["loss_last_epoch"]
+    steps.close()
+    return log
+
+
+def _input_hessians(block: Block, inputs) -> Dict[str, torch.Tensor]:
+    """Sum of x^T x of the input every trained linear's weight multiplies, over all chunks."""
+    sums: Dict[str, torch.Tensor] = {}
+
+    def recorder(name):
+        def rec(x):
+            xf = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+            h = (xf.T @ xf).to(torch.float64)
+            sums[name] = h if name not in sums else sums[name].add_(h)
+        return rec
+
+    for name, m in block.mods.items():
+        m.record = recorder(name)
+    try:
+        with torch.no_grad():
+            for h, kw in zip(inputs.hidden, inputs.kwargs):
+                block.layer(h, **kw)
+    finally:
+        for m in block.mods.values():
+            m.record = None
+    return sums
+
+
+# ------------------------------------------------------------------------------------------------
+# entry point
+# ------------------------------------------------------------------------------------------------
+def apply(model: nn.Module, adapter, config: QuantConfig, calib_batches: torch.Tensor, base: BiSupBase,
+          progress: bool = True) -> List[dict]:
+    """BiSup on top of `base` (the config.method's BiSupBase), in place; returns (and stores as
+    model.bisup_log) one dict per layer with its training and validation losses."""
+    bc = config.bisup
+    if calib_batches is None:
+        raise ValueError("BiSup needs calibration batches")
+    n = calib_batches.shape[0]
+    if bc.val_windows >= n:
+        raise ValueError(f"BiSupConfig.val_windows={bc.val_windows} leaves no training window of the {n} given")
+    n_chunks = -(-n // bc.batch_size)
+    n_val = -(-bc.val_windows // bc.batch_size) if bc.val_windows else 0  # whole trailing batches
+    if n_val >= n_chunks:
+        raise ValueError(f"BiSupConfig.val_windows={bc.val_windows} with batch_size={bc.batch_size} "
+                         f"leaves no training batch of the {n} calibration windows")
+    train_chunks, val_chunks = list(range(n_chunks - n_val)), list(range(n_chunks - n_val, n_chunks))
+    transforms = base.prepare(model, adapter, config) or {}
+    use_gptq = base.gptq(config) and config.quantizes_weights
+    kinds = tuple(sorted(set(base.stats) | ({"channel"} if bc.smooth else set())))
+    model.requires_grad_(False)
+    log: List[dict] = []
+    for index, layer, inputs in iterate_layers(model, adapter, calib_batches, progress=progress, stats=kinds,
+                                               targets=True, batch_size=bc.batch_size, desc="BiSup"):
+        outliers = base.outliers(adapter, inputs.stats, config) if base.outliers is not None else {}
+        block = Block(adapter, layer, config, inputs.stats, outliers, transforms)
+        entry = {"layer": index}
+        if val_chunks:
+            entry["val_before"] = block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, val_chunks)
+        entry.update(train_block(block, inputs, bc, train_chunks, config.seed * 1000003 + index,
+                                 f"BiSup layer {index}", progress))
+        hessians = _input_hessians(block, inputs) if use_gptq else None
+        block.export(hessians)
+        if val_chunks:
+            entry["val_after"] = block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, val_chunks)
+        log.append(entry)
+        del block, hessians
+    model.bisup_log = log
+    return log

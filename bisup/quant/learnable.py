@@ -1,0 +1,269 @@
+"""Trainable pieces of BiSup's vertical error suppression (the training loop: bisup/methods/bisup.py).
+
+- `lwc_quantize`: symmetric / asymmetric group fake-quantization of a weight with learnable per-group
+  clip factors gamma = sigmoid(a) (upper) and beta = sigmoid(b) (lower), OmniQuant-LWC style:
+      sym : s = max(gamma * max w, beta * (-min w)) / qmax
+      asym: s = (gamma * max w - beta * min w) / qmax, z = round(-beta * min w / s)
+  s is rounded to fp16 as the kernels store it (straight-through), codes use round-half-to-even
+  with a straight-through estimator; the clip factors get their gradient through s.
+- `Smoothing`: one learnable per-channel scale vector s = exp(log_s) shared by a producer and its
+  readers (x / s into the readers, W * s in their input columns), with a soft penalty keeping
+  |log s| <= range (no hard clamp).
+- `LowRank`: a rank-r branch delta = scale * A @ B added to the latent weight BEFORE quantization
+  (merged): A from the SVD of the weight's quantization error, B = init * sqrt(S) V^T (0: the
+  training starts exactly at the base method's model and learns in the error's leading subspace).
+- `LearnableLinear`: a decoder linear computing
+      y = act_quant(T(x / s_in)) @ Q_lwc( T_w((W + delta) * s_in[cols] / s_out[rows]) )^T + b / s_out
+  where T is an optional orthogonal input transform (QuaRot's online Hadamard before down_proj,
+  applied as a dense matrix so gradients flow) and the activation clip is sigmoid(c) per linear.
+  `export()` returns the WeightCodes and the folded bias of exactly the weight that the ordinary
+  FakeQuantLinear will hold.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bisup.quant.codes import WeightCodes, quantize_weight
+from bisup.quant.formats import OFF_BITS, SCALE_DTYPE, effective_group, num_groups
+from bisup.quant.groups import complement, fake_quant_channels
+from bisup.quant.quantizer import FP16_MAX, qrange, round_ste
+
+
+# A learnable clip starts at most here: sigmoid saturates at 1 (zero gradient in float32), so a clip
+# that starts at 1.0 could never move.
+MAX_TRAINABLE_CLIP = 0.99
+
+
+def logit(p: float) -> float:
+    """log(p / (1 - p)), p clamped to [1e-9, 1 - 1e-9] (so sigmoid(logit(1.0)) == 1.0 in float32)."""
+    p = min(max(float(p), 1e-9), 1 - 1e-9)
+    return math.log(p / (1 - p))
+
+
+def _fp16_ste(s: torch.Tensor) -> torch.Tensor:
+    """s rounded to fp16 (and 0 -> 1) in the forward, identity gradient."""
+    r = s.detach().clamp(max=FP16_MAX).to(SCALE_DTYPE).to(torch.float32)
+    r = torch.where(r > 0, r, torch.ones_like(r))
+    return s + (r - s).detach()
+
+
+def _parts(k: int, group_size: int):
+    """(lo, hi, group length) of the full groups and the shorter last group along k."""
+    g = effective_group(k, group_size)
+    full = (k // g) * g
+    return [(0, full, g)] + ([(full, k, k - full)] if full < k else [])
+
+
+def lwc_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool, hi_logit: torch.Tensor,
+                 lo_logit: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dequantized w, codes, scales, zeros) of w [N, K] in groups along K (shorter last group allowed),
+    clip logits [N, G]. Differentiable in w (STE) and the logits; scales/zeros are [N, G] fp32
+    holding fp16 values."""
+    qmin, qmax = qrange(bits, sym)
+    outs, codes, scales, zeros = [], [], [], []
+    col = 0
+    for lo, hi, g in _parts(w.shape[1], group_size):
+        n_g = (hi - lo) // g
+        xg = w[:, lo:hi].to(torch.float32).reshape(w.shape[0], n_g, g)
+        gam = torch.sigmoid(hi_logit[:, col:col + n_g]).unsqueeze(-1)
+        bet = gam if lo_logit is None else torch.sigmoid(lo_logit[:, col:col + n_g]).unsqueeze(-1)
+        col += n_g
+        mx = xg.amax(-1, keepdim=True)
+        mn = xg.amin(-1, keepdim=True)
+        if sym:
+            s = _fp16_ste(torch.maximum(gam * mx.clamp(min=0), bet * (-mn).clamp(min=0)) / qmax)
+            z = torch.zeros_like(s)
+        else:
+            s = _fp16_ste((gam * mx - bet * mn) / qmax)
+            z = round_ste(-(bet * mn) / s)
+            z = z + (z.detach().clamp(-FP16_MAX, FP16_MAX).to(SCALE_DTYPE).to(torch.float32) - z).detach()
+        q = torch.clamp(round_ste(xg / s) + z, qmin, qmax)
+        outs.append(((q - z) * s).reshape(w.shape[0], hi - lo))
+        codes.append(q.reshape(w.shape[0], hi - lo))
+        scales.append(s.squeeze(-1))
+        zeros.append(z.squeeze(-1))
+    return torch.cat(outs, 1), torch.cat(codes, 1), torch.cat(scales, 1), torch.cat(zeros, 1)
+
+
+class Smoothing(nn.Module):
+    """A learnable per-channel scale s = exp(log_s) migrating range from activations into weights."""
+
+    def __init__(self, init: torch.Tensor, trainable: bool = True):
+        super().__init__()
+        self.log_s = nn.Parameter(init.detach().to(torch.float32).log().clone(), requires_grad=trainable)
+
+    def scale(self) -> torch.Tensor:
+        return self.log_s.exp()
+
+    def penalty(self, allowed: float) -> torch.Tensor:
+        """Soft constraint: mean of relu(|log s| - allowed)^2 (0 inside the region)."""
+        return F.relu(self.log_s.abs() - allowed).square().mean()
+
+
+def smooth_init(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's s_j = max|X_j|^alpha / max|W_j|^(1 - alpha), divided by its geometric mean
+    (a global factor changes nothing: per-token / per-group quantization is scale-invariant)."""
+    if alpha == 0:
+        return torch.ones_like(act_absmax, dtype=torch.float32)
+    a = act_absmax.to(torch.float32).clamp(min=1e-5)
+    w = weight_absmax.to(torch.float32).clamp(min=1e-5)
+    s = a.pow(alpha) / w.pow(1 - alpha)
+    return (s / s.log().mean().exp()).clamp(1e-4, 1e4)
+
+
+def svd_factors(err: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(A [N, r], B [r, K]) with A @ B the best rank-r approximation of err (A = U sqrt(S), B = sqrt(S) V^T)."""
+    u, s, vh = torch.linalg.svd(err.to(torch.float64), full_matrices=False)
+    r = min(rank, s.numel())
+    root = s[:r].sqrt()
+    return (u[:, :r] * root).to(torch.float32), (root[:, None] * vh[:r]).to(torch.float32)
+
+
+class LowRank(nn.Module):
+    """delta = scale * A @ B (merged into the latent weight before quantization)."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, scale: float):
+        super().__init__()
+        self.a = nn.Parameter(a.clone())
+        self.b = nn.Parameter(b.clone())
+        self.scale = scale
+
+    def delta(self) -> torch.Tensor:
+        return self.scale * (self.a @ self.b)
+
+
+class LearnableLinear(nn.Module):
+    """A decoder linear being fine-tuned (see the module docstring); frozen latent weight and bias.
+
+    in_smooth: scales of the input channels; divide_input: whether this module divides its input by
+    them (readers of a norm) or its input already arrives divided (o_proj after v, down_proj after
+    up). in_expand: index mapping input channels to in_smooth entries (o_proj under GQA).
+    out_smooth: scales dividing this module's output channels (v_proj, up_proj).
+    transform: dense orthogonal M [K, K] applied to the (smoothed) input, x -> x M, folded into
+    the weight (W M); at export the caller installs the matching online transform.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], w_bits: int, w_group_size: int,
+                 w_sym: bool, a_bits: int, a_group_size: int, a_sym: bool, w_clip: float, a_clip: float,
+                 outlier_idx: Optional[torch.Tensor] = None, outlier_bits: int = 8,
+                 learn_weight_clip: bool = True, learn_act_clip: bool = True, weight_clip_init: float = 1.0):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().to(torch.float32).clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
+        self.out_features, self.in_features = weight.shape
+        self.w_bits, self.w_group_size, self.w_sym = w_bits, w_group_size, w_sym
+        self.a_bits, self.a_group_size, self.a_sym = a_bits, a_group_size, a_sym
+        self.outlier_bits = outlier_bits
+        self.outlier_idx = None if outlier_idx is None or outlier_idx.numel() == 0 else outlier_idx.to(weight.device)
+        km = self.in_features - (0 if self.outlier_idx is None else self.outlier_idx.numel())
+        self._main_idx = None if self.outlier_idx is None else complement(self.outlier_idx, self.in_features)
+        n_g = num_groups(km, w_group_size)
+        init = logit(min(w_clip, weight_clip_init, MAX_TRAINABLE_CLIP) if learn_weight_clip else w_clip)
+        self.w_hi = nn.Parameter(torch.full((self.out_features, n_g), init), requires_grad=learn_weight_clip)
+        self.w_lo = nn.Parameter(torch.full((self.out_features, n_g), init), requires_grad=learn_weight_clip)
+        self.fixed_a_clip = float(a_clip)
+        self.a_logit = nn.Parameter(torch.tensor(logit(min(a_clip, MAX_TRAINABLE_CLIP))), requires_grad=learn_act_clip) \
+            if learn_act_clip and a_bits < OFF_BITS else None
+        self.in_smooth: Optional[Smoothing] = None
+        self.divide_input = False
+        self.register_buffer("in_expand", None)
+        self.out_smooth: Optional[Smoothing] = None
+        self.register_buffer("transform", None)
+        self.lowrank: Optional[LowRank] = None
+        self.record = None  # optional callable seeing the input the weight multiplies (GPTQ Hessians)
+
+    # ---------------------------------------------------------------- pieces
+    def input_scale(self) -> Optional[torch.Tensor]:
+        if self.in_smooth is None:
+            return None
+        s = self.in_smooth.scale()
+        return s if self.in_expand is None else s[self.in_expand]
+
+    def effective_weight(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(W_eff, b_eff) before quantization: ((W + delta) * s_in / s_out) M, b / s_out."""
+        w = self.weight
+        if self.lowrank is not None:
+            w = w + self.lowrank.delta()
+        s_in = self.input_scale()
+        if s_in is not None:
+            w = w * s_in[None, :]
+        b = self.bias
+        if self.out_smooth is not None:
+            s_out = self.out_smooth.scale()
+            w = w / s_out[:, None]
+            b = None if b is None else b / s_out
+        if self.transform is not None:
+            w = w @ self.transform
+        return w, b
+
+    def act_clip(self):
+        return torch.sigmoid(self.a_logit) if self.a_logit is not None else self.fixed_a_clip
+
+    def quantize_weight(self, w: torch.Tensor):
+        """(dequantized weight, codes, scales, zeros) of w under the learned clipping (main channels);
+        outlier channels per row at outlier_bits, unclipped (RTN, straight-through)."""
+        if self.w_bits >= OFF_BITS:
+            return w, None, None, None
+        hi, lo = self.w_hi, self.w_lo
+        if self.outlier_idx is None:
+            return lwc_quantize(w, self.w_bits, self.w_group_size, self.w_sym, hi, lo)
+        main = w[:, self._main_idx]
+        dq_main, codes, scales, zeros = lwc_quantize(main, self.w_bits, self.w_group_size, self.w_sym, hi, lo)
+        out = torch.empty_like(w)
+        out[:, self._main_idx] = dq_main.to(w.dtype)
+        out[:, self.outlier_idx] = fake_quant_channels(w[:, self.outlier_idx], self.outlier_bits, -1, self.w_sym, 1.0)
+        return out, codes, scales, zeros
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.to(torch.float32)
+        if self.divide_input:
+            xf = xf / self.input_scale()
+        if self.transform is not None:
+            xf = xf @ self.transform
+        if self.record is not None:
+            self.record(xf)
+        if self.a_bits < OFF_BITS:  # as common.act_quantizer: no activation quantizer at 16 bits
+            xf = fake_quant_channels(xf, self.a_bits, self.a_group_size, self.a_sym, self.act_clip(),
+                                     self.outlier_idx, self.outlier_bits)
+        w, b = self.effective_weight()
+        wq = self.quantize_weight(w)[0]
+        return F.linear(xf, wq, b).to(x.dtype)
+
+    # ---------------------------------------------------------------- export
+    @torch.no_grad()
+    def export(self) -> Tuple[Optional[WeightCodes], torch.Tensor, Optional[torch.Tensor], float]:
+        """(codes of the final weight (None when weights stay FP), the FP weight it stands for,
+        folded bias, activation clip ratio as a Python float)."""
+        w, b = self.effective_weight()
+        clip = float(self.act_clip())
+        if self.w_bits >= OFF_BITS:
+            return None, w, b, clip
+        main = w if self.outlier_idx is None else w[:, self._main_idx]
+        _, codes, scales, zeros = lwc_quantize(main, self.w_bits, self.w_group_size, self.w_sym, self.w_hi, self.w_lo)
+        wc = WeightCodes(self.w_bits, self.w_group_size, self.w_sym, codes.to(torch.int8), scales.to(SCALE_DTYPE),
+                         None if self.w_sym else zeros.to(SCALE_DTYPE))
+        if self.outlier_idx is not None:
+            oc = quantize_weight(w[:, self.outlier_idx], self.outlier_bits, -1, self.w_sym, 1.0)
+            wc.with_outliers(self.outlier_idx, self.outlier_bits, oc.codes, oc.scales, oc.zeros)
+        return wc, w, b, clip
+
+    @torch.no_grad()
+    def clip_bounds(self, w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per-element [lo, hi] range of the learned clipping of w's main channels (for GPTQ pre-clamping)."""
+        main = w if self.outlier_idx is None else w[:, self._main_idx]
+        qmin, qmax = qrange(self.w_bits, self.w_sym)
+        _, _, s, z = lwc_quantize(main, self.w_bits, self.w_group_size, self.w_sym, self.w_hi, self.w_lo)
+        lo_parts, hi_parts = [], []
+        col = 0
+        for lo, hi, g in _parts(main.shape[1], self.w_group_size):
+            n_g = (hi - lo) // g
+            sg, zg = s[:, col:col + n_g], z[:, col:col + n_g]
+            col += n_g
+            lo_parts.append(((qmin - zg) * sg).repeat_interleave(g, 1))
+            hi_parts.append(((qmax - zg) * sg).repeat_interleave(g, 1))
+        return torch.cat(lo_parts, 1), torch.cat(hi_parts, 1)

@@ -1,0 +1,226 @@
+"""BiSup vertical suppression (bisup/methods/bisup.py, bisup/quant/learnable.py) on tiny random models."""
+import json
+
+import pytest
+import torch
+
+import bisup
+from bisup.config import BiSupConfig, QuantConfig
+from bisup.methods import get_method
+from bisup.methods import bisup as bisup_method
+from bisup.methods.calibration import iterate_layers
+from bisup.models.adapters import get_adapter
+from bisup.models.tiny import FAMILIES, TINY_GROUP, random_tokens, tiny_model
+from bisup.nn.fake_quant import FakeQuantLinear
+from bisup.quant.learnable import LearnableLinear, lwc_quantize, logit, svd_factors
+
+G = TINY_GROUP
+
+
+def _cfg(method="quarot", group=G, **bis):
+    return QuantConfig(method=method, w_group_size=group, a_group_size=group, kv_bits=4, atom_outliers=16,
+                       bisup=BiSupConfig(**{"epochs": 2, "batch_size": 2, "rank": 4, **bis}))
+
+
+def _first_layer(model, config, calib):
+    """(adapter, base, transforms, layer 0, its inputs) after the base method's model-level steps."""
+    adapter = get_adapter(model)
+    base = get_method(config.method).bisup_base
+    transforms = base.prepare(model, adapter, config) or {}
+    it = iterate_layers(model, adapter, calib, progress=False, stats=("channel",), targets=True, batch_size=2)
+    _, layer, inputs = next(it)
+    return adapter, base, transforms, layer, inputs, it
+
+
+# ------------------------------------------------------------------------------------------------
+# smoothing is function-preserving
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["quarot", "rtn"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_smoothing_without_quantization_keeps_the_block_function(family, method):
+    model = tiny_model(family, num_layers=1)
+    config = QuantConfig(method=method, w_bits=16, a_bits=16, w_group_size=G, a_group_size=G,
+                         bisup=BiSupConfig(smooth_alpha=0.5, lowrank=False))
+    adapter, base, transforms, layer, inputs, it = _first_layer(model, config, random_tokens(2, 24))
+    ref = inputs.run(layer)
+    block = bisup_method.Block(adapter, layer, config, inputs.stats, {}, transforms)
+    assert set(block.smoothers) == {"attn", "mlp", "vo", "ud"}
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for sm in block.smoothers.values():  # far from 1, so a wrong fold cannot pass
+            sm.log_s.add_(torch.randn(sm.log_s.shape, generator=gen))
+    for out, r in zip(inputs.run(layer), ref):
+        torch.testing.assert_close(out, r, rtol=1e-4, atol=1e-5)
+    block.export()
+    assert all(isinstance(adapter.get_linear(layer, n), FakeQuantLinear) for n in adapter.linear_names())
+    for out, r in zip(inputs.run(layer), ref):
+        torch.testing.assert_close(out, r, rtol=1e-4, atol=1e-5)
+    it.close()
+
+
+def test_smoothing_moves_the_scales_it_was_initialised_with():
+    model = tiny_model("llama", num_layers=1)
+    with torch.no_grad():  # an outlier channel in the attention input
+        model.model.layers[0].input_layernorm.weight[3] = 20.0
+    config = QuantConfig(method="rtn", w_group_size=G, a_group_size=G, bisup=BiSupConfig(smooth_alpha=0.5))
+    adapter, _, tr, layer, inputs, it = _first_layer(model, config, random_tokens(2, 24))
+    block = bisup_method.Block(adapter, layer, config, inputs.stats, {}, tr)
+    s = block.smoothers["attn"].scale()
+    s = s.detach()
+    assert int(s.argmax()) == 3 and float(s[3]) > 2 * float(s.median())
+    it.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# clipping and low-rank pieces
+# ------------------------------------------------------------------------------------------------
+def test_lwc_at_full_clip_is_rtn_and_clip_gets_gradients():
+    from bisup.quant.codes import quantize_weight
+
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
+    full = torch.full((8, 64 // G), logit(1.0), requires_grad=True)
+    dq, codes, scales, _ = lwc_quantize(w, 4, G, True, full, full)
+    ref = quantize_weight(w, 4, G, True, 1.0)
+    assert torch.equal(codes.to(torch.int8), ref.codes) and torch.equal(scales.half(), ref.scales)
+    hi = torch.full((8, 64 // G), logit(0.8), requires_grad=True)
+    lo = torch.full((8, 64 // G), logit(0.8), requires_grad=True)
+    lwc_quantize(w, 4, G, True, hi, lo)[0].square().sum().backward()
+    assert hi.grad.abs().sum() + lo.grad.abs().sum() > 0
+
+
+def test_lowrank_init_lowers_the_weight_reconstruction_error():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 96, generator=gen) * 0.02
+    w[:, :3] *= 10
+    full = torch.full((48, 96 // G), logit(1.0))
+    q = lwc_quantize(w, 4, G, True, full, full)[0]
+    err = w - q
+    prev = err.norm()
+    for rank in (1, 4, 16):
+        a, b = svd_factors(err, rank)
+        now = (w - (q + a @ b)).norm()
+        assert now < prev  # each extra rank removes more of the error
+        prev = now
+
+
+def test_merged_lowrank_starts_at_the_base_weight():
+    model = tiny_model("llama", num_layers=1)
+    config = _cfg("rtn", smooth=False, weight_clip=False)
+    adapter, _, tr, layer, inputs, it = _first_layer(model, config, random_tokens(2, 24))
+    lin = adapter.get_linear(layer, "mlp.up_proj")
+    block = bisup_method.Block(adapter, layer, config, inputs.stats, {}, tr)
+    mod = block.mods["mlp.up_proj"]
+    assert mod.lowrank is not None and mod.lowrank.a.abs().sum() > 0
+    assert torch.equal(mod.lowrank.delta(), torch.zeros_like(lin.weight))  # lowrank_init=0: B = 0
+    block.export()
+    base = FakeQuantLinear(lin, 4, G, True, 1.0)
+    assert torch.equal(adapter.get_linear(layer, "mlp.up_proj").weight, base.weight)  # nothing trained: RTN
+    it.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# training
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["quarot", "atom"])
+def test_training_lowers_the_block_loss(method):
+    model = tiny_model("llama", num_layers=1)
+    config = _cfg(method, epochs=15, lr=1e-2, lowrank_lr=1e-3)
+    adapter, base, tr, layer, inputs, it = _first_layer(model, config, random_tokens(4, 32))
+    outliers = base.outliers(adapter, inputs.stats, config) if base.outliers else {}
+    block = bisup_method.Block(adapter, layer, config, inputs.stats, outliers, tr)
+    chunks = list(range(len(inputs.hidden)))
+    before = bisup_method.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks)
+    log = bisup_method.train_block(block, inputs, config.bisup, chunks, 0, "t", False)
+    after = bisup_method.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks)
+    assert after < 0.9 * before, (before, after, log)
+    block.export()  # the exported ordinary layer computes what was trained
+    exported = bisup_method.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks)
+    assert exported == pytest.approx(after, rel=1e-3)
+    it.close()
+
+
+def test_deterministic_with_a_seed():
+    calib, ids = random_tokens(4, 24), random_tokens(1, 16, seed=3)
+    logits = []
+    for _ in range(2):
+        m = bisup.quantize_model(tiny_model("qwen2"), _cfg("quarot"), calib_data=calib, progress=False)
+        with torch.no_grad():
+            logits.append(m(ids).logits)
+    assert torch.equal(logits[0], logits[1])
+
+
+@pytest.mark.parametrize("method", ["quarot", "atom", "gptq"])
+def test_save_load_is_exact_and_real_mode_runs(tmp_path, method):
+    calib, ids = random_tokens(4, 24), random_tokens(1, 16, seed=3)
+    config = _cfg(method, group=32, val_windows=2)  # the real kernels take groups of 32
+    m = bisup.quantize_model(tiny_model("llama"), config, calib_data=calib, progress=False)
+    assert len(m.bisup_log) == 2 and all("val_after" in e for e in m.bisup_log)
+    clips = {float(mod.act_quantizer.clip) for mod in m.modules() if isinstance(mod, FakeQuantLinear)}
+    assert len(clips) > 1  # learned per linear
+    bisup.save_quantized(m, tmp_path / "q")
+    meta = json.loads((tmp_path / "q" / "bisup_config.json").read_text())
+    assert meta["quant_config"]["bisup"]["rank"] == 4
+    loaded = bisup.load_quantized(tmp_path / "q")
+    assert loaded.bisup_config == config
+    with torch.no_grad():
+        ref = m(ids).logits
+        assert torch.equal(loaded(ids).logits, ref)
+        real = bisup.load_quantized(tmp_path / "q", mode="real")
+        out = real(ids).logits
+    assert torch.isfinite(out).all()
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_bisup_none_is_the_base_method():
+    calib, ids = random_tokens(4, 24), random_tokens(1, 16, seed=3)
+    cfg = QuantConfig(method="quarot", w_group_size=G, a_group_size=G)
+    assert cfg.bisup is None
+    a = bisup.quantize_model(tiny_model("llama"), cfg, calib_data=calib, progress=False)
+    b = bisup.quantize_model(tiny_model("llama"), cfg, progress=False)  # QuaRot RTN does not calibrate
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+    assert not any(isinstance(mod, LearnableLinear) for mod in a.modules())
+
+
+# ------------------------------------------------------------------------------------------------
+# configuration
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("field,value", [("rank", 0), ("rank", 2.5), ("epochs", -1), ("batch_size", 0),
+                                         ("lr", -1.0), ("lr", "fast"), ("lowrank_scale", 0.0),
+                                         ("smooth_alpha", 1.5), ("weight_clip_init", 0.0), ("smooth", "yes"),
+                                         ("val_windows", -2), ("lowrank_init", 2.0)])
+def test_invalid_bisup_config_names_field_and_value(field, value):
+    with pytest.raises(ValueError, match=rf"BiSupConfig\.{field}={value!r}: expected"):
+        BiSupConfig(**{field: value})
+
+
+def test_invalid_nesting_and_unknown_fields():
+    with pytest.raises(ValueError, match="QuantConfig.bisup="):
+        QuantConfig(bisup="yes")
+    with pytest.raises(ValueError, match="unknown fields"):
+        QuantConfig.from_dict({"bisup": {"ranks": 3}})
+    calib = random_tokens(2, 16)
+    with pytest.raises(ValueError, match="val_windows"):
+        bisup.quantize_model(tiny_model("llama"), _cfg("rtn", val_windows=2), calib_data=calib, progress=False)
+
+
+def test_json_round_trip_and_old_configs():
+    cfg = QuantConfig(method="atom", bisup=BiSupConfig(rank=3, lr=1e-3, smooth=False))
+    back = QuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg and isinstance(back.bisup, BiSupConfig)
+    old = QuantConfig().to_dict()
+    del old["bisup"]
+    assert QuantConfig.from_dict(old).bisup is None
+    assert BiSupConfig.from_dict(BiSupConfig().to_dict()) == BiSupConfig()
+
+
+def test_cli_flags():
+    from bisup.cli import build_parser, config_from_args
+
+    a = build_parser().parse_args("quantize --method quarot --bisup --bisup-epochs 3 --bisup-rank 2 "
+                                  "--bisup-lr 0.01 --bisup-spaces smooth,act_clip".split())
+    b = config_from_args(a).bisup
+    assert (b.epochs, b.rank, b.lr, b.smooth, b.act_clip, b.weight_clip, b.lowrank) == (3, 2, 0.01, True, True, False, False)
+    assert config_from_args(build_parser().parse_args(["quantize"])).bisup is None
+    with pytest.raises(ValueError, match="--bisup-spaces"):
+        config_from_args(build_parser().parse_args("quantize --bisup --bisup-spaces smoth".split()))
