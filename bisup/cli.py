@@ -79,7 +79,24 @@ def config_from_args(a) -> QuantConfig:
                        a_group_size=a_group, kv_group_size=a.kv_group_size, w_sym=not a.w_asym,
                        w_clip=a.w_clip, a_clip=a.a_clip, kv_clip=a.kv_clip, method=a.method, mode=a.mode,
                        gptq=a.gptq, atom_outliers=a.atom_outliers, rotation_seed=a.rotation_seed, prompt_len=a.prompt_len,
-                       n_calib=a.n_calib, calib_seq_len=a.calib_seq_len, seed=a.seed)
+                       n_calib=a.n_calib, calib_seq_len=a.calib_seq_len, seed=a.seed,
+                       bisup=bisup_config_from_args(a))
+
+
+def bisup_config_from_args(a):
+    """The BiSupConfig of `bisup quantize --bisup ...` (None without --bisup)."""
+    from bisup.config import BiSupConfig
+
+    if not getattr(a, "bisup", False):
+        return None
+    spaces = BiSupConfig.SPACES if a.bisup_spaces == "all" else tuple(s for s in a.bisup_spaces.split(",") if s)
+    unknown = sorted(set(spaces) - set(BiSupConfig.SPACES))
+    if unknown:
+        raise ValueError(f"--bisup-spaces: unknown {unknown}; expected 'all' or a comma list of {list(BiSupConfig.SPACES)}")
+    given = dict(epochs=a.bisup_epochs, batch_size=a.bisup_batch_size, lr=a.bisup_lr, lowrank_lr=a.bisup_lowrank_lr,
+                 rank=a.bisup_rank, val_windows=a.bisup_val_windows)
+    return BiSupConfig(**{k: v for k, v in given.items() if v is not None},
+                       **{name: name in spaces for name in BiSupConfig.SPACES})
 
 
 def cmd_quantize(a) -> dict:
@@ -190,6 +207,43 @@ def cmd_generate(a) -> dict:
     return result
 
 
+def cmd_diagnose(a) -> dict:
+    """Where the quantization error of each --compare model comes from and where it goes (bisup.eval.diagnose)."""
+    from bisup.eval import diagnose, eval_tokens
+
+    fp, tok, kind = load_any(a.model, a.device)
+    if getattr(fp, "bisup_config", None) is not None:
+        raise ValueError(f"--model {a.model} is a bisup-quantized model: give the full-precision model the "
+                         "--compare models were quantized from")
+    if tok is None:
+        raise SystemExit(f"bisup diagnose: {a.model} has no tokenizer")
+    if a.names is not None and len(a.names) != len(a.compare):
+        raise ValueError(f"--names gives {len(a.names)} names for {len(a.compare)} --compare models")
+    models = list(a.compare) if a.names is None else dict(zip(a.names, a.compare))
+    tokens = eval_tokens(tok, a.dataset, a.seq_len * a.windows)
+    t = time.perf_counter()
+    report = diagnose(fp, models, tokens, seq_len=a.seq_len, max_windows=a.windows, prompt_lens=a.system_prompt,
+                      inject_positions=a.inject_positions, inject_bits=a.inject_bits, tokenizer=tok, mode=a.mode,
+                      progress=not a.no_progress)
+    diagnose_s = time.perf_counter() - t
+    files = report.save(a.out, plots=not a.no_plots)
+    rows = [("FP model", f"{a.model} ({kind}), perplexity {report.fp['ppl']:.4g}"),
+            ("tokens", f"{a.dataset}, {report.settings['windows']}x{report.settings['seq_len']}")]
+    for m in report.models:
+        s = m["summary"]
+        rows += [(f"{m['name']}: perplexity", m["ppl"]),
+                 (f"{m['name']}: last-layer error end to end / layer alone",
+                  f"{s['accumulated_last_layer']:.4g} / {s['local_last_layer']:.4g}"),
+                 (f"{m['name']}: NLL increase first / last 10% positions",
+                  f"{s['nll_increase_first_positions']:.4g} / {s['nll_increase_last_positions']:.4g}"),
+                 (f"{m['name']}: worst linear", "layer {layer} {linear} ({output_error:.3g})".format(**m["linears"][0]))]
+    rows += [("diagnose time s", diagnose_s), ("written to", str(a.out))]
+    result = {"command": "diagnose", "model": a.model, "compare": [str(c) for c in a.compare], "diagnose_s": diagnose_s,
+              "files": {k: str(v) for k, v in files.items()}, **report.to_dict()}
+    emit(result, rows, a.json)
+    return result
+
+
 # ------------------------------------------------------------------------------------------------
 # argument parsing
 # ------------------------------------------------------------------------------------------------
@@ -234,6 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-seq-len", type=int, default=512)
     q.add_argument("--seed", type=int, default=0, help="seed of the calibration run (torch.manual_seed)")
     q.add_argument("--rotation-seed", type=int, default=0, help="QuaRot: seed of the random Hadamard signs")
+    q.add_argument("--bisup", action="store_true",
+                   help="BiSup vertical suppression: block-wise fine-tuning on top of --method")
+    q.add_argument("--bisup-epochs", type=int, default=None, help="BiSup: passes over the calibration windows per layer")
+    q.add_argument("--bisup-batch-size", type=int, default=None, help="BiSup: calibration windows per step")
+    q.add_argument("--bisup-lr", type=float, default=None, help="BiSup: learning rate of clipping and smoothing")
+    q.add_argument("--bisup-lowrank-lr", type=float, default=None, help="BiSup: learning rate of the low-rank factors")
+    q.add_argument("--bisup-rank", type=int, default=None, help="BiSup: rank of the error compensation")
+    q.add_argument("--bisup-val-windows", type=int, default=None, help="BiSup: calibration windows held out (validation loss)")
+    q.add_argument("--bisup-spaces", default="all",
+                   help="BiSup: 'all' or a comma list of weight_clip,act_clip,smooth,lowrank (the rest stay off)")
     q.add_argument("--eval", action="store_true", help="also report perplexity of the quantized model")
     q.add_argument("--save", type=Path, default=None, help="directory to save the quantized model to")
     q.set_defaults(func=cmd_quantize)
@@ -255,6 +319,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the quantized model with unquantized activations)")
     _add_mode(g)
     g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("diagnose", help="see the quantization error propagate through layers and tokens (plots + tables)")
+    _add_common(d)
+    d.set_defaults(seq_len=256, windows=4)
+    d.add_argument("--compare", nargs="+", required=True, metavar="DIR",
+                   help="quantized model directories (bisup quantize --save), compared with --model")
+    d.add_argument("--names", nargs="+", default=None, help="labels of the --compare models (default: from their configs)")
+    d.add_argument("--out", type=Path, required=True, help="directory for report.json, report.md, linears.md and the PNGs")
+    d.add_argument("--system-prompt", type=int, nargs="*", default=[16, 64], metavar="P",
+                   help="lengths (tokens) of the full-precision system prompt for the horizontal curves; none: P=0 only")
+    d.add_argument("--inject-positions", type=int, default=16, help="rows of the one-token KV injection heat map")
+    d.add_argument("--inject-bits", type=int, default=4, help="bits of the injected one-token K/V quantization")
+    d.add_argument("--no-plots", action="store_true", help="write the tables only (no matplotlib)")
+    _add_mode(d)
+    d.set_defaults(func=cmd_diagnose)
     return parser
 
 

@@ -5,7 +5,7 @@ import contextlib
 import math
 import warnings
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -164,13 +164,18 @@ def _injection(fp_model: nn.Module, windows: torch.Tensor, n_positions: int, bit
         heat.add(torch.stack(rows))
     bar.close()
     heat = heat.value()
-    by_distance = []
+    # by distance: positions s > 0 only; the first token (the attention sink every later token reads)
+    # is summarised on its own, else its row would dominate the far distances
+    by_distance, counts = [], []
+    later = [(r, s) for r, s in enumerate(positions) if s > 0] or list(enumerate(positions))
     for d in range(T):
-        vals = [heat[r, s + d] for r, s in enumerate(positions) if s + d < T]
-        by_distance.append(float(torch.stack(vals).mean()))
+        vals = [heat[r, s + d] for r, s in later if s + d < T]
+        by_distance.append(float(torch.stack(vals).mean()) if vals else float("nan"))
+        counts.append(len(vals))
     before = [float(heat[r, :s].abs().max()) for r, s in enumerate(positions) if s > 0]
+    first = float(heat[0, 1:].mean()) if positions[0] == 0 and T > 1 else float("nan")
     return {"bits": bits, "positions": positions, "error": heat.tolist(), "by_distance": by_distance,
-            "max_error_before_injection": max(before) if before else 0.0}
+            "by_distance_count": counts, "first_token_mean_error": first, "max_error_before_injection": max(before) if before else 0.0}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,8 +189,9 @@ def _with_fp_prompt(model: nn.Module, adapter, ids: torch.Tensor, p: int) -> Tup
 
     mods = {"h": adapter.layers()[-1], "n": adapter.final_norm()}
     with H.record_outputs(mods) as got, _quiet():
+        # an explicit all-ones mask: generate would otherwise mask every token equal to the pad id
         bisup.generate(model, ids[:, p:], system_ids=ids[:, :p], max_new_tokens=1, do_sample=False,
-                       pad_token_id=_pad_id(model))
+                       pad_token_id=_pad_id(model), attention_mask=torch.ones_like(ids))
     h, n = got["h"][-1], got["n"][-1]
     if h.shape[1] != ids.shape[1] - p:
         raise RuntimeError(f"diagnose: with a {p}-token FP prompt the model's last forward saw {h.shape[1]} tokens, "

@@ -15,9 +15,9 @@ DISTANCES = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 def _clean(x):
-    """NaN/inf -> None (JSON has no NaN); tuples -> lists; dict keys -> str."""
+    """NaN/inf -> None (JSON has no NaN), floats to 7 significant digits; tuples -> lists; dict keys -> str."""
     if isinstance(x, float):
-        return x if math.isfinite(x) else None
+        return float(f"{x:.7g}") if math.isfinite(x) else None
     if isinstance(x, dict):
         return {str(k): _clean(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -67,7 +67,7 @@ class Report:
     # ------------------------------------------------------------------ markdown
     def to_markdown(self, top: int = 12) -> str:
         s = self.settings
-        out = [f"# bisup diagnose", "",
+        out = ["# bisup diagnose", "",
                f"{s['windows']} windows x {s['seq_len']} tokens; FP perplexity {_f(self.fp['ppl'])}. "
                f"Errors: {s['error']}.", ""]
         out += ["## Vertical: error through the layers", "",
@@ -98,8 +98,9 @@ class Report:
         if inj:
             dist = [d for d in DISTANCES if d < len(inj["by_distance"])]
             out += ["", f"## One token's K/V quantized ({inj['bits']}-bit, FP model otherwise)", "",
-                    "Last-layer error at distance d after the injected position (mean over "
-                    f"{len(inj['positions'])} positions); before it: max {_f(inj['max_error_before_injection'])}.", "",
+                    "Last-layer error at distance d after the injected position s (mean over the injected "
+                    f"positions s > 0); before it: max {_f(inj['max_error_before_injection'])}. The first token "
+                    f"(s = 0) injected: mean error {_f(inj.get('first_token_mean_error'), 3)} over every later position.", "",
                     "| d | " + " | ".join(str(d) for d in dist) + " |", "|---|" + "---|" * len(dist),
                     "| error | " + " | ".join(_f(inj["by_distance"][d], 3) for d in dist) + " |"]
         out += ["", f"## Worst linears (top {top}; all: {LINEARS_MD})", ""]
