@@ -1,10 +1,11 @@
-"""The `bisup` command: quantize, eval, generate.
+"""The `bisup` command: quantize, eval, generate, diagnose.
 
   bisup quantize --model default|PATH --method rtn|gptq|atom|quarot --w-bits 4 --a-bits 4 --kv-bits 4 \\
                  --group-size 64 --save DIR [--eval] [--json FILE]
   bisup eval     --model DIR|default|PATH [--dataset embedded|wikitext2|c4] [--seq-len 512] [--windows 8] [--json FILE]
   bisup generate --model DIR|default|PATH --prompt TEXT [--system-prompt TEXT [--fp-model default|PATH]]
                  [--max-new-tokens 32]
+  bisup diagnose --model default|PATH --compare DIR [DIR ...] --out OUT [--system-prompt P ...]
 
 --system-prompt: its KV is computed at full precision (unquantized activations; by --fp-model when
 given) and kept unquantized in the cache, the tokens after it use the model's KV bits (BiSup).
