@@ -3,6 +3,7 @@
   bisup quantize --model default|PATH --method rtn|gptq|atom|quarot --w-bits 4 --a-bits 4 --kv-bits 4 \\
                  --group-size 64 --save DIR [--eval] [--json FILE]
   bisup eval     --model DIR|default|PATH [--dataset embedded|wikitext2|c4] [--seq-len 512] [--windows 8] [--json FILE]
+                 [--system-prompt TEXT|default [--prompt-kv low-bit|quantized|fp-model] [--fp-model default|PATH]]
   bisup generate --model DIR|default|PATH --prompt TEXT [--system-prompt TEXT [--fp-model default|PATH]]
                  [--max-new-tokens 32]
   bisup diagnose --model default|PATH --compare DIR [DIR ...] --out OUT [--system-prompt P ...]
@@ -138,16 +139,22 @@ def cmd_eval(a) -> dict:
     model, tok, kind = load_any(a.model, a.device, a.mode)
     if tok is None:
         raise SystemExit(f"bisup eval: {a.model} has no tokenizer")
+    if a.prompt_kv == "fp-model" and (a.fp_model is None or a.system_prompt is None):
+        raise ValueError("--prompt-kv fp-model needs --system-prompt and --fp-model")
+    fp_model = None if a.fp_model is None else load_any(a.fp_model, a.device)[0]
     t = time.perf_counter()
-    ppl = perplexity(model, tok, a.dataset, a.seq_len, a.windows, progress=not a.no_progress)
+    ppl = perplexity(model, tok, a.dataset, a.seq_len, a.windows, progress=not a.no_progress,
+                     system_prompt=a.system_prompt, prompt_kv=a.prompt_kv, fp_model=fp_model)
     eval_s = time.perf_counter() - t
     cfg = getattr(model, "bisup_config", None)
     result = {"command": "eval", "model": a.model, "kind": kind, "dataset": a.dataset, "seq_len": a.seq_len,
-              "windows": a.windows, "perplexity": ppl, "eval_s": eval_s,
+              "windows": a.windows, "system_prompt": a.system_prompt,
+              "prompt_kv": None if a.system_prompt is None else a.prompt_kv, "perplexity": ppl, "eval_s": eval_s,
               "config": None if cfg is None else cfg.to_dict()}
     label = "FP" if cfg is None else f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits}KV{cfg.kv_bits}"
+    prompt = "none" if a.system_prompt is None else f"{a.system_prompt!r}, prompt KV {a.prompt_kv}"
     emit(result, [("model", f"{a.model} ({kind}, {label})"), ("dataset", f"{a.dataset}, {a.windows}x{a.seq_len} tokens"),
-                  ("perplexity", ppl), ("eval time s", eval_s)], a.json)
+                  ("system prompt", prompt), ("perplexity", ppl), ("eval time s", eval_s)], a.json)
     return result
 
 
@@ -306,6 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity of a model")
     _add_common(e)
     _add_mode(e)
+    e.add_argument("--system-prompt", default=None, metavar="TEXT",
+                   help="precede every window by this system prompt ('default': the chat template's system "
+                        "message); only the window's tokens are scored")
+    e.add_argument("--prompt-kv", default="quantized", choices=["low-bit", "quantized", "fp-model"],
+                   help="the system prompt's KV: low-bit like every token, or kept at full precision, computed "
+                        "by the quantized model (unquantized activations) or by --fp-model (default: quantized)")
+    e.add_argument("--fp-model", default=None, help="'default' or a model dir: the unquantized model for --prompt-kv fp-model")
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="greedy generation")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from bisup.nn.attention import KVQuantSpec, attention_state
+from bisup.nn.attention import KVQuantSpec, attention_state, value_basis
 from bisup.nn.fake_quant import FakeQuantLinear
 from bisup.nn.quant_linear import QuantLinear
 from bisup.nn.real_kv import cache_argument, make_cache
@@ -67,10 +67,6 @@ def _kv_specs_replaced(model: nn.Module, replace: Callable[[KVQuantSpec], Option
 
 
 def _check_fp_model(model: nn.Module, fp_model: nn.Module) -> None:
-    config = getattr(model, "bisup_config", None)
-    if config is not None and config.method == "quarot":
-        raise ValueError("fp_model cannot produce the system-prompt KV of a QuaRot model (its V heads are rotated); "
-                         "leave fp_model out to compute it with the quantized model at full precision")
     from bisup.models.adapters import get_adapter
 
     a, b = get_adapter(model), get_adapter(fp_model)
@@ -79,16 +75,34 @@ def _check_fp_model(model: nn.Module, fp_model: nn.Module) -> None:
         raise ValueError(f"fp_model has (layers, kv heads, head_dim) = {got}, the quantized model {want}")
 
 
+def _to_value_basis(model: nn.Module, cache: DynamicCache) -> DynamicCache:
+    """An unquantized model's prompt KV in `model`'s value basis (QuaRot rotates V per head, BiSup's
+    v -> o smoothing scales it: nn.attention.value_basis); keys need no change (every method keeps q.k)."""
+    from bisup.models.adapters import get_adapter
+
+    adapter = get_adapter(model)
+    out = DynamicCache(config=model.config)
+    for i, layer in enumerate(cache.layers):
+        k, v = layer.keys, layer.values
+        basis = value_basis(adapter.attention(adapter.layers()[i]))
+        if basis is not None:
+            v = torch.einsum("bhtd,hde->bhte", v.to(torch.float32), basis.to(v.device)).to(v.dtype)
+        out.update(k, v, i)
+    return out
+
+
 @torch.no_grad()
 def prompt_kv(model: nn.Module, system_ids: torch.Tensor, fp_model: Optional[nn.Module] = None) -> DynamicCache:
-    """K/V of the system prompt [B, P] at full precision (by fp_model when given), as a DynamicCache."""
+    """K/V of the system prompt [B, P] at full precision, as a DynamicCache: computed by the
+    quantized model with unquantized activations and KV (weights stay quantized), or, with
+    fp_model (the unquantized model), by fp_model and mapped into the quantized model's value basis."""
     if fp_model is not None:
         _check_fp_model(model, fp_model)
     src = model if fp_model is None else fp_model
     cache = DynamicCache(config=src.config)
     with full_precision(src):
         src(system_ids, use_cache=True, **{cache_argument(src): cache})
-    return cache
+    return cache if fp_model is None else _to_value_basis(model, cache)
 
 
 @torch.no_grad()

@@ -8,7 +8,8 @@ A checkpoint is a directory (FORMAT_VERSION 1):
   model.safetensors  packed integer weight codes (`<linear>.qweight`: INT4 nibbles / INT3 words /
                      int8), fp16 `<linear>.scales` (+ `.zeros` when asymmetric), outlier channels
                      (`.outlier_qweight` int8, `.outlier_scales` (+ `.outlier_zeros`)), the QuaRot
-                     K rotation `<attention>.bisup_kv_rotation`, and every other parameter/buffer
+                     K rotation `<attention>.bisup_kv_rotation`, the basis of the values
+                     `<attention>.bisup_value_basis` (QuaRot, BiSup), and every other parameter/buffer
                      of the model as is (rotations are already folded into them);
   tokenizer files    when a tokenizer is given.
 Input transforms (QuaRot's online Hadamard) and output-rotating wrappers (QuaRot on Gemma3's post
@@ -31,6 +32,7 @@ CONFIG_FILE = "bisup_config.json"
 TENSOR_FILE = "model.safetensors"
 REQUIRED_FIELDS = ("quant_config", "model_config", "linears", "kv", "dtype", "tied_embeddings")
 KV_ROTATION = "bisup_kv_rotation"  # buffer name of the QuaRot K rotation on an attention module
+VALUE_BASIS = "bisup_value_basis"  # buffer name of an attention module's value basis (nn/attention.py)
 
 
 class FormatError(ValueError):
@@ -49,6 +51,10 @@ def linear_keys(linear: str) -> Dict[str, str]:
 
 def kv_rotation_key(layer_index: int) -> str:
     return f"model.layers.{layer_index}.self_attn.{KV_ROTATION}"
+
+
+def value_basis_key(layer_index: int) -> str:
+    return f"model.layers.{layer_index}.self_attn.{VALUE_BASIS}"
 
 
 def class_path(obj) -> str:

@@ -9,11 +9,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from bisup.checkpoint.format import (CONFIG_FILE, KV_ROTATION, TENSOR_FILE, FormatError, build_transform,
-                                     import_bisup_class, kv_rotation_key, linear_keys, read_meta, take)
+from bisup.checkpoint.format import (CONFIG_FILE, KV_ROTATION, TENSOR_FILE, VALUE_BASIS, FormatError, build_transform,
+                                     import_bisup_class, kv_rotation_key, linear_keys, read_meta, take,
+                                     value_basis_key)
 from bisup.config import QuantConfig
 from bisup.models.adapters import get_adapter
 from bisup.nn import KVQuantSpec, set_kv_quant, set_kv_rotation
+from bisup.nn.attention import set_value_basis
 from bisup.nn.fake_quant import ActQuantizer, FakeQuantLinear
 from bisup.quant.codes import WeightCodes, unpack_codes
 from bisup.quant.formats import SCALE_DTYPE, packed_row_bytes
@@ -97,7 +99,7 @@ def _check_remaining(model: nn.Module, meta: dict, tensors: Dict[str, torch.Tens
     """Every tensor left must be one the model expects, and every expected one must be there."""
     state = model.state_dict()
     expected = set(state) - ({"lm_head.weight"} if meta["tied_embeddings"] else set())
-    expected = {k for k in expected if not k.endswith(KV_ROTATION)
+    expected = {k for k in expected if not k.endswith((KV_ROTATION, VALUE_BASIS))
                 and not any(k.startswith(n + ".") for n in meta["linears"])}
     missing = sorted(expected - set(tensors))
     unexpected = sorted(set(tensors) - set(state))
@@ -135,6 +137,9 @@ def load_quantized(path: Union[str, Path], device="cpu", return_tokenizer: bool 
             raise FormatError(f"{CONFIG_FILE}: linear {name!r} does not exist in this {model.config.model_type} model") from err
         adapter.set_linear(layer, rest, _load_linear(entry, linear, name, tensors, dtype))
     _load_wrappers(model, meta.get("wrappers", {}))
+    for i, layer in enumerate(layers):
+        if value_basis_key(i) in tensors:
+            set_value_basis(adapter.attention(layer), tensors.pop(value_basis_key(i)))
     for i, spec in meta["kv"].items():
         attn = adapter.attention(layers[int(i)])
         if kv_rotation_key(int(i)) in tensors:

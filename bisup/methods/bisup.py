@@ -51,6 +51,7 @@ from bisup.config import BiSupConfig, QuantConfig
 from bisup.methods.calibration import InputStats, iterate_layers
 from bisup.methods.common import BiSupBase, act_quantizer
 from bisup.methods.gptq import gptq_linear
+from bisup.nn.attention import compose_value_basis
 from bisup.nn.fake_quant import FakeQuantLinear
 from bisup.quant.learnable import LearnableLinear, LowRank, Smoothing, smooth_init, svd_factors
 
@@ -209,6 +210,11 @@ class Block:
             if sm is not None:
                 w = norm.weight.detach().to(torch.float64)
                 norm.weight.data = ((w + off) / sm.scale().to(torch.float64) - off).to(norm.weight.dtype)
+        sm = self.smoothers.get("vo")
+        if sm is not None:  # v_proj's output rows were divided by s: V[h] -> V[h] diag(1 / s[h])
+            d, h = adapter.head_dim, adapter.num_kv_heads
+            inv = (1.0 / sm.scale().detach().to(torch.float64)).reshape(h, d)
+            compose_value_basis(adapter.attention(self.layer), torch.diag_embed(inv), h, d)
         dtype = adapter.embeddings().weight.dtype
         for name, mod in self.mods.items():
             adapter.set_linear(self.layer, name, self._export_linear(name, mod, dtype, hessians))

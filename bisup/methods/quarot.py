@@ -28,6 +28,7 @@ from bisup.config import QuantConfig
 from bisup.methods.calibration import iterate_layers
 from bisup.methods.common import BiSupBase, Method, apply_kv_quant, fake_quant_linear
 from bisup.methods.gptq import quantize_layer_gptq
+from bisup.nn.attention import compose_value_basis
 from bisup.rotation import fuse
 from bisup.rotation.hadamard import hadamard_matrix
 
@@ -69,6 +70,7 @@ def rotate_model(model: nn.Module, adapter, config: QuantConfig) -> None:
             fuse.rotate_output(adapter.down_proj(layer), q)
         fuse.rotate_heads_output(adapter.v_proj(layer), h_head, head_dim)
         fuse.rotate_heads_input(adapter.o_proj(layer), h_head, head_dim)
+        compose_value_basis(adapter.attention(layer), h_head, adapter.num_kv_heads, head_dim)
     fuse.fold_norm_into(adapter.final_norm(), [adapter.lm_head()], off)
     fuse.rotate_input(adapter.lm_head(), q)
 

@@ -44,6 +44,7 @@ from bisup.rotation.hadamard import hadamard_matrix
 ATTN_IMPLEMENTATION = "bisup"
 STATE_ATTR = "bisup_attention_state"
 ROTATION_BUFFER = "bisup_kv_rotation"  # the checkpoint stores it under this name
+VALUE_BASIS_BUFFER = "bisup_value_basis"  # likewise
 _CUDA_HEAD_DIMS = (64, 128, 256)  # what csrc/cuda/attention.cu takes; the CPU twin takes any
 
 
@@ -126,6 +127,36 @@ def kv_rotation(module: nn.Module, head_dim: int, device=None) -> torch.Tensor:
         rot = hadamard_matrix(head_dim, dtype=torch.float32, device=device)
         set_kv_rotation(module, rot)
     return rot
+
+
+def value_basis(module: nn.Module) -> Optional[torch.Tensor]:
+    """The basis the module's values live in, [kv_heads, head_dim, head_dim] (None: the model's own).
+
+    A method that transforms v_proj's output (QuaRot's per-head Hadamard, BiSup's v -> o smoothing)
+    records it here: this module's V of KV head h is V_fp[h] @ basis[h], V_fp the value the
+    unquantized model computes. It maps a full-precision model's prompt KV into this model's
+    (bisup.generation.prompt_kv); the module's forward does not use it."""
+    return getattr(module, VALUE_BASIS_BUFFER, None)
+
+
+def set_value_basis(module: nn.Module, basis: torch.Tensor) -> None:
+    """Sets the buffer `bisup_value_basis` [kv_heads, head_dim, head_dim] (float32)."""
+    module.register_buffer(VALUE_BASIS_BUFFER, basis.to(torch.float32).contiguous())
+
+
+def compose_value_basis(module: nn.Module, transform: torch.Tensor, kv_heads: int, head_dim: int) -> None:
+    """Records that the module's values were transformed once more, V[h] -> V[h] @ transform[h].
+
+    transform: [head_dim, head_dim] (the same for every head) or [kv_heads, head_dim, head_dim]."""
+    t = transform.to(torch.float64)
+    t = t.expand(kv_heads, head_dim, head_dim) if t.dim() == 2 else t
+    if t.shape != (kv_heads, head_dim, head_dim):
+        raise ValueError(f"compose_value_basis: transform must be [{head_dim}, {head_dim}] or "
+                         f"[{kv_heads}, {head_dim}, {head_dim}], got {list(transform.shape)}")
+    old = value_basis(module)
+    if old is None:
+        old = torch.eye(head_dim, dtype=torch.float64, device=t.device).expand(kv_heads, head_dim, head_dim)
+    set_value_basis(module, old.to(t.device, torch.float64) @ t)
 
 
 def _device_of(module: nn.Module) -> torch.device:

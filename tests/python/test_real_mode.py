@@ -251,7 +251,7 @@ def test_system_prompt_kv_is_full_precision_and_later_tokens_low_bit(mode):
     assert all(get_kv_spec(m) is not None for m in model.modules() if hasattr(m, "layer_idx"))
 
 
-def test_system_prompt_from_an_fp_model_and_quarot_rejects_it():
+def test_system_prompt_from_an_fp_model():
     fp = tiny_model("llama")
     model = _quantize("llama", kv_bits=4)
     system, user = random_tokens(1, 6, seed=5), random_tokens(1, 3, seed=6)
@@ -259,9 +259,12 @@ def test_system_prompt_from_an_fp_model_and_quarot_rejects_it():
     _, cache = bisup.generate(model, user, system_ids=system, fp_model=fp, return_cache=True, max_new_tokens=2,
                               do_sample=False, pad_token_id=0)
     assert torch.equal(cache.layers[1].k_prompt, want.layers[1].keys)
+    # QuaRot: the FP model's values are mapped into the per-head Hadamard basis (tests/python/test_horizontal.py)
     quarot = _quantize("llama", method="quarot", kv_bits=4)
-    with pytest.raises(ValueError, match="cannot produce the system-prompt KV of a QuaRot model"):
-        bisup.generate(quarot, user, system_ids=system, fp_model=fp, max_new_tokens=2)
+    _, cache = bisup.generate(quarot, user, system_ids=system, fp_model=fp, return_cache=True, max_new_tokens=2,
+                              do_sample=False, pad_token_id=0)
+    basis = quarot.model.layers[1].self_attn.bisup_value_basis
+    torch.testing.assert_close(cache.layers[1].v_prompt, torch.einsum("bhtd,hde->bhte", want.layers[1].values, basis))
 
 
 def test_quarot_real_system_prompt_keys_are_rotated_in_the_cache():

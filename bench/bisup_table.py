@@ -1,0 +1,210 @@
+"""BiSup's results table on the embedded default (SmolLM2-135M-Instruct): base, +vertical,
++horizontal, +both, for Atom and QuaRot, at W4A4 g64 KV4, W4A4 per-channel KV4 and W3A3 g64 KV4,
+plus an ablation of the three parameter spaces.
+
+Each job (a cell = base config, and a variant = base | bisup | one parameter space) runs in its own
+subprocess, so its peak RSS is its own: load the model, quantize (calibration: the first n_calib
+windows of the embedded corpus's calibration split; BiSup's defaults were chosen on validation
+windows of that split, bench/results/bisup_first.md), then evaluate on the held-out windows:
+- "8w": no system prompt, 8 x 512 (the issue's target protocol, bisup.eval.perplexity's default);
+- "32w": every window behind the default system prompt (the chat template's system message),
+  only the window's tokens scored (bisup.eval.perplexity), prompt KV low-bit ("all low-bit") or
+  kept at full precision, computed by the quantized model ("quantized") or by the FP model
+  ("fp-model"); the same 32 x 512 windows for every row. Also the per-position NLL (the curve).
+
+    python bench/bisup_table.py --jobs quarot_g64:base,quarot_g64:bisup,... [--out bench/results/bisup_table]
+    python bench/bisup_table.py --report       # table, JSON, PNGs from the stored jobs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+G64 = dict(w_bits=4, a_bits=4, kv_bits=4, w_group_size=64, a_group_size=64, a_clip=0.9, gptq=True)
+PER_CHANNEL = dict(G64, w_group_size=-1, a_group_size=-1)
+W3 = dict(G64, w_bits=3, a_bits=3)
+CELLS = {
+    "quarot_g64": dict(G64, method="quarot"),
+    "atom_g64": dict(G64, method="atom", atom_outliers=16),
+    "quarot_pc": dict(PER_CHANNEL, method="quarot"),
+    "atom_pc": dict(PER_CHANNEL, method="atom", atom_outliers=16),
+    "quarot_w3": dict(W3, method="quarot"),
+    "atom_w3": dict(W3, method="atom", atom_outliers=16),
+    "quarot_rtn_g64": dict(G64, method="quarot", gptq=False),  # the ablation's base (larger effects)
+}
+SPACES = ("weight_clip", "act_clip", "smooth", "lowrank")
+VARIANTS = {
+    "base": None,
+    "bisup": {},
+    "clip_only": dict(smooth=False, lowrank=False),
+    "smooth_only": dict(weight_clip=False, act_clip=False, lowrank=False),
+    "lowrank_only": dict(weight_clip=False, act_clip=False, smooth=False),
+}
+SEQ_LEN, WINDOWS_8, WINDOWS_32, N_CALIB = 512, 8, 32, 16
+OUT = Path(__file__).resolve().parent / "results" / "bisup_table"
+
+
+def run_job(cell: str, variant: str, fp_prompt_from_fp_model: bool) -> dict:
+    import torch
+
+    import bisup
+    from bisup.eval.data import calibration_batches, eval_tokens
+    from bisup.eval.perplexity import position_perplexity, system_prompt_ids, window_nll
+    from bisup.models.default import load_default_model
+
+    torch.manual_seed(0)
+    model, tok = load_default_model()
+    sys_ids = system_prompt_ids(tok, "default")
+    tokens = eval_tokens(tok, "embedded", SEQ_LEN * WINDOWS_32)
+    res = dict(cell=cell, variant=variant, system_prompt_tokens=int(sys_ids.shape[1]))
+    if cell != "fp":
+        bis = VARIANTS[variant]
+        cfg = bisup.QuantConfig(**CELLS[cell], n_calib=N_CALIB, calib_seq_len=SEQ_LEN,
+                                bisup=None if bis is None else bisup.BiSupConfig(**bis))
+        res["config"] = cfg.to_dict()
+        calib = calibration_batches(tok, N_CALIB, SEQ_LEN)
+        t = time.perf_counter()
+        bisup.quantize_model(model, cfg, calib_data=calib, progress=True)
+        res["quantize_s"] = time.perf_counter() - t
+    res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the FP copy below
+    t = time.perf_counter()
+    nll8 = window_nll(model, tokens, SEQ_LEN, WINDOWS_8, progress=False)
+    res["ppl_8w"] = float(nll8.double().mean().exp())
+    modes = ["low-bit", "quantized"] + (["fp-model"] if fp_prompt_from_fp_model and cell != "fp" else [])
+    fp_model = load_default_model()[0] if "fp-model" in modes else None
+    for mode in modes:
+        nll = window_nll(model, tokens, SEQ_LEN, WINDOWS_32, sys_ids, mode, fp_model, progress=True)
+        res[f"ppl_32w_{mode}"] = float(nll.double().mean().exp())
+        res[f"curve_32w_{mode}"] = position_perplexity(nll, 32).tolist()
+        res["first_tokens_32w_" + mode] = float(nll[:, :16].double().mean().exp())
+    res["eval_s"] = time.perf_counter() - t
+    res["torch_threads"] = torch.get_num_threads()
+    return res
+
+
+def load_jobs(out: Path) -> dict:
+    path = out.with_suffix(".json")
+    return json.loads(path.read_text())["jobs"] if path.is_file() else {}
+
+
+def save_jobs(out: Path, jobs: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"jobs": jobs, "protocol": __doc__}, indent=1) + "\n")
+
+
+def _cell_label(cell: str) -> str:
+    c = CELLS[cell]
+    g = "per-channel" if c["w_group_size"] == -1 else f"g{c['w_group_size']}"
+    w = "GPTQ" if c["gptq"] else "RTN"
+    return f"{c['method'].capitalize()}+{w} W{c['w_bits']}A{c['a_bits']} {g} KV{c['kv_bits']}"
+
+
+def markdown(jobs: dict) -> str:
+    fp = jobs.get("fp:base")
+    lines = ["| setting | row | ppl 8w (no prompt) | ppl 32w all low-bit | ppl 32w prompt KV FP (quantized model) "
+             "| ppl 32w prompt KV FP (FP model) | quantize s | peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
+    f2 = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
+    if fp:
+        lines.append(f"| FP (W16A16) | - | {f2(fp['ppl_8w'])} | {f2(fp['ppl_32w_low-bit'])} | {f2(fp['ppl_32w_quantized'])} "
+                     f"| | | {fp['peak_rss_mib']:.0f} |")
+    for cell in CELLS:
+        for variant in VARIANTS:
+            r = jobs.get(f"{cell}:{variant}")
+            if r is None:
+                continue
+            name = {"base": "base / +horizontal", "bisup": "+vertical / +both"}.get(variant, f"+vertical ({variant})")
+            lines.append(f"| {_cell_label(cell)} | {name} | {f2(r['ppl_8w'])} | {f2(r.get('ppl_32w_low-bit'))} | "
+                         f"{f2(r.get('ppl_32w_quantized'))} | {f2(r.get('ppl_32w_fp-model'))} | {r['quantize_s']:.0f} | "
+                         f"{r['peak_rss_mib']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(jobs: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [c for c in CELLS if f"{c}:base" in jobs and f"{c}:bisup" in jobs]
+    if cells:
+        fig, ax = plt.subplots(figsize=(1.8 + 2.2 * len(cells), 4))
+        bars = [("base", "base", "low-bit"), ("+horizontal", "base", "quantized"),
+                ("+vertical", "bisup", "low-bit"), ("+both", "bisup", "quantized")]
+        width = 0.8 / len(bars)
+        for i, (label, variant, mode) in enumerate(bars):
+            vals = [jobs[f"{c}:{variant}"][f"ppl_32w_{mode}"] for c in cells]
+            xs = [j + (i - 1.5) * width for j in range(len(cells))]
+            ax.bar(xs, vals, width, label=label)
+        if "fp:base" in jobs:
+            ax.axhline(jobs["fp:base"]["ppl_32w_low-bit"], color="k", ls="--", lw=1, label="FP")
+        ax.set_xticks(range(len(cells)), [_cell_label(c).replace(" W", "\nW") for c in cells], fontsize=8)
+        ax.set_ylabel("perplexity (32 x 512, behind the system prompt)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+        ax.set_title("BiSup on SmolLM2-135M (embedded corpus, held-out)")
+        fig.tight_layout()
+        fig.savefig(out.with_name(out.name + "_bars.png"), dpi=120)
+        plt.close(fig)
+    key = next((k for k in ("quarot_g64", "atom_g64") if f"{k}:bisup" in jobs), None)
+    if key:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for variant in ("base", "bisup"):
+            for mode in ("low-bit", "quantized"):
+                curve = jobs[f"{key}:{variant}"][f"curve_32w_{mode}"]
+                xs = [16 + 32 * i for i in range(len(curve))]
+                ax.plot(xs, curve, marker=".", label=f"{variant}, prompt KV {'FP' if mode == 'quantized' else 'low-bit'}")
+        if "fp:base" in jobs:
+            curve = jobs["fp:base"]["curve_32w_low-bit"]
+            ax.plot([16 + 32 * i for i in range(len(curve))], curve, "k--", label="FP")
+        ax.set_xlabel("position in the window (tokens after the system prompt; 32-token buckets)")
+        ax.set_ylabel("perplexity")
+        ax.set_title(_cell_label(key))
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out.with_name(out.name + "_positions.png"), dpi=120)
+        plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--jobs", default="", help="comma-separated CELL:VARIANT (fp:base for the FP row)")
+    p.add_argument("--fp-model-prompt", action="store_true", help="also the prompt KV computed by the FP model")
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--report", action="store_true")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.one is not None:
+        cell, variant = a.one.split(":")
+        print("RESULT " + json.dumps(run_job(cell, variant, a.fp_model_prompt)))
+        return 0
+    jobs = load_jobs(a.out)
+    for job in filter(None, a.jobs.split(",")):
+        cell, _, variant = job.partition(":")
+        if cell != "fp" and (cell not in CELLS or variant not in VARIANTS):
+            raise SystemExit(f"unknown job {job!r}: cells {list(CELLS)}, variants {list(VARIANTS)}")
+        cmd = [sys.executable, __file__, "--one", job] + (["--fp-model-prompt"] if a.fp_model_prompt else [])
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            print(f"{job}: failed (exit {proc.returncode}): {proc.stdout[-500:]}", flush=True)
+            continue
+        res = json.loads(lines[-1][7:])
+        res["wall_s"] = time.perf_counter() - t
+        jobs[job] = res
+        save_jobs(a.out, jobs)
+        print(json.dumps({k: v for k, v in res.items() if not k.startswith("curve") and k != "config"}), flush=True)
+    md = markdown(jobs)
+    a.out.with_suffix(".md").write_text(md)
+    plots(jobs, a.out)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
