@@ -91,10 +91,17 @@ def bisup_config_from_args(a):
 
     if not getattr(a, "bisup", False):
         return None
-    spaces = BiSupConfig.SPACES if a.bisup_spaces == "all" else tuple(s for s in a.bisup_spaces.split(",") if s)
+    defaults = BiSupConfig()
+    if a.bisup_spaces == "default":
+        spaces = tuple(name for name in BiSupConfig.SPACES if getattr(defaults, name))
+    elif a.bisup_spaces == "all":
+        spaces = BiSupConfig.SPACES
+    else:
+        spaces = tuple(s for s in a.bisup_spaces.split(",") if s)
     unknown = sorted(set(spaces) - set(BiSupConfig.SPACES))
     if unknown:
-        raise ValueError(f"--bisup-spaces: unknown {unknown}; expected 'all' or a comma list of {list(BiSupConfig.SPACES)}")
+        raise ValueError(f"--bisup-spaces: unknown {unknown}; expected 'default', 'all' or a comma list of "
+                         f"{list(BiSupConfig.SPACES)}")
     given = dict(epochs=a.bisup_epochs, batch_size=a.bisup_batch_size, lr=a.bisup_lr, lowrank_lr=a.bisup_lowrank_lr,
                  rank=a.bisup_rank, val_windows=a.bisup_val_windows)
     return BiSupConfig(**{k: v for k, v in given.items() if v is not None},
@@ -304,8 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bisup-lowrank-lr", type=float, default=None, help="BiSup: learning rate of the low-rank factors")
     q.add_argument("--bisup-rank", type=int, default=None, help="BiSup: rank of the error compensation")
     q.add_argument("--bisup-val-windows", type=int, default=None, help="BiSup: calibration windows held out (validation loss)")
-    q.add_argument("--bisup-spaces", default="all",
-                   help="BiSup: 'all' or a comma list of weight_clip,act_clip,smooth,lowrank (the rest stay off)")
+    q.add_argument("--bisup-spaces", default="default",
+                   help="BiSup: 'default' (BiSupConfig's), 'all', or a comma list of "
+                        "weight_clip,act_clip,smooth,lowrank,rounding (the rest stay off)")
     q.add_argument("--eval", action="store_true", help="also report perplexity of the quantized model")
     q.add_argument("--save", type=Path, default=None, help="directory to save the quantized model to")
     q.set_defaults(func=cmd_quantize)

@@ -70,12 +70,15 @@ class BiSupConfig:
     act_clip: bool = True  # learnable activation clip ratio per linear input (a scalar per linear)
     smooth: bool = True  # learnable per-channel smoothing scales (norm->qkv, norm->gate/up, v->o, up->down)
     lowrank: bool = True  # rank-r error compensation, merged into the weight before quantization
+    rounding: bool = False  # learned rounding offsets in [-0.5, 0.5] per weight (AutoRound style); codes
+    #                         then come from it, not from the base's GPTQ
     rank: int = 8
     # training
     epochs: int = 4  # passes over the training windows, per decoder layer
     batch_size: int = 2  # calibration windows per step
     lr: float = 1e-2  # clip and smoothing parameters (AdamW)
     lowrank_lr: float = 1e-4  # the low-rank factors' own learning rate
+    rounding_lr: float = 1e-2  # the rounding offsets' learning rate
     weight_decay: float = 0.0
     lowrank_scale: float = 1.0  # stabilising scale of the branch: delta = lowrank_scale * A @ B
     lowrank_init: float = 0.0  # the branch starts at lowrank_init * (rank-r SVD of the quantization error)
@@ -85,7 +88,7 @@ class BiSupConfig:
     weight_clip_init: float = 1.0  # initial weight clip factors (sigmoid-bounded; a learnable clip starts <= 0.99)
     val_windows: int = 0  # trailing calibration windows held out of training (validation loss only)
 
-    SPACES = ("weight_clip", "act_clip", "smooth", "lowrank")
+    SPACES = ("weight_clip", "act_clip", "smooth", "lowrank", "rounding")
 
     def __post_init__(self) -> None:
         own = "BiSupConfig"
@@ -96,7 +99,7 @@ class BiSupConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ValueError(f"{own}.{name}={value!r}: expected an int >= {minimum}")
-        for name in ("lr", "lowrank_lr"):
+        for name in ("lr", "lowrank_lr", "rounding_lr"):
             _check_float(own, name, getattr(self, name), 0.0, 10.0)
         _check_float(own, "weight_decay", self.weight_decay, 0.0, 10.0)
         _check_float(own, "lowrank_scale", self.lowrank_scale, 0.0, 100.0, lo_open=True)

@@ -69,7 +69,8 @@ def _learnable(linear: nn.Module, config: QuantConfig, bc: BiSupConfig,
                            outlier_idx, config.atom_outlier_bits,
                            learn_weight_clip=bc.weight_clip and config.quantizes_weights,
                            learn_act_clip=bc.act_clip and config.quantizes_activations,
-                           weight_clip_init=bc.weight_clip_init)
+                           weight_clip_init=bc.weight_clip_init,
+                           learn_rounding=bc.rounding and config.quantizes_weights)
 
 
 def _col_absmax(mods: List[LearnableLinear]) -> torch.Tensor:
@@ -182,15 +183,19 @@ class Block:
                               bc.lowrank_scale)
 
     def param_groups(self, bc: BiSupConfig) -> List[dict]:
-        main, low = [], []
+        main, low, rounding = [], [], []
         for m in self.mods.values():
             main += [p for p in (m.w_hi, m.w_lo, m.a_logit) if p is not None and p.requires_grad]
             if m.lowrank is not None:
                 low += [m.lowrank.a, m.lowrank.b]
+            if m.w_round is not None:
+                rounding.append(m.w_round)
         main += [s.log_s for s in self.smoothers.values()]
         groups = [dict(params=main, lr=bc.lr)] if main else []
         if low and bc.lowrank_lr > 0:
             groups.append(dict(params=low, lr=bc.lowrank_lr))
+        if rounding and bc.rounding_lr > 0:
+            groups.append(dict(params=rounding, lr=bc.rounding_lr))
         return groups
 
     def penalty(self, bc: BiSupConfig) -> torch.Tensor:
@@ -343,7 +348,7 @@ def apply(model: nn.Module, adapter, config: QuantConfig, calib_batches: torch.T
                          f"leaves no training batch of the {n} calibration windows")
     train_chunks, val_chunks = list(range(n_chunks - n_val)), list(range(n_chunks - n_val, n_chunks))
     transforms = base.prepare(model, adapter, config) or {}
-    use_gptq = base.gptq(config) and config.quantizes_weights
+    use_gptq = base.gptq(config) and config.quantizes_weights and not bc.rounding  # learned rounding makes the codes
     kinds = tuple(sorted(set(base.stats) | ({"channel"} if bc.smooth else set())))
     model.requires_grad_(False)
     log: List[dict] = []

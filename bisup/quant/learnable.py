@@ -6,6 +6,8 @@
       asym: s = (gamma * max w - beta * min w) / qmax, z = round(-beta * min w / s)
   s is rounded to fp16 as the kernels store it (straight-through), codes use round-half-to-even
   with a straight-through estimator; the clip factors get their gradient through s.
+  Learned rounding (AutoRound style): an offset in [-0.5, 0.5] per weight added before rounding,
+  so each code can move to its other neighbour.
 - `Smoothing`: one learnable per-channel scale vector s = exp(log_s) shared by a producer and its
   readers (x / s into the readers, W * s in their input columns), with a soft penalty keeping
   |log s| <= range (no hard clamp).
@@ -60,10 +62,12 @@ def _parts(k: int, group_size: int):
 
 
 def lwc_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool, hi_logit: torch.Tensor,
-                 lo_logit: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 lo_logit: Optional[torch.Tensor], round_offset: Optional[torch.Tensor] = None
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dequantized w, codes, scales, zeros) of w [N, K] in groups along K (shorter last group allowed),
-    clip logits [N, G]. Differentiable in w (STE) and the logits; scales/zeros are [N, G] fp32
-    holding fp16 values."""
+    clip logits [N, G]; round_offset [N, K] (clamped to [-0.5, 0.5]) is added to w / s before
+    rounding (learned rounding). Differentiable in w (STE), the logits and the offset; scales/zeros
+    are [N, G] fp32 holding fp16 values."""
     qmin, qmax = qrange(bits, sym)
     outs, codes, scales, zeros = [], [], [], []
     col = 0
@@ -82,7 +86,10 @@ def lwc_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool, hi_logi
             s = _fp16_ste((gam * mx - bet * mn) / qmax)
             z = round_ste(-(bet * mn) / s)
             z = z + (z.detach().clamp(-FP16_MAX, FP16_MAX).to(SCALE_DTYPE).to(torch.float32) - z).detach()
-        q = torch.clamp(round_ste(xg / s) + z, qmin, qmax)
+        v = xg / s
+        if round_offset is not None:
+            v = v + round_offset[:, lo:hi].clamp(-0.5, 0.5).reshape(w.shape[0], n_g, g)
+        q = torch.clamp(round_ste(v) + z, qmin, qmax)
         outs.append(((q - z) * s).reshape(w.shape[0], hi - lo))
         codes.append(q.reshape(w.shape[0], hi - lo))
         scales.append(s.squeeze(-1))
@@ -151,7 +158,8 @@ class LearnableLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], w_bits: int, w_group_size: int,
                  w_sym: bool, a_bits: int, a_group_size: int, a_sym: bool, w_clip: float, a_clip: float,
                  outlier_idx: Optional[torch.Tensor] = None, outlier_bits: int = 8,
-                 learn_weight_clip: bool = True, learn_act_clip: bool = True, weight_clip_init: float = 1.0):
+                 learn_weight_clip: bool = True, learn_act_clip: bool = True, weight_clip_init: float = 1.0,
+                 learn_rounding: bool = False):
         super().__init__()
         self.register_buffer("weight", weight.detach().to(torch.float32).clone())
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
@@ -166,6 +174,8 @@ class LearnableLinear(nn.Module):
         init = logit(min(w_clip, weight_clip_init, MAX_TRAINABLE_CLIP) if learn_weight_clip else w_clip)
         self.w_hi = nn.Parameter(torch.full((self.out_features, n_g), init), requires_grad=learn_weight_clip)
         self.w_lo = nn.Parameter(torch.full((self.out_features, n_g), init), requires_grad=learn_weight_clip)
+        self.w_round = nn.Parameter(torch.zeros(self.out_features, km, device=weight.device)) \
+            if learn_rounding and w_bits < OFF_BITS else None
         self.fixed_a_clip = float(a_clip)
         self.a_logit = nn.Parameter(torch.tensor(logit(min(a_clip, MAX_TRAINABLE_CLIP))), requires_grad=learn_act_clip) \
             if learn_act_clip and a_bits < OFF_BITS else None
@@ -211,9 +221,10 @@ class LearnableLinear(nn.Module):
             return w, None, None, None
         hi, lo = self.w_hi, self.w_lo
         if self.outlier_idx is None:
-            return lwc_quantize(w, self.w_bits, self.w_group_size, self.w_sym, hi, lo)
+            return lwc_quantize(w, self.w_bits, self.w_group_size, self.w_sym, hi, lo, self.w_round)
         main = w[:, self._main_idx]
-        dq_main, codes, scales, zeros = lwc_quantize(main, self.w_bits, self.w_group_size, self.w_sym, hi, lo)
+        dq_main, codes, scales, zeros = lwc_quantize(main, self.w_bits, self.w_group_size, self.w_sym, hi, lo,
+                                                     self.w_round)
         out = torch.empty_like(w)
         out[:, self._main_idx] = dq_main.to(w.dtype)
         out[:, self.outlier_idx] = fake_quant_channels(w[:, self.outlier_idx], self.outlier_bits, -1, self.w_sym, 1.0)
@@ -244,7 +255,8 @@ class LearnableLinear(nn.Module):
         if self.w_bits >= OFF_BITS:
             return None, w, b, clip
         main = w if self.outlier_idx is None else w[:, self._main_idx]
-        _, codes, scales, zeros = lwc_quantize(main, self.w_bits, self.w_group_size, self.w_sym, self.w_hi, self.w_lo)
+        _, codes, scales, zeros = lwc_quantize(main, self.w_bits, self.w_group_size, self.w_sym, self.w_hi, self.w_lo,
+                                               self.w_round)
         wc = WeightCodes(self.w_bits, self.w_group_size, self.w_sym, codes.to(torch.int8), scales.to(SCALE_DTYPE),
                          None if self.w_sym else zeros.to(SCALE_DTYPE))
         if self.outlier_idx is not None:

@@ -88,6 +88,19 @@ def test_lwc_at_full_clip_is_rtn_and_clip_gets_gradients():
     assert hi.grad.abs().sum() + lo.grad.abs().sum() > 0
 
 
+def test_learned_rounding_moves_codes_by_at_most_one():
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(2))
+    full = torch.full((8, 64 // G), logit(1.0))
+    _, base, _, _ = lwc_quantize(w, 4, G, True, full, full)
+    zero = torch.zeros(8, 64, requires_grad=True)
+    assert torch.equal(lwc_quantize(w, 4, G, True, full, full, zero)[1], base)
+    lwc_quantize(w, 4, G, True, full, full, zero)[0].square().sum().backward()
+    assert zero.grad.abs().sum() > 0  # straight-through: the offsets get gradients
+    big = torch.randn(8, 64, generator=torch.Generator().manual_seed(3)) * 4  # clamped to [-0.5, 0.5]
+    moved = lwc_quantize(w, 4, G, True, full, full, big)[1]
+    assert (moved - base).abs().max() == 1 and (moved != base).any()
+
+
 def test_lowrank_init_lowers_the_weight_reconstruction_error():
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(48, 96, generator=gen) * 0.02
@@ -121,10 +134,10 @@ def test_merged_lowrank_starts_at_the_base_weight():
 # ------------------------------------------------------------------------------------------------
 # training
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["quarot", "atom"])
-def test_training_lowers_the_block_loss(method):
+@pytest.mark.parametrize("method,rounding", [("quarot", False), ("atom", False), ("quarot", True)])
+def test_training_lowers_the_block_loss(method, rounding):
     model = tiny_model("llama", num_layers=1)
-    config = _cfg(method, epochs=15, lr=1e-2, lowrank_lr=1e-3)
+    config = _cfg(method, epochs=15, lr=1e-2, lowrank_lr=1e-3, rounding=rounding)
     adapter, base, tr, layer, inputs, it = _first_layer(model, config, random_tokens(4, 32))
     outliers = base.outliers(adapter, inputs.stats, config) if base.outliers else {}
     block = bisup_method.Block(adapter, layer, config, inputs.stats, outliers, tr)
