@@ -36,14 +36,17 @@ CELLS = {
     "quarot_w3": dict(W3, method="quarot"),
     "atom_w3": dict(W3, method="atom", atom_outliers=16),
     "quarot_rtn_g64": dict(G64, method="quarot", gptq=False),  # the ablation's base (larger effects)
+    # weights only, against AutoRound W4A16 g64 (8-window protocol only: no activation / KV quantization)
+    "gptq_w4a16": dict(G64, method="gptq", a_bits=16, kv_bits=16, a_clip=1.0),
 }
-SPACES = ("weight_clip", "act_clip", "smooth", "lowrank")
 VARIANTS = {
     "base": None,
     "bisup": {},
     "clip_only": dict(smooth=False, lowrank=False),
     "smooth_only": dict(weight_clip=False, act_clip=False, lowrank=False),
     "lowrank_only": dict(weight_clip=False, act_clip=False, smooth=False),
+    "rounding_only": dict(weight_clip=False, act_clip=False, smooth=False, lowrank=False, rounding=True),
+    "all5": dict(rounding=True),
 }
 SEQ_LEN, WINDOWS_8, WINDOWS_32, N_CALIB = 512, 8, 32, 16
 OUT = Path(__file__).resolve().parent / "results" / "bisup_table"
@@ -73,9 +76,12 @@ def run_job(cell: str, variant: str, fp_prompt_from_fp_model: bool) -> dict:
         res["quantize_s"] = time.perf_counter() - t
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the FP copy below
     t = time.perf_counter()
-    nll8 = window_nll(model, tokens, SEQ_LEN, WINDOWS_8, progress=False)
+    # the 8-window protocol's own windows: the LAST 8 x 512 held-out tokens (the last 8 of the 32)
+    nll8 = window_nll(model, eval_tokens(tok, "embedded", SEQ_LEN * WINDOWS_8), SEQ_LEN, WINDOWS_8, progress=False)
     res["ppl_8w"] = float(nll8.double().mean().exp())
-    modes = ["low-bit", "quantized"] + (["fp-model"] if fp_prompt_from_fp_model and cell != "fp" else [])
+    weights_only = cell != "fp" and CELLS[cell]["a_bits"] == 16 and CELLS[cell]["kv_bits"] == 16
+    modes = [] if weights_only else ["low-bit", "quantized"] + (
+        ["fp-model"] if fp_prompt_from_fp_model and cell != "fp" else [])
     fp_model = load_default_model()[0] if "fp-model" in modes else None
     for mode in modes:
         nll = window_nll(model, tokens, SEQ_LEN, WINDOWS_32, sys_ids, mode, fp_model, progress=True)
