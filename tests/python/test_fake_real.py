@@ -138,6 +138,7 @@ def test_tiny_model_fake_equals_real_with_kv_quantization(method, extra):
         lf = fake(ids).logits
         lr = real(ids, cache=make_cache(real)).logits
     assert _rel(lr, lf) < 1e-5, _rel(lr, lf)
+    assert torch.equal(lf, lr)  # bit for bit: the same codes, GEMM arithmetic and attention op
     # every linear that got the same input gave the same output, bit for bit
     same_input = [name for name in seen_fake if torch.equal(seen_fake[name][0], seen_real[name][0])]
     assert "model.layers.0.self_attn.q_proj" in same_input and len(same_input) >= len(seen_fake) // 2

@@ -75,8 +75,12 @@ def test_real_mode_with_kv_matches_fake_mode_through_the_fused_op(family, op_cal
     ids = random_tokens(2, 20, seed=1)
     fake = _quantize(family, mode="fake", kv_bits=4, prompt_len=3)
     real = _quantize(family, kv_bits=4, prompt_len=3)
-    _close_except_rounding_ties(_logits(fake, ids), _logits(real, ids))  # no cache given: one is made
+    fake_logits = _logits(fake, ids)
+    assert op_calls == [20] * 2  # fake-mode inference runs real mode's attention computation too
+    op_calls.clear()
+    real_logits = _logits(real, ids)  # no cache given: one is made
     assert op_calls == [20] * 2  # both layers ran bisup.ops.attention on the mixed-precision cache
+    assert torch.equal(fake_logits, real_logits)  # same codes, same GEMM arithmetic, same attention op
 
 
 def test_generate_without_a_cache_uses_the_mixed_precision_cache(op_calls):
