@@ -29,6 +29,7 @@ from bisup.quant.groups import _fast_sym_grouped as fast_sym_grouped
 from bisup.quant.groups import as_index, complement, fake_quant_channels, needs_grad
 
 _EXACT_FP32_INT = 2 ** 24  # integers up to this are exact in fp32 (integer dots below it need no float64)
+_SCALED_DOT_BOUND = 1 << 13  # |integer dot| <= 2^13: dot * (fp16 scale) is exact in fp32 (13 + 11 bits)
 _MAX_CHUNK_ELEMS = 1 << 24  # [groups, rows, out] partial products per chunk of rows (64 MiB of fp32)
 
 
@@ -84,6 +85,13 @@ class GemmWeight:
         scales = torch.ones(n, groups, dtype=torch.float32, device=device)
         scales[:, : wc.scales.shape[1]] = wc.scales.to(device, torch.float32)
         self.scales = scales.T.contiguous()
+        # qw * sw is exact in fp32 (a code of <= 8 bits times an fp16 value), and so is every partial sum
+        # of sum_k qa*qw*sw = sw * (an integer of at most 13 bits), whatever the summation order; the
+        # one product that rounds is then (dot * sw) * sa, as in the kernel (sa * sw is exact).
+        self.scaled_codes = None
+        self.a_bound = _SCALED_DOT_BOUND // ((1 << (wc.bits - 1)) * g)  # largest |qa| the scaled form takes
+        if self.a_bound >= 1:
+            self.scaled_codes = self.codes * self.scales[:, None, :]
         self.outlier_idx = self.outlier_codes = self.outlier_scales = None
         self.main_idx = None
         if wc.has_outliers:
@@ -124,10 +132,14 @@ def integer_linear(x: torch.Tensor, gw: GemmWeight, a_bits: int, a_clip: float,
     bound = (1 << (a_bits - 1)) * (1 << (gw.bits - 1)) * g
     y = torch.empty(m, n, dtype=torch.float32, device=x.device)
     rows = max(1, _MAX_CHUNK_ELEMS // max(1, groups * n))
+    scaled = gw.scaled_codes is not None and (1 << (a_bits - 1)) <= gw.a_bound
     for r0 in range(0, m, rows):
         r1 = min(m, r0 + rows)
-        dots = _int_dot(qa[:, r0:r1], gw.codes, bound)  # [G, rows, N], exact integers
-        dots.mul_(sa[:, r0:r1, None] * gw.scales[:, None, :])  # sa * sw is exact in fp32 (two fp16 values)
+        if scaled:  # exact dot * sw, then one rounding by sa (GemmWeight)
+            dots = torch.matmul(qa[:, r0:r1], gw.scaled_codes).mul_(sa[:, r0:r1, None])
+        else:
+            dots = _int_dot(qa[:, r0:r1], gw.codes, bound)  # [G, rows, N], exact integers
+            dots.mul_(sa[:, r0:r1, None] * gw.scales[:, None, :])  # sa * sw is exact in fp32 (two fp16 values)
         acc = y[r0:r1]
         acc.copy_(dots[0])
         for i in range(1, groups):
