@@ -39,7 +39,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from bisup import ops, reference
-from bisup.nn.kv_cache import MixedPrecisionKVCache, MixedPrecisionKVLayer
+from bisup.nn.kv_cache import MixedPrecisionKVCache, MixedPrecisionKVLayer, rotate_rows
 from bisup.quant.formats import KV_BITS, SCALE_DTYPE, is_off
 from bisup.quant.quantizer import fake_quantize
 from bisup.rotation.hadamard import hadamard_matrix
@@ -234,15 +234,15 @@ def bisup_attention_forward(
     if layer is None:  # fake KV quantization
         if spec is not None:
             if spec.rotate:
-                rot = kv_rotation(module, query.shape[-1], query.device).to(query.device, query.dtype)
-                query, key = query @ rot, key @ rot
+                rot = kv_rotation(module, query.shape[-1], query.device)
+                query, key = rotate_rows(query, rot), rotate_rows(key, rot)
             out = _kernel_fake_attention(query, key, value, attention_mask, spec, dropout, scaling, kwargs)
             if out is not None:
                 return out, None
             key, value = fake_quant_kv(key, spec), fake_quant_kv(value, spec)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **sdpa_kw)
     if layer.rotation is not None:  # the cache stored rotated keys
-        query = query @ layer.rotation.to(query.device, query.dtype)
+        query = rotate_rows(query, layer.rotation)
     if not _fused_ok(query, attention_mask, layer.get_seq_length(), dropout, kwargs):
         if layer.fused:
             key, value = layer.dequantized()  # `update` returned only the new tokens
