@@ -167,8 +167,16 @@ def _plain_causal(mask: Optional[torch.Tensor], tq: int, total: int) -> bool:
         return True
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[-2:] != (tq, total):
         return False
+    global _last_mask
+    if _last_mask is not None and _last_mask[0] is mask and _last_mask[1] == (mask._version, tq, total):
+        return _last_mask[2]  # every layer of one forward gets the same mask object
     want = reference.attention_mask(1, tq, total, 0, causal=True, device=mask.device)
-    return bool(torch.equal(mask, want.unsqueeze(1).expand_as(mask)))
+    ok = bool(torch.equal(mask, want.unsqueeze(1).expand_as(mask)))
+    _last_mask = (mask, (mask._version, tq, total), ok)
+    return ok
+
+
+_last_mask = None  # (mask, (version, tq, total), verdict) of the last mask checked
 
 
 def _mixed_precision_layer(module: nn.Module, state: Optional[AttentionQuantState]) -> Optional[MixedPrecisionKVLayer]:
