@@ -209,11 +209,13 @@ class QuantLinear(nn.Module):
     def _quantize_input(self, x: torch.Tensor, kernel: bool):
         """(a_q, a_scale, outlier kwargs) of the input x, shared with the previous QuantLinear when it
         read the same tensor with the same settings (_ActivationMemo)."""
-        key = (self.in_features, self.a_bits, self.group_size, float(self.a_clip), self.k_padded, kernel,
-               self._outlier_key() if self.outlier_idx.numel() else ())
-        hit = _memo.get(x, key)
-        if hit is not None:
-            return hit
+        memo = not torch.compiler.is_compiling()  # a traced graph has no tensor identities to share by
+        if memo:
+            key = (self.in_features, self.a_bits, self.group_size, float(self.a_clip), self.k_padded, kernel,
+                   self._outlier_key() if self.outlier_idx.numel() else ())
+            hit = _memo.get(x, key)
+            if hit is not None:
+                return hit
         x2 = x.reshape(-1, self.in_features)
         xm = x2[:, self.main_idx] if self.outlier_idx.numel() else x2
         if self.k_padded != self.k_main:
@@ -227,7 +229,8 @@ class QuantLinear(nn.Module):
             ao, sao = _quantize_int8_rows(x2[:, self.outlier_idx].float())
             outliers = (ao.contiguous(), sao.contiguous())
         value = (a_q, a_scale, outliers)
-        _memo.put(x, key, value)
+        if memo:
+            _memo.put(x, key, value)
         return value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
