@@ -1,4 +1,4 @@
-"""The `bisup` command: quantize, eval, generate, diagnose.
+"""The `bisup` command: quantize, eval, generate, diagnose, bench.
 
   bisup quantize --model default|PATH --method rtn|gptq|atom|quarot --w-bits 4 --a-bits 4 --kv-bits 4 \\
                  --group-size 64 --save DIR [--eval] [--json FILE]
@@ -7,6 +7,7 @@
   bisup generate --model DIR|default|PATH --prompt TEXT [--system-prompt TEXT [--fp-model default|PATH]]
                  [--max-new-tokens 32]
   bisup diagnose --model default|PATH --compare DIR [DIR ...] --out OUT [--system-prompt P ...]
+  bisup bench    [--configs fp32,bf16,real,llamacpp] [--prefill 512] [--decode 128] [--threads 2] [--out PREFIX]
 
 --system-prompt: its KV is computed at full precision (unquantized activations; by --fp-model when
 given) and kept unquantized in the cache, the tokens after it use the model's KV bits (BiSup).
@@ -273,6 +274,21 @@ def _add_common(p, eval_opts: bool = True) -> None:
         p.add_argument("--windows", type=int, default=8, help="evaluation windows of --seq-len tokens")
 
 
+def cmd_bench(args) -> None:
+    """End-to-end prefill / decode speed and memory (bench/e2e.py of the source tree: table + JSON)."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "e2e.py"
+    if not script.is_file():
+        raise FileNotFoundError(f"bisup bench runs {script}, which is missing (it ships with the source tree)")
+    spec = importlib.util.spec_from_file_location("bisup_bench_e2e", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--configs", args.configs, "--prefill", str(args.prefill), "--decode", str(args.decode),
+            "--threads", str(args.threads)] + ([] if args.out is None else ["--out", str(args.out)])
+    module.main(argv)
+
+
 def _add_mode(p) -> None:
     p.add_argument("--mode", default=None, choices=["fake", "real"],
                    help="run a bisup-quantized model in this mode (default: the mode it was saved in)")
@@ -357,6 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-plots", action="store_true", help="write the tables only (no matplotlib)")
     _add_mode(d)
     d.set_defaults(func=cmd_diagnose)
+    b = sub.add_parser("bench", help="end-to-end prefill/decode tokens/s and memory: FP32, BF16, real W4A4 KV4, llama.cpp")
+    b.add_argument("--configs", default="fp32,bf16,real,llamacpp")
+    b.add_argument("--prefill", type=int, default=512)
+    b.add_argument("--decode", type=int, default=128)
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--out", type=Path, default=None, help="results prefix (writes PREFIX.json and PREFIX.md; "
+                   "default bench/results/e2e_cpu)")
+    b.set_defaults(func=cmd_bench)
     return parser
 
 

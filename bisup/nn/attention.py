@@ -10,7 +10,10 @@ covers both ways bisup quantizes the KV cache:
   head_dim the CUDA kernels do not take) it falls back to transformers' SDPA on the dequantized
   K/V, so results stay correct;
 - any other cache or none (fake mode, calibration): K/V positions >= spec.prompt_len are
-  fake-quantized per token and head along head_dim (KVQuantSpec), then SDPA runs.
+  quantized per token and head along head_dim (KVQuantSpec). Without gradients, and where real
+  mode would run the fused op, this is real mode's computation on the spot (bisup.ops.kv_quantize
+  + bisup.ops.attention), so fake and real mode agree bit for bit; otherwise (training, specs the
+  cache cannot hold, masks the op does not take) they are fake-quantized and SDPA runs.
 
 QuaRot's Q/K rotation R (spec.rotate; the buffer `bisup_kv_rotation` of the attention module):
 q.k is unchanged when both are multiplied by the orthogonal R, and R spreads outliers before K is
@@ -36,8 +39,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from bisup import ops, reference
-from bisup.nn.kv_cache import MixedPrecisionKVCache, MixedPrecisionKVLayer
-from bisup.quant.formats import SCALE_DTYPE, is_off
+from bisup.nn.kv_cache import MixedPrecisionKVCache, MixedPrecisionKVLayer, rotate_rows
+from bisup.quant.formats import KV_BITS, SCALE_DTYPE, is_off
 from bisup.quant.quantizer import fake_quantize
 from bisup.rotation.hadamard import hadamard_matrix
 
@@ -195,8 +198,16 @@ def _plain_causal(mask: Optional[torch.Tensor], tq: int, total: int) -> bool:
         return True
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[-2:] != (tq, total):
         return False
+    global _last_mask
+    if _last_mask is not None and _last_mask[0] is mask and _last_mask[1] == (mask._version, tq, total):
+        return _last_mask[2]  # every layer of one forward gets the same mask object
     want = reference.attention_mask(1, tq, total, 0, causal=True, device=mask.device)
-    return bool(torch.equal(mask, want.unsqueeze(1).expand_as(mask)))
+    ok = bool(torch.equal(mask, want.unsqueeze(1).expand_as(mask)))
+    _last_mask = (mask, (mask._version, tq, total), ok)
+    return ok
+
+
+_last_mask = None  # (mask, (version, tq, total), verdict) of the last mask checked
 
 
 def _mixed_precision_layer(module: nn.Module, state: Optional[AttentionQuantState]) -> Optional[MixedPrecisionKVLayer]:
@@ -205,6 +216,43 @@ def _mixed_precision_layer(module: nn.Module, state: Optional[AttentionQuantStat
         layer = cache.layers[idx]
         return layer if isinstance(layer, MixedPrecisionKVLayer) else None
     return None
+
+
+def _fused_ok(query: torch.Tensor, attention_mask, total: int, dropout: float, kwargs: dict) -> bool:
+    """Whether bisup.ops.attention computes this call (else: SDPA on dequantized K/V)."""
+    return (
+        dropout == 0.0
+        and kwargs.get("softcap") is None
+        and kwargs.get("sliding_window") is None
+        and kwargs.get("s_aux") is None
+        and (query.device.type != "cuda" or query.shape[-1] in _CUDA_HEAD_DIMS)
+        and _plain_causal(attention_mask, query.shape[2], total)
+    )
+
+
+def _kernel_fake_attention(query, key, value, attention_mask, spec: KVQuantSpec, dropout, scaling, kwargs):
+    """Fake-mode inference with a KV spec the cache can hold: the very computation of real mode --
+    positions < prompt_len as they are, the rest through bisup.ops.kv_quantize, read by
+    bisup.ops.attention -- so fake and real mode agree bit for bit. (Fake-quantized K/V through SDPA
+    hold the same values, but the softmax and P.V sums round in another order; on a W4A4 model
+    such ulp differences flip downstream activation codes.) None where the fused op does not apply
+    (gradients, or what real mode would run through SDPA too): the caller fake-quantizes for SDPA."""
+    d = key.shape[-1]
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return None
+    if spec.bits not in KV_BITS or spec.sym or spec.clip != 1.0 or key.dtype not in (torch.float32, torch.float16,
+                                                                                       torch.bfloat16):
+        return None
+    if (spec.group_size != -1 and (spec.group_size % 8 or d % spec.group_size)) or (spec.bits == 3 and d % 32):
+        return None
+    if not _fused_ok(query, attention_mask, key.shape[2], dropout, kwargs):
+        return None
+    p = min(spec.prompt_len, key.shape[2])
+    kq = ops.kv_quantize(key[:, :, p:].contiguous(), spec.bits, spec.group_size)
+    vq = ops.kv_quantize(value[:, :, p:].contiguous(), spec.bits, spec.group_size)
+    out = ops.attention(query.contiguous(), key[:, :, :p].contiguous(), value[:, :, :p].to(key.dtype).contiguous(),
+                        *kq, *vq, kv_bits=spec.bits, group_size=spec.group_size, softmax_scale=scaling, causal=True)
+    return out.transpose(1, 2).contiguous()
 
 
 def bisup_attention_forward(
@@ -225,21 +273,16 @@ def bisup_attention_forward(
     if layer is None:  # fake KV quantization
         if spec is not None:
             if spec.rotate:
-                rot = kv_rotation(module, query.shape[-1], query.device).to(query.device, query.dtype)
-                query, key = query @ rot, key @ rot
+                rot = kv_rotation(module, query.shape[-1], query.device)
+                query, key = rotate_rows(query, rot), rotate_rows(key, rot)
+            out = _kernel_fake_attention(query, key, value, attention_mask, spec, dropout, scaling, kwargs)
+            if out is not None:
+                return out, None
             key, value = fake_quant_kv(key, spec), fake_quant_kv(value, spec)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **sdpa_kw)
     if layer.rotation is not None:  # the cache stored rotated keys
-        query = query @ layer.rotation.to(query.device, query.dtype)
-    fused_ok = (
-        dropout == 0.0
-        and kwargs.get("softcap") is None
-        and kwargs.get("sliding_window") is None
-        and kwargs.get("s_aux") is None
-        and (query.device.type != "cuda" or query.shape[-1] in _CUDA_HEAD_DIMS)
-        and _plain_causal(attention_mask, query.shape[2], layer.get_seq_length())
-    )
-    if not fused_ok:
+        query = rotate_rows(query, layer.rotation)
+    if not _fused_ok(query, attention_mask, layer.get_seq_length(), dropout, kwargs):
         if layer.fused:
             key, value = layer.dequantized()  # `update` returned only the new tokens
         return sdpa_attention_forward(module, query, key, value, attention_mask, **sdpa_kw)

@@ -4,7 +4,14 @@ formulas: docs/formats.md).
 
 A FakeQuantLinear keeps its dequantized weight together with the integer codes and fp16 scales
 it stands for (WeightCodes), so save_quantized exports the codes exactly and the real kernels run
-the very same weight. Outlier channels (Atom): input channels listed in `outlier_idx` are quantized
+the very same weight.
+
+Inference (no gradient) with symmetric weights and activations in the same groups runs the integer
+GEMM's arithmetic in PyTorch (`integer_linear`, the semantics of bisup.ops.gemm in docs/formats.md):
+exact integer dots per group, each scaled by sa*sw and added in fp32 in group order, then the INT8
+outlier segment, then the bias. So fake mode computes what the kernels compute, bit for bit, and
+not a float matmul of dequantized operands (a different rounding that a later quantizer can turn
+into a different code). Training (gradients through the STE) keeps the float path. Outlier channels (Atom): input channels listed in `outlier_idx` are quantized
 per row (weights) or per token (activations, without clipping) at `outlier_bits`; the remaining
 channels, in their original order, are quantized in groups.
 """
@@ -17,8 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from bisup.quant.codes import WeightCodes, quantize_weight, recover_codes
-from bisup.quant.formats import OFF_BITS
-from bisup.quant.groups import as_index, fake_quant_channels
+from bisup.quant.formats import OFF_BITS, effective_group
+from bisup.quant.groups import _fast_sym_grouped as fast_sym_grouped
+from bisup.quant.groups import as_index, complement, fake_quant_channels, needs_grad
+
+_EXACT_FP32_INT = 2 ** 24  # integers up to this are exact in fp32 (integer dots below it need no float64)
+_SCALED_DOT_BOUND = 1 << 13  # |integer dot| <= 2^13: dot * (fp16 scale) is exact in fp32 (13 + 11 bits)
+_MAX_CHUNK_ELEMS = 1 << 24  # [groups, rows, out] partial products per chunk of rows (64 MiB of fp32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -55,6 +67,93 @@ class ActQuantizer(nn.Module):
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, group_size={self.group_size}, sym={self.sym}, clip={self.clip}, "
                 f"outliers={self.outlier_idx.numel()}@{self.outlier_bits}b")
+
+
+# the integer GEMM in PyTorch
+# ------------------------------------------------------------------------------------------------
+class GemmWeight:
+    """A weight's codes laid out for integer_linear: main codes fp32 [G, g, N] (zero-padded to whole
+    groups), scales fp32 [G, N] (1 for padding), outlier codes fp32 [Ko, N] and scales fp32 [N]."""
+
+    def __init__(self, wc: WeightCodes, in_features: int, device):
+        n, km = wc.codes.shape
+        g = effective_group(km, wc.group_size)
+        groups = -(-km // g)
+        codes = F.pad(wc.codes.to(device, torch.float32), (0, groups * g - km))
+        self.group, self.groups, self.bits = g, groups, wc.bits
+        self.codes = codes.reshape(n, groups, g).permute(1, 2, 0).contiguous()
+        scales = torch.ones(n, groups, dtype=torch.float32, device=device)
+        scales[:, : wc.scales.shape[1]] = wc.scales.to(device, torch.float32)
+        self.scales = scales.T.contiguous()
+        # qw * sw is exact in fp32 (a code of <= 8 bits times an fp16 value), and so is every partial sum
+        # of sum_k qa*qw*sw = sw * (an integer of at most 13 bits), whatever the summation order; the
+        # one product that rounds is then (dot * sw) * sa, as in the kernel (sa * sw is exact).
+        self.scaled_codes = None
+        self.a_bound = _SCALED_DOT_BOUND // ((1 << (wc.bits - 1)) * g)  # largest |qa| the scaled form takes
+        if self.a_bound >= 1:
+            self.scaled_codes = self.codes * self.scales[:, None, :]
+        self.outlier_idx = self.outlier_codes = self.outlier_scales = None
+        self.main_idx = None
+        if wc.has_outliers:
+            self.outlier_idx = wc.outlier_idx.to(device)
+            self.main_idx = complement(self.outlier_idx, in_features)
+            self.outlier_bits = wc.outlier_bits
+            self.outlier_codes = wc.outlier_codes.to(device, torch.float32).T.contiguous()
+            self.outlier_scales = wc.outlier_scales.to(device, torch.float32).reshape(-1)
+
+
+def _int_dot(a: torch.Tensor, b: torch.Tensor, bound: int) -> torch.Tensor:
+    """a @ b of integer-valued fp32 operands, exact: in fp32 when every |dot| <= bound fits, else in float64."""
+    if bound < _EXACT_FP32_INT:
+        return torch.matmul(a, b)
+    return torch.matmul(a.double(), b.double()).float()
+
+
+def integer_linear(x: torch.Tensor, gw: GemmWeight, a_bits: int, a_clip: float,
+                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x W^T (+ b) computed as bisup.ops.gemm computes it on per-token quantized x (docs/formats.md):
+
+        acc = sum over groups, in order, of fp32(dot_g(qa, qw)) * (sa * sw)   (each * and + rounded once)
+        y   = acc + fp32(dot(qa_outlier, qw_outlier)) * (sao * swo) + bias
+
+    x is quantized as QuantLinear quantizes it (symmetric a_bits codes per group of the main channels,
+    clip a_clip; INT8 per token, unclipped, for the outlier channels). Returns x's dtype."""
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    xm = x2 if gw.main_idx is None else x2[:, gw.main_idx]
+    g, groups = gw.group, gw.groups
+    if xm.shape[-1] != groups * g:  # zero padding keeps every group's scale and codes (zeros do not move max|x|)
+        xm = F.pad(xm, (0, groups * g - xm.shape[-1]))
+    qa, sa = fast_sym_grouped(xm, a_bits, g, a_clip)  # [M, G, g], [M, G, 1]
+    qa = qa.transpose(0, 1)  # [G, M, g]
+    sa = sa.squeeze(-1).T  # [G, M]
+    m, n = x2.shape[0], gw.codes.shape[-1]
+    bound = (1 << (a_bits - 1)) * (1 << (gw.bits - 1)) * g
+    y = torch.empty(m, n, dtype=torch.float32, device=x.device)
+    rows = max(1, _MAX_CHUNK_ELEMS // max(1, groups * n))
+    scaled = gw.scaled_codes is not None and (1 << (a_bits - 1)) <= gw.a_bound
+    for r0 in range(0, m, rows):
+        r1 = min(m, r0 + rows)
+        if scaled:  # exact dot * sw, then one rounding by sa (GemmWeight)
+            dots = torch.matmul(qa[:, r0:r1], gw.scaled_codes).mul_(sa[:, r0:r1, None])
+        else:
+            dots = _int_dot(qa[:, r0:r1], gw.codes, bound)  # [G, rows, N], exact integers
+            dots.mul_(sa[:, r0:r1, None] * gw.scales[:, None, :])  # sa * sw is exact in fp32 (two fp16 values)
+        acc = y[r0:r1]
+        acc.copy_(dots[0])
+        for i in range(1, groups):
+            acc.add_(dots[i])
+    if gw.outlier_idx is not None:
+        ko = gw.outlier_idx.numel()
+        qo, so = fast_sym_grouped(x2[:, gw.outlier_idx], gw.outlier_bits, ko, 1.0)
+        bound_o = (1 << (gw.outlier_bits - 1)) ** 2 * ko
+        dot = _int_dot(qo.reshape(m, ko), gw.outlier_codes, bound_o)
+        y.add_(dot.mul_(so.reshape(m, 1) * gw.outlier_scales[None]))
+    if bias is not None:
+        y.add_(bias.to(torch.float32))
+    out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    return y.to(out_dtype).to(x.dtype).reshape(*lead, n)
 
 
 # weights
@@ -146,9 +245,49 @@ class FakeQuantLinear(nn.Module):
                                         self.outlier_bits)
         return self._codes
 
+    def _gemm_weight(self, x: torch.Tensor) -> Optional[GemmWeight]:
+        """The weight's codes for integer_linear, or None where forward takes the float path: while
+        gradients flow, without symmetric activation quantization in the weight's groups, or when the
+        codes cannot be had. Cached per weight version and device (set_weight and in-place edits of
+        the weight invalidate it; codes that no longer reproduce the weight are recovered again)."""
+        aq = self.act_quantizer
+        if aq is None or not self.quantized or not (self.w_sym and aq.sym) or aq.bits >= OFF_BITS:
+            return None
+        if needs_grad(x, aq.clip) or self.weight.requires_grad:
+            return None
+        if isinstance(aq.clip, torch.Tensor) and aq.clip.numel() != 1:
+            return None
+        km = self.in_features - self.outlier_idx.numel()
+        if effective_group(km, aq.group_size) != effective_group(km, self.w_group_size):
+            return None
+        if not torch.equal(aq.outlier_idx.to(self.outlier_idx.device), self.outlier_idx):
+            return None
+        if self.outlier_idx.numel() and (aq.outlier_bits != self.outlier_bits or self.outlier_bits > 8):
+            return None
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype, str(x.device), id(self._codes))
+        cached = getattr(self, "_gemm_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        gw = None
+        try:
+            wc = self.weight_codes()
+            if not torch.equal(wc.dequantize(self.in_features, self.weight.dtype), self.weight.data):
+                self._codes = None  # the weight was edited in place: recover its codes again
+                wc = self.weight_codes()
+            if wc.bits <= 8:
+                gw = GemmWeight(wc, self.in_features, x.device)
+        except ValueError:  # not on a symmetric grid (e.g. edited off it): the float path
+            gw = None
+        key = key[:-1] + (id(self._codes),)
+        self._gemm_cache = (key, gw)
+        return gw
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_transform is not None:
             x = self.input_transform(x)
+        gw = self._gemm_weight(x)
+        if gw is not None:  # inference: the integer GEMM's arithmetic (module docstring)
+            return integer_linear(x, gw, self.act_quantizer.bits, float(self.act_quantizer.clip), self.bias)
         if self.act_quantizer is not None:
             x = self.act_quantizer(x)
         return F.linear(x, self.weight, self.bias)

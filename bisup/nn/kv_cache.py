@@ -25,6 +25,18 @@ from bisup import ops
 from bisup.quant.formats import KV_BITS, OFF_BITS, SCALE_DTYPE, is_off, num_groups, packed_row_bytes
 
 
+def rotate_rows(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """x [..., D] @ rotation [D, D], each row computed in float64 and rounded to x's dtype once.
+
+    A float32 matmul's result for one row depends on how many rows it is computed with (the BLAS
+    picks other kernels), so keys rotated one token at a time (the cache, decoding) and all at once
+    (fake mode) would differ in the last bit; in float64 the sums are far below the output's rounding.
+    Fake and real mode both rotate through here."""
+    d = x.shape[-1]
+    y = x.reshape(-1, d).to(torch.float64) @ rotation.to(x.device, torch.float64)
+    return y.to(x.dtype).reshape(x.shape)
+
+
 class MixedPrecisionKVLayer(DynamicLayer):
     """One layer: K/V [B, H, P, D] at full precision, then packed K/V [B, H, S, bytes] + fp16 scale/zero.
 
@@ -50,7 +62,7 @@ class MixedPrecisionKVLayer(DynamicLayer):
         self.v_q = self.v_scale = self.v_zero = None
 
     def _rotate(self, keys: torch.Tensor) -> torch.Tensor:
-        return keys if self.rotation is None else keys @ self.rotation.to(keys.device, keys.dtype)
+        return keys if self.rotation is None else rotate_rows(keys, self.rotation)
 
     # -- transformers layer API ---------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: Optional[torch.Tensor] = None) -> None:

@@ -24,6 +24,7 @@ from torch import nn
 
 from bisup import ops, reference
 from bisup.quant.formats import packed_row_bytes
+from bisup.quant.groups import _fast_sym_grouped as fast_sym_grouped
 from bisup.quant.quantizer import quantize_groups
 
 _K_MULTIPLE = 32  # bisup.ops.gemm: K % 32 == 0
@@ -45,9 +46,38 @@ def _padded_k(k_main: int, group_size: int, w_bits: int) -> int:
 
 
 def _quantize_int8_rows(x: torch.Tensor):
-    """Per-row symmetric INT8 codes (int8) and fp16 scales [rows]."""
-    q, s, _ = quantize_groups(x, 8, -1, sym=True, scale_dtype=torch.float16)
+    """Per-row symmetric INT8 codes (int8) and fp16 scales [rows] (quantize_groups' formula, through its
+    bit-identical inference twin when no gradient is needed)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        q, s, _ = quantize_groups(x, 8, -1, sym=True, scale_dtype=torch.float16)
+    else:
+        q, s = fast_sym_grouped(x, 8, x.shape[-1], 1.0)
     return q.reshape(x.shape).to(torch.int8), s.reshape(x.shape[:-1]).to(torch.float16)
+
+
+class _ActivationMemo:
+    """The quantized form of the last input one QuantLinear saw, for the next one reading the very same
+    tensor (q/k/v share the attention-norm output, gate/up the MLP-norm output): one quantize_pack
+    instead of three. Valid while the tensor object is the same one, unmodified (its version counter,
+    shared by all its views, is unchanged); the key holds every setting the quantization depends on.
+    It keeps a reference to that input until the next one replaces it."""
+
+    def __init__(self):
+        self.x = self.version = self.key = self.value = None
+
+    def get(self, x: torch.Tensor, key: tuple):
+        if self.x is x and self.version == x._version and self.key == key:
+            return self.value
+        return None
+
+    def put(self, x: torch.Tensor, key: tuple, value) -> None:
+        self.x, self.version, self.key, self.value = x, x._version, key, value
+
+    def clear(self) -> None:
+        self.__init__()
+
+
+_memo = _ActivationMemo()
 
 
 class QuantLinear(nn.Module):
@@ -167,15 +197,46 @@ class QuantLinear(nn.Module):
         return layer
 
     # ------------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"QuantLinear: expected input [..., {self.in_features}], got {tuple(x.shape)}")
-        lead = x.shape[:-1]
+    def _outlier_key(self) -> tuple:
+        """The outlier channel set as a tuple (cached per version of the buffer)."""
+        cached = getattr(self, "_outlier_key_cache", None)
+        ver = (self.outlier_idx.data_ptr(), self.outlier_idx._version)
+        if cached is None or cached[0] != ver:
+            cached = (ver, tuple(self.outlier_idx.tolist()))
+            self._outlier_key_cache = cached
+        return cached[1]
+
+    def _quantize_input(self, x: torch.Tensor, kernel: bool):
+        """(a_q, a_scale, outlier kwargs) of the input x, shared with the previous QuantLinear when it
+        read the same tensor with the same settings (_ActivationMemo)."""
+        memo = not torch.compiler.is_compiling()  # a traced graph has no tensor identities to share by
+        if memo:
+            key = (self.in_features, self.a_bits, self.group_size, float(self.a_clip), self.k_padded, kernel,
+                   self._outlier_key() if self.outlier_idx.numel() else ())
+            hit = _memo.get(x, key)
+            if hit is not None:
+                return hit
         x2 = x.reshape(-1, self.in_features)
         xm = x2[:, self.main_idx] if self.outlier_idx.numel() else x2
         if self.k_padded != self.k_main:
             xm = F.pad(xm, (0, self.k_padded - self.k_main))
-        xm = xm.contiguous()
+        if not xm.is_contiguous():
+            xm = xm.contiguous()
+        impl = ops if kernel else reference
+        a_q, a_scale, _ = impl.quantize_pack(xm, self.a_bits, self.group_size, True, self.a_clip)
+        outliers = None
+        if self.outlier_idx.numel():
+            ao, sao = _quantize_int8_rows(x2[:, self.outlier_idx].float())
+            outliers = (ao.contiguous(), sao.contiguous())
+        value = (a_q, a_scale, outliers)
+        if memo:
+            _memo.put(x, key, value)
+        return value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"QuantLinear: expected input [..., {self.in_features}], got {tuple(x.shape)}")
+        lead = x.shape[:-1]
         out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
         kernel = _has_kernel(x.device)
         if not kernel and x.device.type not in _warned_devices:
@@ -185,25 +246,19 @@ class QuantLinear(nn.Module):
                 stacklevel=2,
             )
         impl = ops if kernel else reference
-        if kernel:
-            a_q, a_scale, _ = ops.quantize_pack(xm, self.a_bits, self.group_size, True, self.a_clip)
-        else:
-            a_q, a_scale, _ = reference.quantize_pack(xm, self.a_bits, self.group_size, True, self.a_clip)
+        a_q, a_scale, outl = self._quantize_input(x, kernel)
         outliers = {}
-        if self.outlier_idx.numel():
-            ao, sao = _quantize_int8_rows(x2[:, self.outlier_idx].float())
-            outliers = dict(
-                a_outlier=ao.contiguous(),
-                a_outlier_scale=sao.contiguous(),
-                w_outlier=self.w_outlier,
-                w_outlier_scale=self.w_outlier_scale,
-            )
+        if outl is not None:
+            outliers = dict(a_outlier=outl[0], a_outlier_scale=outl[1], w_outlier=self.w_outlier,
+                            w_outlier_scale=self.w_outlier_scale)
         y = impl.gemm(
             a_q, a_scale, self.w_q, self.w_scale,
             a_bits=self.a_bits, w_bits=self.w_bits, group_size=self.group_size,
             out_dtype=out_dtype, bias=self.bias, **outliers,
         )
-        return y.to(x.dtype).reshape(*lead, self.out_features)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return (

@@ -75,8 +75,12 @@ def test_real_mode_with_kv_matches_fake_mode_through_the_fused_op(family, op_cal
     ids = random_tokens(2, 20, seed=1)
     fake = _quantize(family, mode="fake", kv_bits=4, prompt_len=3)
     real = _quantize(family, kv_bits=4, prompt_len=3)
-    _close_except_rounding_ties(_logits(fake, ids), _logits(real, ids))  # no cache given: one is made
+    fake_logits = _logits(fake, ids)
+    assert op_calls == [20] * 2  # fake-mode inference runs real mode's attention computation too
+    op_calls.clear()
+    real_logits = _logits(real, ids)  # no cache given: one is made
     assert op_calls == [20] * 2  # both layers ran bisup.ops.attention on the mixed-precision cache
+    assert torch.equal(fake_logits, real_logits)  # same codes, same GEMM arithmetic, same attention op
 
 
 def test_generate_without_a_cache_uses_the_mixed_precision_cache(op_calls):
@@ -321,3 +325,33 @@ def test_real_mode_model_on_the_device(device, op_calls):
     assert out.shape == (1, 12) and out.device.type == device.type
     layer = cache.layers[0]
     assert layer.k_prompt.shape[2] == 5 and layer.quant_len == 6 and layer.k_q.device.type == device.type
+
+
+def test_linears_reading_one_tensor_share_its_quantization(monkeypatch):
+    """q/k/v (and gate/up) read the same tensor: one quantize_pack serves them; a different tensor, an
+    in-place change or other settings quantize again, and results equal unshared quantization."""
+    import bisup.nn.quant_linear as ql
+
+    calls = []
+    real_qp = ql.ops.quantize_pack
+    monkeypatch.setattr(ql.ops, "quantize_pack", lambda *a, **k: calls.append(1) or real_qp(*a, **k))
+    gen = torch.Generator().manual_seed(0)
+    lins = [QuantLinear.from_float(torch.nn.Linear(64, 32), 4, 4, 32, a_clip=0.9) for _ in range(3)]
+    other_clip = QuantLinear.from_float(torch.nn.Linear(64, 32), 4, 4, 32, a_clip=0.8)
+    x = torch.randn(5, 64, generator=gen)
+    ys = [lin(x) for lin in lins]
+    assert len(calls) == 1
+    other_clip(x)
+    assert len(calls) == 2
+    ql._memo.clear()
+    for lin, y in zip(lins, ys):
+        ql._memo.clear()
+        assert torch.equal(lin(x), y)
+    calls.clear()
+    lins[0](x)  # x is still the memo's tensor: no new quantization
+    assert len(calls) == 0
+    x.mul_(2)  # same object, new contents
+    y2 = lins[1](x)
+    assert len(calls) == 1
+    ql._memo.clear()
+    assert torch.equal(y2, lins[1](x))

@@ -170,7 +170,9 @@ def test_checkpoints_written_by_an_older_bisup_still_load(name):
     assert tok is not None
     with torch.no_grad():
         logits = model(torch.tensor(expected["ids"])).logits[0]
-    assert torch.equal(logits, torch.tensor(expected["logits"][name], dtype=logits.dtype))
+    # same codes; the logits were recorded with fake mode's former float matmul, which rounds differently
+    # from the integer GEMM arithmetic fake-mode inference runs now (fp32 ulps, issue 10)
+    torch.testing.assert_close(logits, torch.tensor(expected["logits"][name], dtype=logits.dtype), rtol=1e-5, atol=1e-5)
 
 
 def test_gemma3_quarot_with_wrappers_and_tokenizer_evaluates_from_the_cli(tmp_path, capsys):
