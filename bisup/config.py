@@ -70,8 +70,8 @@ class BiSupConfig:
     act_clip: bool = True  # learnable activation clip ratio per linear input (a scalar per linear)
     smooth: bool = True  # learnable per-channel smoothing scales (norm->qkv, norm->gate/up, v->o, up->down)
     lowrank: bool = True  # rank-r error compensation, merged into the weight before quantization
-    rounding: bool = False  # learned rounding offsets in [-0.5, 0.5] per weight (AutoRound style); codes
-    #                         then come from it, not from the base's GPTQ
+    rounding: bool = True  # learned rounding offsets in [-0.5, 0.5] per weight (AutoRound style); codes
+    #                        then come from it, not from the base's GPTQ
     rank: int = 8
     # training
     epochs: int = 4  # passes over the training windows, per decoder layer

@@ -14,8 +14,10 @@
    and trained with AdamW on  mean((layer(h) - target)^2) / mean(target^2) + smooth_penalty * penalty
    (straight-through estimator through every fake quantizer; fixed seed per layer);
 3. export: an ORDINARY quantized layer. Smoothing is folded into the norms / weights, the learned
-   weight clipping fixes the group scales (RTN codes; or GPTQ codes, on the trained block's own input
-   Hessians, with the weight pre-clamped to the learned clip range), the learned activation clip
+   weight clipping fixes the group scales, the codes are the learned rounding's (rounding=True, the
+   default: chosen on validation windows, bench/results/bisup_rounding.md), or, without it, RTN
+   codes, or GPTQ codes when the base uses GPTQ (on the trained block's own input Hessians, with
+   the weight pre-clamped to the learned clip range), the learned activation clip
    ratio (a Python float per linear) goes into its ActQuantizer; FakeQuantLinear.from_codes /
    the GPTQ helpers build the modules, so save/load and mode="real" need nothing new.
 
