@@ -47,7 +47,7 @@ struct KvRows {
 
 // Row j of the logical sequence as fp32: a prompt row converted, or (code - zero) * scale in
 // fp32 exactly as kv_dequantize.
-inline void fetch_row(const KvRows& kv, int64_t j, float* out) {
+__attribute__((always_inline)) inline void fetch_row(const KvRows& kv, int64_t j, float* out) {
   const int64_t d = kv.d;
   if (j < kv.p) {
     if (kv.dtype == Dtype::kFloat) {
@@ -81,7 +81,7 @@ inline void fetch_row(const KvRows& kv, int64_t j, float* out) {
   }
 }
 
-inline float dot(const float* a, const float* b, int64_t d) {
+__attribute__((always_inline)) inline float dot(const float* a, const float* b, int64_t d) {
   // 8 partial sums: the compiler vectorizes these (a single running sum it may not reorder).
   float part[8] = {};
   int64_t i = 0;
