@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from bisup._ext import has_cuda_kernels  # noqa: F401  (also loads the extension)
+from bisup._ext import _C, has_cuda_kernels  # noqa: F401  (also loads the extension)
 from bisup.quant.formats import check_kv_bits, num_groups, packed_row_bytes, unpacked_row_values
 
 _ops = torch.ops.bisup
@@ -132,6 +132,17 @@ def gemm(
         a_q, a_scale, w_q, w_scale, a_bits, w_bits, group_size, out_dtype,
         bias, a_outlier, a_outlier_scale, w_outlier, w_outlier_scale,
     )
+
+
+def cpu_gemm_isas() -> list:
+    """The CPU GEMM paths this CPU supports, best first (of avx512vnni, avxvnni, avx2, scalar)."""
+    return list(_C.cpu_gemm_isas())
+
+
+def cpu_gemm_isa() -> str:
+    """The path a CPU ops.gemm call takes now: $BISUP_CPU_GEMM_ISA when set (RuntimeError if this
+    CPU lacks it), else the first of cpu_gemm_isas()."""
+    return _C.cpu_gemm_isa()
 
 
 @torch.library.register_fake("bisup::gemm")

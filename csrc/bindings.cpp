@@ -73,4 +73,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   }, "Whether this build contains the CUDA kernels");
+  m.def("cpu_gemm_isas", &bisup::cpu_gemm_isas, "The CPU GEMM paths this CPU supports, best first");
+  m.def("cpu_gemm_isa", &bisup::cpu_gemm_isa,
+        "The CPU GEMM path a call takes now (BISUP_CPU_GEMM_ISA, else the best supported)");
 }

@@ -5,7 +5,9 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
+#include <vector>
 
 namespace bisup {
 
@@ -77,6 +79,10 @@ at::Tensor gemm_cpu(const at::Tensor& a_q, const at::Tensor& a_scale, const at::
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& a_outlier,
     const std::optional<at::Tensor>& a_outlier_scale, const std::optional<at::Tensor>& w_outlier,
     const std::optional<at::Tensor>& w_outlier_scale);
+// The CPU GEMM's SIMD paths: those this CPU supports (best first), and the one a call takes now
+// (BISUP_CPU_GEMM_ISA=avx512vnni|avxvnni|avx2|scalar forces one; an unsupported one is an error).
+std::vector<std::string> cpu_gemm_isas();
+std::string cpu_gemm_isa();
 #ifdef BISUP_WITH_CUDA
 at::Tensor gemm_cuda(const at::Tensor& a_q, const at::Tensor& a_scale, const at::Tensor& w_q, const at::Tensor& w_scale,
     int64_t a_bits, int64_t w_bits, int64_t group_size, at::ScalarType out_dtype,

@@ -1,9 +1,19 @@
 // CPU twin of bisup.ops.attention: softmax attention over a logical KV sequence made of a
-// full-precision prompt segment followed by a quantized segment (dequantized on the fly), with
-// GQA, end-aligned causal masking and per-batch lengths. Semantics: bisup/reference.py.
+// full-precision prompt segment followed by a quantized segment, with GQA, end-aligned causal
+// masking and per-batch lengths. Semantics: bisup/reference.py.
+//
+// Streaming (flash-decoding style): a work item is one (batch, kv head), a block of its query
+// rows (GQA group x Tq) and a range of its keys. Keys are read once per item, a row at a time:
+// the packed K row is dequantized into an L1 row buffer and dotted with every query row of the
+// block, then the packed V row likewise feeds p * v into the rows' accumulators, with an online
+// softmax (running max and sum). No dequantized copy of the cache is made. When (batch, kv head)
+// pairs are fewer than twice the threads, each one's keys are split into ranges whose partial
+// softmax states are merged at the end (split-K).
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -16,63 +26,218 @@ namespace bisup {
 
 namespace {
 
+constexpr int64_t kKeyBlock = 64;       // keys scored before their values are accumulated
+constexpr int64_t kRowBlock = 64;       // query rows per work item
+constexpr int64_t kMinSplitKeys = 128;  // a split-K range is at least this many keys
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+enum class Dtype { kFloat, kHalf, kBFloat16 };
+
+// The logical K (or V) rows of one (batch, kv head): prompt rows in q's dtype, then packed rows.
+struct KvRows {
+  const void* prompt;  // [P, D]
+  Dtype dtype;
+  int64_t p;
+  const uint8_t* packed;  // [S, row bytes]
+  const c10::Half* scale;  // [S, G]
+  const c10::Half* zero;
+  int64_t d, group, row_bytes;
+  int bits;
+};
+
+// Row j of the logical sequence as fp32: a prompt row converted, or (code - zero) * scale in
+// fp32 exactly as kv_dequantize.
+__attribute__((always_inline)) inline void fetch_row(const KvRows& kv, int64_t j, float* out) {
+  const int64_t d = kv.d;
+  if (j < kv.p) {
+    if (kv.dtype == Dtype::kFloat) {
+      std::copy_n(static_cast<const float*>(kv.prompt) + j * d, d, out);
+    } else if (kv.dtype == Dtype::kHalf) {
+      const c10::Half* r = static_cast<const c10::Half*>(kv.prompt) + j * d;
+      for (int64_t i = 0; i < d; ++i) out[i] = static_cast<float>(r[i]);
+    } else {
+      const c10::BFloat16* r = static_cast<const c10::BFloat16*>(kv.prompt) + j * d;
+      for (int64_t i = 0; i < d; ++i) out[i] = static_cast<float>(r[i]);
+    }
+    return;
+  }
+  const int64_t row = j - kv.p, groups = d / kv.group;
+  const uint8_t* codes = kv.packed + row * kv.row_bytes;
+  for (int64_t g = 0; g < groups; ++g) {
+    const float s = static_cast<float>(kv.scale[row * groups + g]), z = static_cast<float>(kv.zero[row * groups + g]);
+    float* o = out + g * kv.group;
+    const int64_t i0 = g * kv.group;
+    if (kv.bits == 4) {
+      const uint8_t* c = codes + i0 / 2;
+      for (int64_t i = 0; i < kv.group / 2; ++i) {
+        o[2 * i] = (float(c[i] & 0xF) - z) * s;
+        o[2 * i + 1] = (float(c[i] >> 4) - z) * s;
+      }
+    } else if (kv.bits == 8) {
+      for (int64_t i = 0; i < kv.group; ++i) o[i] = (float(codes[i0 + i]) - z) * s;
+    } else {
+      for (int64_t i = 0; i < kv.group; ++i) o[i] = (float(kv_code(codes, int(i0 + i), 3)) - z) * s;
+    }
+  }
+}
+
+__attribute__((always_inline)) inline float dot(const float* a, const float* b, int64_t d) {
+  // 8 partial sums: the compiler vectorizes these (a single running sum it may not reorder).
+  float part[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8)
+    for (int k = 0; k < 8; ++k) part[k] += a[i + k] * b[i + k];
+  float s = 0.f;
+  for (; i < d; ++i) s += a[i] * b[i];
+  for (int k = 0; k < 8; ++k) s += part[k];
+  return s;
+}
+
+// Online-softmax state of a block of query rows: running max m, sum l, unnormalised output acc.
+struct RowState {
+  std::vector<float> m, l, acc;
+  void reset(int64_t rows, int64_t d) {
+    m.assign(rows, kNegInf);
+    l.assign(rows, 0.f);
+    acc.assign(rows * d, 0.f);
+  }
+};
+
+// Keys [j0, j1) against `rows` query rows q (fp32, [rows, D]); row r sees keys j < visible[r].
+// The hot loop of the op; cloned per ISA (runtime dispatch, one build).
+__attribute__((target_clones("avx512f", "avx2", "default"))) void attend_keys(
+    const KvRows& k, const KvRows& v, const float* q, int64_t rows, const int64_t* visible, int64_t j0, int64_t j1,
+    float scale, RowState& st) {
+  const int64_t d = k.d;
+  std::vector<float> krow(d), vrow(d), p(rows * kKeyBlock);
+  for (int64_t jb = j0; jb < j1; jb += kKeyBlock) {
+    const int64_t nk = std::min(kKeyBlock, j1 - jb);
+    for (int64_t jj = 0; jj < nk; ++jj) {
+      fetch_row(k, jb + jj, krow.data());
+      for (int64_t r = 0; r < rows; ++r)
+        p[r * kKeyBlock + jj] = jb + jj < visible[r] ? dot(q + r * d, krow.data(), d) * scale : kNegInf;
+    }
+    bool any = false;
+    for (int64_t r = 0; r < rows; ++r) {
+      float* pr = p.data() + r * kKeyBlock;
+      const float bm = *std::max_element(pr, pr + nk);
+      if (bm == kNegInf) {  // no visible key in this block
+        std::fill(pr, pr + nk, 0.f);
+        continue;
+      }
+      any = true;
+      const float m_new = std::max(st.m[r], bm);
+      const float corr = std::exp(st.m[r] - m_new);  // 0 for the first visible block
+      float sum = 0.f;
+      for (int64_t jj = 0; jj < nk; ++jj) {
+        pr[jj] = std::exp(pr[jj] - m_new);
+        sum += pr[jj];
+      }
+      st.l[r] = st.l[r] * corr + sum;
+      st.m[r] = m_new;
+      if (corr != 1.f)
+        for (int64_t i = 0; i < d; ++i) st.acc[r * d + i] *= corr;
+    }
+    if (!any) continue;
+    for (int64_t jj = 0; jj < nk; ++jj) {
+      fetch_row(v, jb + jj, vrow.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        const float pj = p[r * kKeyBlock + jj];
+        if (pj == 0.f) continue;
+        float* acc = st.acc.data() + r * d;
+        for (int64_t i = 0; i < d; ++i) acc[i] += pj * vrow[i];
+      }
+    }
+  }
+}
+
 template <typename T>
 void attention_rows(const AttentionDims& a, const T* q, const T* kp, const T* vp, const uint8_t* kq,
                     const c10::Half* ks, const c10::Half* kz, const uint8_t* vq, const c10::Half* vs,
                     const c10::Half* vz, const int64_t* lens, bool causal, T* out) {
-  const int64_t d = a.d, gqa = a.hq / a.hkv, groups = d / a.group;
+  const int64_t d = a.d, gqa = a.hq / a.hkv, groups = d / a.group, pairs = a.b * a.hkv;
+  const int64_t rows_all = gqa * a.tq, row_blocks = (rows_all + kRowBlock - 1) / kRowBlock;
   const int bits = static_cast<int>(a.bits);
   const int64_t row_bytes = packed_row_bytes(bits, d);
   const float scale = static_cast<float>(a.scale);
-  at::parallel_for(0, a.b * a.hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> k, v, qrow(d), scores, acc(d);
-    for (int64_t bh = begin; bh < end; ++bh) {
+  const Dtype dt = std::is_same_v<T, float> ? Dtype::kFloat : std::is_same_v<T, c10::Half> ? Dtype::kHalf
+                                                                                            : Dtype::kBFloat16;
+  // Split-K only when the (batch, kv head, row block) items cannot keep every thread busy.
+  const int64_t items0 = pairs * row_blocks;
+  const int64_t max_len = a.p + a.s;
+  const int64_t splits = std::max<int64_t>(
+      1, std::min((2 * at::get_num_threads() + items0 - 1) / items0, max_len / kMinSplitKeys));
+  // Partial states of split items: [item][kRowBlock] (m, l) and [item][kRowBlock][D] (acc).
+  std::vector<float> part_m, part_l, part_acc;
+  if (splits > 1) {
+    part_m.resize(items0 * splits * kRowBlock);
+    part_l.resize(items0 * splits * kRowBlock);
+    part_acc.resize(items0 * splits * kRowBlock * d);
+  }
+  auto out_row = [&](int64_t bh, int64_t r) {  // flattened row r = g * Tq + t of kv pair bh
+    const int64_t b = bh / a.hkv, hq = (bh % a.hkv) * gqa + r / a.tq;
+    return out + ((b * a.hq + hq) * a.tq + r % a.tq) * d;
+  };
+  auto write_row = [&](T* o, float m, float l, const float* acc) {
+    const float inv = m == kNegInf ? 0.f : 1.f / l;  // a row that saw no key returns zeros
+    for (int64_t i = 0; i < d; ++i) o[i] = static_cast<T>(m == kNegInf ? 0.f : acc[i] * inv);
+  };
+
+  at::parallel_for(0, items0 * splits, 1, [&](int64_t begin, int64_t end) {
+    RowState st;
+    std::vector<float> qf(kRowBlock * d);
+    int64_t visible[kRowBlock];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t split = item % splits, rb = (item / splits) % row_blocks, bh = item / splits / row_blocks;
       const int64_t b = bh / a.hkv;
       const int64_t len = a.p + lens[b];  // valid logical length of this batch entry
-      // The logical K/V of this (batch, kv head) in fp32: prompt rows, then dequantized rows.
-      k.assign(len * d, 0.f);
-      v.assign(len * d, 0.f);
-      for (int64_t j = 0; j < a.p; ++j) {
-        for (int64_t i = 0; i < d; ++i) {
-          k[j * d + i] = static_cast<float>(kp[(bh * a.p + j) * d + i]);
-          v[j * d + i] = static_cast<float>(vp[(bh * a.p + j) * d + i]);
-        }
+      const int64_t r0 = rb * kRowBlock, rows = std::min(kRowBlock, rows_all - r0);
+      int64_t reach = 0;  // keys [0, reach) are visible to some row of the block
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t t = (r0 + r) % a.tq;
+        visible[r] = causal ? std::min(len, len - a.tq + t + 1) : len;  // end-aligned causal mask
+        reach = std::max(reach, visible[r]);
+        const T* qr = q + (out_row(bh, r0 + r) - out);
+        for (int64_t i = 0; i < d; ++i) qf[r * d + i] = static_cast<float>(qr[i]);
       }
-      for (int64_t j = 0; j < len - a.p; ++j) {
-        const int64_t row = bh * a.s + j;
-        for (int64_t i = 0; i < d; ++i) {
-          const int64_t g = row * groups + i / a.group;
-          k[(a.p + j) * d + i] = (float(kv_code(kq + row * row_bytes, int(i), bits)) - float(kz[g])) * float(ks[g]);
-          v[(a.p + j) * d + i] = (float(kv_code(vq + row * row_bytes, int(i), bits)) - float(vz[g])) * float(vs[g]);
-        }
+      const int64_t j0 = reach * split / splits, j1 = reach * (split + 1) / splits;
+      const KvRows k{kp + bh * a.p * d, dt, a.p, kq + bh * a.s * row_bytes, ks + bh * a.s * groups,
+                     kz + bh * a.s * groups, d, a.group, row_bytes, bits};
+      const KvRows v{vp + bh * a.p * d, dt, a.p, vq + bh * a.s * row_bytes, vs + bh * a.s * groups,
+                     vz + bh * a.s * groups, d, a.group, row_bytes, bits};
+      st.reset(rows, d);
+      attend_keys(k, v, qf.data(), rows, visible, j0, j1, scale, st);
+      if (splits == 1) {
+        for (int64_t r = 0; r < rows; ++r) write_row(out_row(bh, r0 + r), st.m[r], st.l[r], st.acc.data() + r * d);
+      } else {
+        std::copy_n(st.m.data(), rows, part_m.data() + item * kRowBlock);
+        std::copy_n(st.l.data(), rows, part_l.data() + item * kRowBlock);
+        std::copy_n(st.acc.data(), rows * d, part_acc.data() + item * kRowBlock * d);
       }
-      for (int64_t g = 0; g < gqa; ++g) {
-        const int64_t hq = (bh % a.hkv) * gqa + g;
-        for (int64_t t = 0; t < a.tq; ++t) {
-          const int64_t orow = ((b * a.hq + hq) * a.tq + t) * d;
-          // Keys 0..visible-1 are visible to this query (end-aligned causal mask).
-          const int64_t visible = causal ? std::min(len, len - a.tq + t + 1) : len;
-          std::fill(acc.begin(), acc.end(), 0.f);
-          if (visible > 0) {
-            for (int64_t i = 0; i < d; ++i) qrow[i] = static_cast<float>(q[orow + i]);
-            scores.resize(visible);
-            float m = -std::numeric_limits<float>::infinity();
-            for (int64_t j = 0; j < visible; ++j) {
-              float dot = 0.f;
-              for (int64_t i = 0; i < d; ++i) dot += qrow[i] * k[j * d + i];
-              scores[j] = dot * scale;
-              m = std::max(m, scores[j]);
-            }
-            float sum = 0.f;
-            for (int64_t j = 0; j < visible; ++j) {
-              const float p = std::exp(scores[j] - m);
-              sum += p;
-              for (int64_t i = 0; i < d; ++i) acc[i] += p * v[j * d + i];
-            }
-            for (int64_t i = 0; i < d; ++i) acc[i] /= sum;
+    }
+  });
+  if (splits == 1) return;
+  // Merge the splits of each row: rescale every partial to the common max, add, normalise.
+  at::parallel_for(0, items0, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(d);
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t rb = it % row_blocks, bh = it / row_blocks, r0 = rb * kRowBlock;
+      const int64_t rows = std::min(kRowBlock, rows_all - r0);
+      for (int64_t r = 0; r < rows; ++r) {
+        float m = kNegInf, l = 0.f;
+        for (int64_t s = 0; s < splits; ++s) m = std::max(m, part_m[(it * splits + s) * kRowBlock + r]);
+        std::fill(acc.begin(), acc.end(), 0.f);
+        if (m != kNegInf) {
+          for (int64_t s = 0; s < splits; ++s) {
+            const int64_t at = (it * splits + s) * kRowBlock + r;
+            if (part_m[at] == kNegInf) continue;
+            const float c = std::exp(part_m[at] - m);
+            l += part_l[at] * c;
+            const float* pa = part_acc.data() + at * d;
+            for (int64_t i = 0; i < d; ++i) acc[i] += pa[i] * c;
           }
-          for (int64_t i = 0; i < d; ++i) out[orow + i] = static_cast<T>(acc[i]);
         }
+        write_row(out_row(bh, r0 + r), m, l, acc.data());
       }
     }
   });

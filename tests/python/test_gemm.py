@@ -113,6 +113,71 @@ def test_gemm_cuda_tall_a_runs_in_row_slices(gen):
     assert torch.equal(y, ops.gemm(**args, **kw))
 
 
+# ------------------------------------------------------------------------------------------------
+# CPU paths (csrc/cpu/gemm.cpp): every ISA this CPU has, forced with BISUP_CPU_GEMM_ISA
+# ------------------------------------------------------------------------------------------------
+CPU_ISAS = ["avx512vnni", "avxvnni", "avx2", "scalar"]
+# Shapes aimed at the CPU kernel's edges: M = 1, 2, 3, 5, 7 (its 4 / 2 / 1-row dot kernels), M past
+# one 64-row task (130), N not a multiple of 16 or 8 lanes, groups of 32 / 96 / 160 / 384 and -1
+# (more than one 256-value K-chunk per group, and a partial last chunk), INT3 blocks.
+CPU_CASES = CASES + [
+    (2, 33, 384, 384, 4, 4, 0, False),
+    (3, 17, 320, 160, 3, 3, 16, True),
+    (5, 9, 1056, -1, 4, 4, 0, True),
+    (7, 31, 192, 96, 3, 4, 0, False),
+    (130, 47, 256, 64, 4, 4, 16, False),
+    (1, 5, 64, 32, 3, 3, 0, True),
+]
+
+
+def _force_isa(monkeypatch, isa):
+    if isa not in ops.cpu_gemm_isas():
+        pytest.skip(f"this CPU lacks {isa} (it has {', '.join(ops.cpu_gemm_isas())})")
+    monkeypatch.setenv("BISUP_CPU_GEMM_ISA", isa)
+    assert ops.cpu_gemm_isa() == isa
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: "M{}-N{}-K{}-g{}-w{}a{}-o{}-b{}".format(*c))
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_cpu_gemm_paths_match_reference_and_scalar(gen, monkeypatch, isa, case, out_dtype):
+    """Each SIMD path within the bound of the reference and bit-identical to the scalar path
+    (same integer dots, same fp32 operation order)."""
+    qa, qw, args, kw = make_case(*case, gen)
+    kw["out_dtype"] = out_dtype
+    _force_isa(monkeypatch, isa)
+    poison = poison_like(torch.empty(case[0] * case[1] + 64))  # freed NaNs the output may reuse
+    del poison
+    y = ops.gemm(**args, **kw)
+    ref = reference.gemm(**args, **{**kw, "out_dtype": torch.float64})
+    s, groups = abs_term_sum(qa, qw, args, kw)
+    bound = (2 * groups + 4) * U32 * s + OUT_ROUNDING[out_dtype] * ref.abs() + 2.0**-24
+    assert y.dtype == out_dtype and y.shape == (case[0], case[1]) and torch.isfinite(y).all()
+    err = (y.double() - ref).abs()
+    assert (err <= bound).all(), f"{isa}: max err {err.max():.3g}, worst err/bound {(err / bound).max():.3g}"
+    monkeypatch.setenv("BISUP_CPU_GEMM_ISA", "scalar")
+    assert torch.equal(y, ops.gemm(**args, **kw)), f"{isa} differs from the scalar path"
+
+
+def test_cpu_gemm_isa_selection(monkeypatch, gen):
+    supported = ops.cpu_gemm_isas()
+    assert supported[-1] == "scalar" and set(supported) <= set(CPU_ISAS)
+    monkeypatch.delenv("BISUP_CPU_GEMM_ISA", raising=False)
+    assert ops.cpu_gemm_isa() == supported[0]  # the best path by default
+    args, kw = _valid(gen)
+    monkeypatch.setenv("BISUP_CPU_GEMM_ISA", "avx1024")
+    with pytest.raises(RuntimeError, match="must be one of avx512vnni, avxvnni, avx2, scalar or auto"):
+        ops.gemm(**args, **kw)
+    missing = [isa for isa in CPU_ISAS if isa not in supported]
+    if not missing:
+        pytest.skip("this CPU has every path: no unsupported one to force")
+    monkeypatch.setenv("BISUP_CPU_GEMM_ISA", missing[0])
+    with pytest.raises(RuntimeError, match=f"lacks {missing[0]}; this CPU supports: {supported[0]}"):
+        ops.gemm(**args, **kw)
+    with pytest.raises(RuntimeError, match="this CPU supports"):
+        ops.cpu_gemm_isa()
+
+
 def _valid(gen, w_bits=4):
     _, _, args, kw = make_case(4, 16, 128, 32, w_bits, 4, 16, True, gen)
     return args, kw
