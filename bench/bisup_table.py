@@ -19,6 +19,7 @@ windows:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import subprocess
@@ -48,7 +49,11 @@ VARIANTS = {
     "lowrank_only": dict(weight_clip=False, act_clip=False, smooth=False, rounding=False),
     "rounding_only": dict(weight_clip=False, act_clip=False, smooth=False, lowrank=False),
     "no_rounding": dict(rounding=False),
+    # +both with prompt-aware training: every calibration window starts with the system prompt and
+    # its KV stays unquantized while BiSup trains (QuantConfig.prompt_len = P), as at inference
+    "bisup_prompt": {},
 }
+PROMPT_AWARE = ("bisup_prompt",)
 SEQ_LEN, WINDOWS_8, WINDOWS_32, N_CALIB = 512, 8, 32, 16
 OUT = Path(__file__).resolve().parent / "results" / "bisup_table"
 
@@ -70,13 +75,23 @@ def run_job(cell: str, variant: str, fp_prompt_from_fp_model: bool) -> dict:
         bis = VARIANTS[variant]
         # evaluated in real mode (packed weights, the integer GEMM, the mixed-precision KV cache):
         # what the kernels deliver (fake mode computes the same bits, tests/python/test_fake_real.py)
-        cfg = bisup.QuantConfig(**CELLS[cell], n_calib=N_CALIB, calib_seq_len=SEQ_LEN, mode="real",
+        p = int(sys_ids.shape[1]) if variant in PROMPT_AWARE else 0
+        cfg = bisup.QuantConfig(**CELLS[cell], n_calib=N_CALIB, calib_seq_len=SEQ_LEN, mode="real", prompt_len=p,
                                 bisup=None if bis is None else bisup.BiSupConfig(**bis))
         res["config"] = cfg.to_dict()
         calib = calibration_batches(tok, N_CALIB, SEQ_LEN)
+        if p:  # the same calibration tokens, behind the system prompt
+            calib = torch.cat([sys_ids.expand(calib.shape[0], -1), calib[:, :SEQ_LEN - p]], dim=1)
         t = time.perf_counter()
         bisup.quantize_model(model, cfg, calib_data=calib, progress=True)
         res["quantize_s"] = time.perf_counter() - t
+        if p:  # evaluated like every other row: no full-precision positions unless a prompt is given
+            from bisup.nn.attention import attention_state
+
+            for state in filter(None, (attention_state(m) for m in model.modules())):
+                if state.kv_spec is not None:
+                    state.kv_spec = dataclasses.replace(state.kv_spec, prompt_len=0)
+            model.bisup_config = model.bisup_config.replace(prompt_len=0)
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the FP copy below
     t = time.perf_counter()
     # the 8-window protocol's own windows: the LAST 8 x 512 held-out tokens (the last 8 of the 32)
@@ -126,7 +141,8 @@ def markdown(jobs: dict) -> str:
             r = jobs.get(f"{cell}:{variant}")
             if r is None:
                 continue
-            name = {"base": "base / +horizontal", "bisup": "+vertical / +both"}.get(variant, f"+vertical ({variant})")
+            name = {"base": "base / +horizontal", "bisup": "+vertical / +both",
+                    "bisup_prompt": "+vertical / +both, prompt-aware training"}.get(variant, f"+vertical ({variant})")
             lines.append(f"| {_cell_label(cell)} | {name} | {f2(r['ppl_8w'])} | {f2(r.get('ppl_32w_low-bit'))} | "
                          f"{f2(r.get('ppl_32w_quantized'))} | {f2(r.get('ppl_32w_fp-model'))} | {r['quantize_s']:.0f} | "
                          f"{r['peak_rss_mib']:.0f} |")
