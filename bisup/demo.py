@@ -33,7 +33,10 @@ def parse_args(argv=None):
     p.add_argument("--kv-bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--calib", type=int, default=8, help="calibration windows of --seq-len tokens")
-    p.add_argument("--epochs", type=int, default=2, help="BiSup epochs per layer (a small budget)")
+    p.add_argument("--epochs", type=int, default=4, help="BiSup epochs per layer")
+    p.add_argument("--no-rounding", action="store_true", help="BiSup without learned rounding (GPTQ codes)")
+    p.add_argument("--prompt-aware", action="store_true",
+                   help="calibrate behind the system prompt with its KV unquantized (as at inference)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--windows", type=int, default=8, help="held-out windows of --seq-len tokens")
     p.add_argument("--question", default=QUESTION)
@@ -71,6 +74,18 @@ def _answer(model, tok, system_text: str, question: str, max_new_tokens: int) ->
     return tok.decode(out[0, sys_ids.shape[1] + ids.shape[1]:], skip_special_tokens=True).strip()
 
 
+def _reset_prompt_len(model) -> None:
+    """After prompt-aware calibration: no position is full precision unless a system prompt is given."""
+    import dataclasses
+
+    from bisup.nn.attention import attention_state
+
+    for state in filter(None, (attention_state(m) for m in model.modules())):
+        if state.kv_spec is not None:
+            state.kv_spec = dataclasses.replace(state.kv_spec, prompt_len=0)
+    model.bisup_config = model.bisup_config.replace(prompt_len=0)
+
+
 def run(args) -> dict:
     import bisup
     from bisup.accounting import weight_bytes
@@ -100,9 +115,16 @@ def run(args) -> dict:
         load_default_model()[0], base_cfg, calib_data=calib, progress=progress))
     evaluate("base", base, ["low-bit", "quantized"])
     del base
-    cfg = base_cfg.replace(bisup=bisup.BiSupConfig(epochs=args.epochs))
+    cfg = base_cfg.replace(bisup=bisup.BiSupConfig(epochs=args.epochs, rounding=not args.no_rounding))
+    bisup_calib = calib
+    if args.prompt_aware:  # the same tokens behind the system prompt, whose KV stays unquantized in training
+        p = sys_ids.shape[1]
+        bisup_calib = torch.cat([sys_ids.expand(calib.shape[0], -1), calib[:, :args.seq_len - p]], dim=1)
+        cfg = cfg.replace(prompt_len=p)
     model = _timed(times, "quantize_bisup_s", lambda: bisup.quantize_model(
-        load_default_model()[0], cfg, calib_data=calib, progress=progress))
+        load_default_model()[0], cfg, calib_data=bisup_calib, progress=progress))
+    if args.prompt_aware:
+        _reset_prompt_len(model)
     evaluate("bisup", model, ["low-bit", "quantized"])
     sizes = weight_bytes(model)
 
