@@ -37,7 +37,6 @@ namespace {
 
 constexpr int64_t kTaskRows = 64;  // rows of A per task (their accumulators live in L1)
 constexpr int64_t kChunk = 256;    // K values decoded per step: a 16-lane tile's quads are 4 KiB
-constexpr int64_t kPrefetch = 1024;  // K values ahead whose weight lines are prefetched
 
 // Everything a task reads, identical for every ISA.
 struct GemmPlan {
