@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -45,19 +46,34 @@ struct KvRows {
   int bits;
 };
 
-// Row j of the logical sequence as fp32: a prompt row converted, or (code - zero) * scale in
-// fp32 exactly as kv_dequantize.
-__attribute__((always_inline)) inline void fetch_row(const KvRows& kv, int64_t j, float* out) {
+// Rows are handled in a "storage order" of their D values: natural, except for 4-bit rows, where
+// each group keeps its low-nibble values (even offsets) first and then the odd ones, so a packed
+// row expands with contiguous loops. q rows and prompt rows are permuted the same way on load and
+// outputs are permuted back on store; dots and p * v sums do not depend on the order.
+// pos[i] = storage position of value i.
+std::vector<int64_t> storage_positions(int64_t d, int64_t group, int bits) {
+  std::vector<int64_t> pos(d);
+  for (int64_t i = 0; i < d; ++i) {
+    const int64_t w = i % group;
+    pos[i] = bits == 4 ? i - w + (w % 2) * (group / 2) + w / 2 : i;
+  }
+  return pos;
+}
+
+// Row j of the logical sequence as fp32 in storage order: a prompt row converted, or
+// (code - zero) * scale in fp32 exactly as kv_dequantize.
+__attribute__((always_inline)) inline void fetch_row(const KvRows& kv, const int64_t* pos, int64_t j, float* out) {
   const int64_t d = kv.d;
   if (j < kv.p) {
     if (kv.dtype == Dtype::kFloat) {
-      std::copy_n(static_cast<const float*>(kv.prompt) + j * d, d, out);
+      const float* r = static_cast<const float*>(kv.prompt) + j * d;
+      for (int64_t i = 0; i < d; ++i) out[pos[i]] = r[i];
     } else if (kv.dtype == Dtype::kHalf) {
       const c10::Half* r = static_cast<const c10::Half*>(kv.prompt) + j * d;
-      for (int64_t i = 0; i < d; ++i) out[i] = static_cast<float>(r[i]);
+      for (int64_t i = 0; i < d; ++i) out[pos[i]] = static_cast<float>(r[i]);
     } else {
       const c10::BFloat16* r = static_cast<const c10::BFloat16*>(kv.prompt) + j * d;
-      for (int64_t i = 0; i < d; ++i) out[i] = static_cast<float>(r[i]);
+      for (int64_t i = 0; i < d; ++i) out[pos[i]] = static_cast<float>(r[i]);
     }
     return;
   }
@@ -69,10 +85,9 @@ __attribute__((always_inline)) inline void fetch_row(const KvRows& kv, int64_t j
     const int64_t i0 = g * kv.group;
     if (kv.bits == 4) {
       const uint8_t* c = codes + i0 / 2;
-      for (int64_t i = 0; i < kv.group / 2; ++i) {
-        o[2 * i] = (float(c[i] & 0xF) - z) * s;
-        o[2 * i + 1] = (float(c[i] >> 4) - z) * s;
-      }
+      const int64_t half = kv.group / 2;
+      for (int64_t i = 0; i < half; ++i) o[i] = (float(c[i] & 0xF) - z) * s;
+      for (int64_t i = 0; i < half; ++i) o[half + i] = (float(c[i] >> 4) - z) * s;
     } else if (kv.bits == 8) {
       for (int64_t i = 0; i < kv.group; ++i) o[i] = (float(codes[i0 + i]) - z) * s;
     } else {
@@ -81,16 +96,33 @@ __attribute__((always_inline)) inline void fetch_row(const KvRows& kv, int64_t j
   }
 }
 
+// 16 floats as a GCC vector: explicit so the dot and axpy loops are vector code in every clone
+// of attend_keys (a float sum the compiler may not reorder would stay scalar).
+using F16 = float __attribute__((vector_size(64)));
+__attribute__((always_inline)) inline F16 load16(const float* p) {
+  F16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
 __attribute__((always_inline)) inline float dot(const float* a, const float* b, int64_t d) {
-  // 8 partial sums: the compiler vectorizes these (a single running sum it may not reorder).
-  float part[8] = {};
+  F16 acc = {};
   int64_t i = 0;
-  for (; i + 8 <= d; i += 8)
-    for (int k = 0; k < 8; ++k) part[k] += a[i + k] * b[i + k];
+  for (; i + 16 <= d; i += 16) acc += load16(a + i) * load16(b + i);
   float s = 0.f;
   for (; i < d; ++i) s += a[i] * b[i];
-  for (int k = 0; k < 8; ++k) s += part[k];
+  for (int k = 0; k < 16; ++k) s += acc[k];
   return s;
+}
+
+// y += p * x over d values.
+__attribute__((always_inline)) inline void axpy(float p, const float* x, float* y, int64_t d) {
+  int64_t i = 0;
+  for (; i + 16 <= d; i += 16) {
+    const F16 r = load16(y + i) + p * load16(x + i);
+    std::memcpy(y + i, &r, sizeof(r));
+  }
+  for (; i < d; ++i) y[i] += p * x[i];
 }
 
 // Online-softmax state of a block of query rows: running max m, sum l, unnormalised output acc.
@@ -103,17 +135,18 @@ struct RowState {
   }
 };
 
-// Keys [j0, j1) against `rows` query rows q (fp32, [rows, D]); row r sees keys j < visible[r].
+// Keys [j0, j1) against `rows` query rows q (fp32, [rows, D], storage order); row r sees keys
+// j < visible[r].
 // The hot loop of the op; cloned per ISA (runtime dispatch, one build).
 __attribute__((target_clones("avx512f", "avx2", "default"))) void attend_keys(
-    const KvRows& k, const KvRows& v, const float* q, int64_t rows, const int64_t* visible, int64_t j0, int64_t j1,
-    float scale, RowState& st) {
+    const KvRows& k, const KvRows& v, const int64_t* pos, const float* q, int64_t rows, const int64_t* visible,
+    int64_t j0, int64_t j1, float scale, RowState& st) {
   const int64_t d = k.d;
   std::vector<float> krow(d), vrow(d), p(rows * kKeyBlock);
   for (int64_t jb = j0; jb < j1; jb += kKeyBlock) {
     const int64_t nk = std::min(kKeyBlock, j1 - jb);
     for (int64_t jj = 0; jj < nk; ++jj) {
-      fetch_row(k, jb + jj, krow.data());
+      fetch_row(k, pos, jb + jj, krow.data());
       for (int64_t r = 0; r < rows; ++r)
         p[r * kKeyBlock + jj] = jb + jj < visible[r] ? dot(q + r * d, krow.data(), d) * scale : kNegInf;
     }
@@ -140,12 +173,11 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void attend_keys(
     }
     if (!any) continue;
     for (int64_t jj = 0; jj < nk; ++jj) {
-      fetch_row(v, jb + jj, vrow.data());
+      fetch_row(v, pos, jb + jj, vrow.data());
       for (int64_t r = 0; r < rows; ++r) {
         const float pj = p[r * kKeyBlock + jj];
         if (pj == 0.f) continue;
-        float* acc = st.acc.data() + r * d;
-        for (int64_t i = 0; i < d; ++i) acc[i] += pj * vrow[i];
+        axpy(pj, vrow.data(), st.acc.data() + r * d, d);
       }
     }
   }
@@ -178,9 +210,10 @@ void attention_rows(const AttentionDims& a, const T* q, const T* kp, const T* vp
     const int64_t b = bh / a.hkv, hq = (bh % a.hkv) * gqa + r / a.tq;
     return out + ((b * a.hq + hq) * a.tq + r % a.tq) * d;
   };
+  const std::vector<int64_t> pos = storage_positions(d, a.group, bits);
   auto write_row = [&](T* o, float m, float l, const float* acc) {
     const float inv = m == kNegInf ? 0.f : 1.f / l;  // a row that saw no key returns zeros
-    for (int64_t i = 0; i < d; ++i) o[i] = static_cast<T>(m == kNegInf ? 0.f : acc[i] * inv);
+    for (int64_t i = 0; i < d; ++i) o[i] = static_cast<T>(m == kNegInf ? 0.f : acc[pos[i]] * inv);
   };
 
   at::parallel_for(0, items0 * splits, 1, [&](int64_t begin, int64_t end) {
@@ -198,7 +231,7 @@ void attention_rows(const AttentionDims& a, const T* q, const T* kp, const T* vp
         visible[r] = causal ? std::min(len, len - a.tq + t + 1) : len;  // end-aligned causal mask
         reach = std::max(reach, visible[r]);
         const T* qr = q + (out_row(bh, r0 + r) - out);
-        for (int64_t i = 0; i < d; ++i) qf[r * d + i] = static_cast<float>(qr[i]);
+        for (int64_t i = 0; i < d; ++i) qf[r * d + pos[i]] = static_cast<float>(qr[i]);
       }
       const int64_t j0 = reach * split / splits, j1 = reach * (split + 1) / splits;
       const KvRows k{kp + bh * a.p * d, dt, a.p, kq + bh * a.s * row_bytes, ks + bh * a.s * groups,
@@ -206,7 +239,7 @@ void attention_rows(const AttentionDims& a, const T* q, const T* kp, const T* vp
       const KvRows v{vp + bh * a.p * d, dt, a.p, vq + bh * a.s * row_bytes, vs + bh * a.s * groups,
                      vz + bh * a.s * groups, d, a.group, row_bytes, bits};
       st.reset(rows, d);
-      attend_keys(k, v, qf.data(), rows, visible, j0, j1, scale, st);
+      attend_keys(k, v, pos.data(), qf.data(), rows, visible, j0, j1, scale, st);
       if (splits == 1) {
         for (int64_t r = 0; r < rows; ++r) write_row(out_row(bh, r0 + r), st.m[r], st.l[r], st.acc.data() + r * d);
       } else {

@@ -38,6 +38,26 @@ def test_attention_matches_reference(device, gen, p, s, tq, hq, hkv, d, causal, 
     assert bool((got.cpu()[blind.unsqueeze(1).expand(-1, hq, -1)] == 0).all())
 
 
+@pytest.mark.parametrize("p,s,tq,bits,group,dtype", [
+    (37, 700, 1, 4, -1, torch.float32),
+    (0, 900, 3, 4, 32, torch.float16),
+    (5, 650, 2, 3, 32, torch.float32),
+    (300, 0, 1, 8, 16, torch.bfloat16),
+])
+def test_attention_long_single_head_splits_keys(device, gen, p, s, tq, bits, group, dtype):
+    """B = 1, one KV head and hundreds of keys: the CPU twin splits the keys into ranges (split-K)
+    and merges their partial softmax states; a ragged length and causal rows cut the ranges."""
+    q, kp, vp, kq, vq, _ = _inputs(p, s, tq, 4, 1, 64, False, bits, group, dtype, gen, batch=1)
+    seq_lens = torch.tensor([max(s - 11, 0)])
+    kwargs = dict(kv_bits=bits, group_size=group, causal=True, seq_lens=seq_lens)
+    want = reference.attention(q, kp, vp, *kq, *vq, **kwargs)
+    on = lambda t: t.to(device)  # noqa: E731
+    got = ops.attention(*map(on, (q, kp, vp, *kq, *vq)), kv_bits=bits, group_size=group, causal=True,
+                        seq_lens=on(seq_lens))
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.cpu().float(), want.float(), rtol=TOL[dtype], atol=TOL[dtype])
+
+
 def test_attention_softmax_scale_and_dense_equivalence(device, gen):
     """With 8-bit K/V the op is ordinary attention over the dequantized keys: check against SDPA."""
     q, kp, vp, kq, vq, _ = _inputs(3, 20, 4, 4, 2, 64, False, 8, -1, torch.float32, gen)
