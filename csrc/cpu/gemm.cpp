@@ -90,17 +90,10 @@ inline float half_to_float(c10::Half h) { return _cvtsh_ss(h.x); }
 #pragma GCC push_options
 #pragma GCC target("avxvnni,avx2,f16c")
 namespace isa_avxvnni {
-constexpr int kLanes = 8;
-using VU = uint32_t __attribute__((vector_size(32)));
-using VI = int32_t __attribute__((vector_size(32)));
-using VF = float __attribute__((vector_size(32)));
-inline VU gather(const uint8_t* p, VU off) {
-  return (VU)_mm256_i32gather_epi32(reinterpret_cast<const int*>(p), (__m256i)off, 1);
-}
+#include "gemm_avx256.inc"
 inline VI dot(VI acc, VU w, int32_t a4) {
   return (VI)_mm256_dpbusd_avx_epi32((__m256i)acc, (__m256i)w, _mm256_set1_epi32(a4));
 }
-inline float half_to_float(c10::Half h) { return _cvtsh_ss(h.x); }
 #include "gemm_isa.inc"
 }  // namespace isa_avxvnni
 #pragma GCC pop_options
@@ -108,20 +101,13 @@ inline float half_to_float(c10::Half h) { return _cvtsh_ss(h.x); }
 #pragma GCC push_options
 #pragma GCC target("avx2,f16c")
 namespace isa_avx2 {
-constexpr int kLanes = 8;
-using VU = uint32_t __attribute__((vector_size(32)));
-using VI = int32_t __attribute__((vector_size(32)));
-using VF = float __attribute__((vector_size(32)));
-inline VU gather(const uint8_t* p, VU off) {
-  return (VU)_mm256_i32gather_epi32(reinterpret_cast<const int*>(p), (__m256i)off, 1);
-}
+#include "gemm_avx256.inc"
 // u8 x s8 pairs summed to int16 (vpmaddubsw saturates, but |(w + 8) * a| <= 15 * 8, so a pair is
 // at most 240), then pairs of int16 to int32.
 inline VI dot(VI acc, VU w, int32_t a4) {
   const __m256i pairs = _mm256_maddubs_epi16((__m256i)w, _mm256_set1_epi32(a4));
   return acc + (VI)_mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
 }
-inline float half_to_float(c10::Half h) { return _cvtsh_ss(h.x); }
 #include "gemm_isa.inc"
 }  // namespace isa_avx2
 #pragma GCC pop_options
