@@ -169,7 +169,6 @@ def plots(jobs: dict, out: Path) -> None:
             ax.axhline(jobs["fp:base"]["ppl_32w_low-bit"], color="k", ls="--", lw=1, label="FP")
         ax.set_xticks(range(len(cells)), [_cell_label(c).replace(" W", "\nW") for c in cells], fontsize=8)
         ax.set_ylabel("perplexity (32 x 512, behind the system prompt)")
-        ax.set_yscale("log")
         ax.legend(fontsize=8)
         ax.set_title("BiSup on SmolLM2-135M (embedded corpus, held-out)")
         fig.tight_layout()
