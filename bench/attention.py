@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -24,6 +25,9 @@ from tqdm import tqdm
 
 import bisup
 from bisup import ops
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import cpu_info  # noqa: E402
 
 
 def kv_bytes_per_token(hkv: int, d: int, bits: int, groups: int = 1) -> int:
@@ -94,16 +98,6 @@ def run_case(b, ctx, tq, hq, hkv, d, prompt, bits, device, dtype, warmup, iters,
     }
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", help="write the results here")
@@ -123,7 +117,7 @@ def main() -> None:
         hq, hkv, d, prompt, dtype, warmup, iters = 32, 8, 128, 256, torch.float16, 3, 15
         sdpa_dtype = torch.float32
         cases = [(1, ctx, 1, 4) for ctx in (4096, 16384)]
-        where = f"CPU ({cpu_model()}, {torch.get_num_threads()} threads)"
+        where = f"CPU ({cpu_info()[0]}, {torch.get_num_threads()} threads)"
     rows = [run_case(b, ctx, tq, hq, hkv, d, prompt, bits, device, dtype, warmup, iters, sdpa_dtype)
             for b, ctx, tq, bits in tqdm(cases, desc="attention bench")]
 

@@ -39,12 +39,28 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 3, min
     return times[len(times) // 2]
 
 
+def cpu_info():
+    """(model name, SIMD flags) of this machine's CPU, from /proc/cpuinfo (platform's name elsewhere)."""
+    import platform
+
+    model, flags = "", []
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, val = line.partition(":")
+        if key.strip() == "model name" and not model:
+            model = val.strip()
+        if key.strip() == "flags" and not flags:
+            flags = sorted(f for f in val.split() if f.startswith(("avx", "fma", "f16c", "sse4", "amx")))
+    return model or platform.processor() or platform.machine(), flags
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    import platform
-
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"CPU ({cpu_info()[0]}, {torch.get_num_threads()} threads)"
 
 
 def print_table(rows: List[Dict[str, object]], columns: List[str]) -> None:

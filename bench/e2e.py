@@ -22,12 +22,14 @@ import argparse
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cpu_info  # noqa: E402
 
 CONFIGS = ("fp32", "bf16", "real", "llamacpp")
 REAL_CONFIG = dict(method="quarot", w_bits=4, a_bits=4, kv_bits=4, w_group_size=64, a_group_size=64, a_clip=0.9,
@@ -68,20 +70,6 @@ def peak_rss_mb() -> Optional[float]:
     return None if kb is None else kb / 1024
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-# ------------------------------------------------------------------------------------------------
-# one config (runs in a subprocess)
-# ------------------------------------------------------------------------------------------------
 def _prompt_ids(n: int) -> List[int]:
     """n held-out token ids of the embedded corpus (only the tokenizer is loaded)."""
     from transformers import AutoTokenizer
@@ -353,7 +341,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for config in bar:
         bar.set_postfix_str(config)
         results.append(_run_config(config, args))
-    meta = dict(cpu=cpu_model(), threads=args.threads, prefill=args.prefill, decode=args.decode,
+    meta = dict(cpu=cpu_info()[0], threads=args.threads, prefill=args.prefill, decode=args.decode,
                 torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
     summary = summarize(results, meta)
     args.out.parent.mkdir(parents=True, exist_ok=True)

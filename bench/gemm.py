@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import device_name, print_table, time_fn, write_json  # noqa: E402
+from common import cpu_info, device_name, print_table, time_fn, write_json  # noqa: E402
 
 from bisup import ops  # noqa: E402
 
@@ -85,22 +85,6 @@ def copy_bandwidth(dev, nbytes=1 << 29):
     dst = torch.empty_like(src)
     t = time_fn(lambda: dst.copy_(src), dev, min_time_s=1.0)
     return 2 * nbytes / t / 1e9
-
-
-def cpu_info():
-    """(model name, SIMD flags) from /proc/cpuinfo."""
-    model, flags = "unknown", []
-    try:
-        text = open("/proc/cpuinfo").read()
-    except OSError:
-        return model, flags
-    for line in text.splitlines():
-        key, _, val = line.partition(":")
-        if key.strip() == "model name" and model == "unknown":
-            model = val.strip()
-        if key.strip() == "flags" and not flags:
-            flags = sorted(f for f in val.split() if f.startswith(("avx", "fma", "f16c", "sse4", "amx")))
-    return model, flags
 
 
 def write_md(path, meta, results, cols):
