@@ -19,7 +19,6 @@ windows:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import resource
 import subprocess
@@ -64,6 +63,7 @@ def run_job(cell: str, variant: str, fp_prompt_from_fp_model: bool) -> dict:
     import bisup
     from bisup.eval.data import calibration_batches, eval_tokens
     from bisup.eval.perplexity import position_perplexity, system_prompt_ids, window_nll
+    from bisup.generation import prompt_aware_calibration, set_prompt_len
     from bisup.models.default import load_default_model
 
     torch.manual_seed(0)
@@ -75,23 +75,17 @@ def run_job(cell: str, variant: str, fp_prompt_from_fp_model: bool) -> dict:
         bis = VARIANTS[variant]
         # evaluated in real mode (packed weights, the integer GEMM, the mixed-precision KV cache):
         # what the kernels deliver (fake mode computes the same bits, tests/python/test_fake_real.py)
-        p = int(sys_ids.shape[1]) if variant in PROMPT_AWARE else 0
+        calib, p = calibration_batches(tok, N_CALIB, SEQ_LEN), 0
+        if variant in PROMPT_AWARE:  # the same calibration tokens, behind the system prompt
+            calib, p = prompt_aware_calibration(calib, sys_ids)
         cfg = bisup.QuantConfig(**CELLS[cell], n_calib=N_CALIB, calib_seq_len=SEQ_LEN, mode="real", prompt_len=p,
                                 bisup=None if bis is None else bisup.BiSupConfig(**bis))
         res["config"] = cfg.to_dict()
-        calib = calibration_batches(tok, N_CALIB, SEQ_LEN)
-        if p:  # the same calibration tokens, behind the system prompt
-            calib = torch.cat([sys_ids.expand(calib.shape[0], -1), calib[:, :SEQ_LEN - p]], dim=1)
         t = time.perf_counter()
         bisup.quantize_model(model, cfg, calib_data=calib, progress=True)
         res["quantize_s"] = time.perf_counter() - t
         if p:  # evaluated like every other row: no full-precision positions unless a prompt is given
-            from bisup.nn.attention import attention_state
-
-            for state in filter(None, (attention_state(m) for m in model.modules())):
-                if state.kv_spec is not None:
-                    state.kv_spec = dataclasses.replace(state.kv_spec, prompt_len=0)
-            model.bisup_config = model.bisup_config.replace(prompt_len=0)
+            set_prompt_len(model, 0)
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the FP copy below
     t = time.perf_counter()
     # the 8-window protocol's own windows: the LAST 8 x 512 held-out tokens (the last 8 of the 32)

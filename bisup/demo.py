@@ -75,23 +75,12 @@ def _answer(model, tok, system_text: str, question: str, max_new_tokens: int) ->
     return tok.decode(out[0, sys_ids.shape[1] + ids.shape[1]:], skip_special_tokens=True).strip()
 
 
-def _reset_prompt_len(model) -> None:
-    """After prompt-aware calibration: no position is full precision unless a system prompt is given."""
-    import dataclasses
-
-    from bisup.nn.attention import attention_state
-
-    for state in filter(None, (attention_state(m) for m in model.modules())):
-        if state.kv_spec is not None:
-            state.kv_spec = dataclasses.replace(state.kv_spec, prompt_len=0)
-    model.bisup_config = model.bisup_config.replace(prompt_len=0)
-
-
 def run(args) -> dict:
     import bisup
     from bisup.accounting import weight_bytes
     from bisup.eval.data import calibration_batches, eval_tokens
     from bisup.eval.perplexity import default_system_prompt, perplexity_on_tokens, system_prompt_ids
+    from bisup.generation import prompt_aware_calibration, set_prompt_len
     from bisup.models.default import load_default_model
 
     progress = not args.no_progress
@@ -119,13 +108,12 @@ def run(args) -> dict:
     cfg = base_cfg.replace(bisup=bisup.BiSupConfig(epochs=args.epochs, rounding=not args.no_rounding))
     bisup_calib = calib
     if args.prompt_aware:  # the same tokens behind the system prompt, whose KV stays unquantized in training
-        p = sys_ids.shape[1]
-        bisup_calib = torch.cat([sys_ids.expand(calib.shape[0], -1), calib[:, :args.seq_len - p]], dim=1)
+        bisup_calib, p = prompt_aware_calibration(calib, sys_ids)
         cfg = cfg.replace(prompt_len=p)
     model = _timed(times, "quantize_bisup_s", lambda: bisup.quantize_model(
         load_default_model()[0], cfg, calib_data=bisup_calib, progress=progress))
     if args.prompt_aware:
-        _reset_prompt_len(model)
+        set_prompt_len(model, 0)  # evaluated like the base: full precision only behind a given prompt
     evaluate("bisup", model, ["low-bit", "quantized"])
     sizes = weight_bytes(model)
 

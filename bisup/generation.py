@@ -52,10 +52,14 @@ def full_precision(model: nn.Module):
             del m.forward
 
 
+def _kv_states(model: nn.Module) -> list:
+    return [s for s in (attention_state(m) for m in model.modules()) if s is not None and s.kv_spec is not None]
+
+
 @contextmanager
 def _kv_specs_replaced(model: nn.Module, replace: Callable[[KVQuantSpec], Optional[KVQuantSpec]]):
     """Inside the block every attention module's KVQuantSpec is replace(spec)."""
-    states = [s for s in (attention_state(m) for m in model.modules()) if s is not None and s.kv_spec is not None]
+    states = _kv_states(model)
     saved = [s.kv_spec for s in states]
     for state in states:
         state.kv_spec = replace(state.kv_spec)
@@ -64,6 +68,29 @@ def _kv_specs_replaced(model: nn.Module, replace: Callable[[KVQuantSpec], Option
     finally:
         for state, spec in zip(states, saved):
             state.kv_spec = spec
+
+
+def prompt_len_replaced(model: nn.Module, prompt_len: int):
+    """Context manager: inside it, fake KV quantization leaves the first prompt_len positions unquantized."""
+    return _kv_specs_replaced(model, lambda spec: dataclasses.replace(spec, prompt_len=prompt_len))
+
+
+def set_prompt_len(model: nn.Module, prompt_len: int) -> None:
+    """From now on the first prompt_len positions' KV stay unquantized (fake specs and the real-mode
+    cache), e.g. 0 after calibrating behind a system prompt (prompt_aware_calibration)."""
+    for state in _kv_states(model):
+        state.kv_spec = dataclasses.replace(state.kv_spec, prompt_len=prompt_len)
+    if getattr(model, "bisup_config", None) is not None:
+        model.bisup_config = model.bisup_config.replace(prompt_len=prompt_len)
+
+
+def prompt_aware_calibration(calib: torch.Tensor, system_ids: torch.Tensor):
+    """(windows, P): calibration windows [N, T] behind the system prompt [1, P], cut to T tokens, for
+    QuantConfig(prompt_len=P): the prompt's KV then stays unquantized while BiSup trains, as at inference."""
+    p = system_ids.shape[1]
+    if p >= calib.shape[1]:
+        raise ValueError(f"the system prompt ({p} tokens) leaves nothing of {calib.shape[1]}-token windows")
+    return torch.cat([system_ids.expand(calib.shape[0], -1), calib[:, :calib.shape[1] - p]], dim=1), p
 
 
 def _check_fp_model(model: nn.Module, fp_model: nn.Module) -> None:
@@ -126,7 +153,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, system_ids: Optional[tor
     if system_ids is not None and cache is None:  # fake mode (or no KV quantization): the FP prompt in a DynamicCache
         cache = pkv
         # fake KV quantization leaves the system prompt's positions unquantized
-        with _kv_specs_replaced(model, lambda spec: dataclasses.replace(spec, prompt_len=system_ids.shape[1])):
+        with prompt_len_replaced(model, system_ids.shape[1]):
             out = model.generate(full, **{cache_argument(model): cache}, **kw)
     else:
         if cache is not None:

@@ -15,7 +15,6 @@ and without a prompt, and with the prompt's KV kept at full precision or not, sc
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from contextlib import nullcontext
 from typing import Optional, Union
@@ -24,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bisup.eval.data import eval_tokens
+from bisup.generation import prompt_kv as compute_prompt_kv, prompt_len_replaced
 from bisup.nn.real_kv import cache_argument, make_cache
 
 PROMPT_KV_MODES = ("low-bit", "quantized", "fp-model")
@@ -57,13 +57,6 @@ def system_prompt_ids(tokenizer, system_prompt: Union[str, torch.Tensor, list, N
     return ids
 
 
-def _prompt_len_replaced(model, prompt_len: int):
-    """Inside the block fake KV quantization leaves the first prompt_len positions unquantized."""
-    from bisup.generation import _kv_specs_replaced
-
-    return _kv_specs_replaced(model, lambda spec: dataclasses.replace(spec, prompt_len=prompt_len))
-
-
 @torch.no_grad()
 def window_nll(model, tokens: torch.Tensor, seq_len: int = 512, max_windows: Optional[int] = 8,
                system_ids: Optional[torch.Tensor] = None, prompt_kv: str = "quantized", fp_model=None,
@@ -86,8 +79,6 @@ def window_nll(model, tokens: torch.Tensor, seq_len: int = 512, max_windows: Opt
     p = 0 if system_ids is None else system_ids.shape[1]
     pkv = None
     if p and prompt_kv != "low-bit":
-        from bisup.generation import prompt_kv as compute_prompt_kv
-
         pkv = compute_prompt_kv(model, system_ids.to(device), fp_model if prompt_kv == "fp-model" else None)
     out = torch.empty(n_windows, seq_len - 1)
     for w in tqdm(range(n_windows), desc="perplexity", disable=not progress, leave=False):
@@ -96,14 +87,14 @@ def window_nll(model, tokens: torch.Tensor, seq_len: int = 512, max_windows: Opt
         if pkv is not None:  # the window runs after the precomputed full-precision prompt KV
             cache = make_cache(model, prompt_kv=pkv)  # real mode: FP prompt segment + low-bit rest
             if cache is None:  # fake mode: the prompt in a copy of the DynamicCache, left unquantized
-                cache, context = copy.deepcopy(pkv), _prompt_len_replaced(model, p)
+                cache, context = copy.deepcopy(pkv), prompt_len_replaced(model, p)
             inputs, first = ids, 0
         else:
             inputs = ids if not p else torch.cat([system_ids.to(device), ids], dim=1)
             if p:  # everything low-bit: no full-precision positions at all
                 low = None if config is None else config.replace(prompt_len=0)
                 cache = make_cache(model, low) if low is not None else None
-                context = _prompt_len_replaced(model, 0)
+                context = prompt_len_replaced(model, 0)
             else:
                 cache = make_cache(model)  # real mode: a fresh mixed-precision KV cache per window
             first = p

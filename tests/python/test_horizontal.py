@@ -145,3 +145,20 @@ def test_protocol_errors():
         perplexity_on_tokens(fp, tokens, 32, 2, False, sys_ids, "fp16")
     with pytest.raises(ValueError, match="fp_model"):
         perplexity_on_tokens(fp, tokens, 32, 2, False, sys_ids, "fp-model")
+
+
+def test_prompt_aware_calibration_and_set_prompt_len():
+    from bisup.generation import prompt_aware_calibration, set_prompt_len
+    from bisup.nn.attention import get_kv_spec
+
+    calib, sys_ids = random_tokens(3, 16), random_tokens(1, 4, seed=7)
+    windows, p = prompt_aware_calibration(calib, sys_ids)
+    assert p == 4 and windows.shape == (3, 16)
+    assert torch.equal(windows[:, :4], sys_ids.expand(3, -1)) and torch.equal(windows[:, 4:], calib[:, :12])
+    with pytest.raises(ValueError, match="leaves nothing"):
+        prompt_aware_calibration(calib, random_tokens(1, 16))
+    q = bisup.quantize_model(tiny_model("llama"), _config("rtn", prompt_len=p), progress=False)
+    adapter = get_adapter(q)
+    set_prompt_len(q, 0)
+    assert q.bisup_config.prompt_len == 0
+    assert all(get_kv_spec(adapter.attention(layer)).prompt_len == 0 for layer in adapter.layers())
