@@ -142,6 +142,9 @@ class QuantConfig:
     a_sym: bool = True
     kv_sym: bool = False
     w_clip: float = 1.0
+    # per group, the clip ratio in w_clip * [1.0, 0.975, ..., 0.5] with the least squared weight
+    # error (RTN and GPTQ weights; bisup.quant.quantizer.mse_clip); off: every group uses w_clip
+    w_clip_search: bool = False
     a_clip: float = 1.0
     kv_clip: float = 1.0
     # method and execution
@@ -175,7 +178,7 @@ class QuantConfig:
             _check_group(name, getattr(self, name))
         for name in ("w_clip", "a_clip", "kv_clip"):
             _check_clip(name, getattr(self, name))
-        for name in ("w_sym", "a_sym", "kv_sym", "gptq_act_order", "gptq", "online_hadamard", "rotate_kv"):
+        for name in ("w_sym", "a_sym", "kv_sym", "w_clip_search", "gptq_act_order", "gptq", "online_hadamard", "rotate_kv"):
             _check_bool(name, getattr(self, name))
         _check_choice("method", self.method, _method_names())
         _check_choice("mode", self.mode, MODES)

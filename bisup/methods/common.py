@@ -10,6 +10,7 @@ import torch
 from bisup.config import QuantConfig
 from bisup.nn import KVQuantSpec, set_kv_quant
 from bisup.nn.fake_quant import ActQuantizer, FakeQuantLinear
+from bisup.quant.codes import quantize_weight
 
 
 def _no_transforms(model, adapter, config: QuantConfig) -> Dict[str, Callable]:
@@ -62,8 +63,14 @@ def fake_quant_linear(linear, config: QuantConfig, outlier_idx: Optional[torch.T
                       weight: Optional[torch.Tensor] = None) -> FakeQuantLinear:
     """A FakeQuantLinear for `linear` with config's weight and activation settings (RTN weights
     unless `weight`, an already quantized-dequantized weight, is given)."""
+    aq = act_quantizer(config, outlier_idx)
+    if weight is None and config.w_clip_search and config.quantizes_weights:
+        codes = quantize_weight(linear.weight, config.w_bits, config.w_group_size, config.w_sym, config.w_clip,
+                                outlier_idx, config.atom_outlier_bits, clip_search=True)
+        return FakeQuantLinear.from_codes(codes, linear.in_features, linear.bias, aq, input_transform,
+                                          config.w_clip, linear.weight.dtype).to(linear.weight.device)
     return FakeQuantLinear(linear, config.w_bits, config.w_group_size, config.w_sym, config.w_clip,
-                           act_quantizer=act_quantizer(config, outlier_idx), input_transform=input_transform,
+                           act_quantizer=aq, input_transform=input_transform,
                            outlier_idx=outlier_idx, outlier_bits=config.atom_outlier_bits, weight=weight)
 
 

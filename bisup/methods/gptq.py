@@ -30,7 +30,8 @@ def gptq_linear(linear: nn.Linear, stats: Optional[InputStats], config: QuantCon
         return fake_quant_linear(linear, config, outlier_idx)
     res = gptq_quantize(linear.weight, stats.hessian(), config.w_bits, config.w_group_size, sym=config.w_sym,
                         clip=config.w_clip, damp=config.gptq_damp, act_order=config.gptq_act_order,
-                        block_size=config.gptq_block_size, outlier_idx=outlier_idx, outlier_bits=config.atom_outlier_bits)
+                        block_size=config.gptq_block_size, outlier_idx=outlier_idx, outlier_bits=config.atom_outlier_bits,
+                        clip_search=config.w_clip_search)
     fq = fake_quant_linear(linear, config, outlier_idx, weight=res.weight)
     fq.set_weight(res.weight, scales=res.scales, zeros=None if config.w_sym else res.zeros,
                   outlier_scales=res.outlier_scales, outlier_zeros=None if config.w_sym else res.outlier_zeros)

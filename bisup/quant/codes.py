@@ -70,18 +70,20 @@ class WeightCodes:
         return self
 
 
-def _rtn_codes(w, bits, group_size, sym, clip):
-    q, s, z = quantize_ragged(w, bits, group_size, sym, clip)
+def _rtn_codes(w, bits, group_size, sym, clip, clip_search=False):
+    q, s, z = quantize_ragged(w, bits, group_size, sym, clip, clip_search)
     return q.to(torch.int8), s.to(SCALE_DTYPE), (None if sym else z.to(SCALE_DTYPE))
 
 
 def quantize_weight(weight: torch.Tensor, bits: int, group_size: int, sym: bool = True, clip: float = 1.0,
-                    outlier_idx: Optional[torch.Tensor] = None, outlier_bits: int = 8) -> WeightCodes:
-    """RTN codes of a weight [N, K] (groups along K, outlier input channels per row)."""
+                    outlier_idx: Optional[torch.Tensor] = None, outlier_bits: int = 8,
+                    clip_search: bool = False) -> WeightCodes:
+    """RTN codes of a weight [N, K] (groups along K, outlier input channels per row); clip_search:
+    each group's clip ratio is the least-squared-error one of clip_grid(clip) (outliers: clip 1)."""
     w = weight.detach()
     has_out = outlier_idx is not None and outlier_idx.numel() > 0
     main = w[:, complement(outlier_idx, w.shape[1])] if has_out else w
-    wc = WeightCodes(bits, group_size, sym, *_rtn_codes(main, bits, group_size, sym, clip))
+    wc = WeightCodes(bits, group_size, sym, *_rtn_codes(main, bits, group_size, sym, clip, clip_search))
     if has_out:
         wc.with_outliers(outlier_idx, outlier_bits, *_rtn_codes(w[:, outlier_idx], outlier_bits, -1, sym, 1.0))
     return wc

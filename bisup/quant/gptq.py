@@ -18,6 +18,8 @@ Choices made here (all of them visible in the tests):
   the error of the low-bit ones (as Atom does).
   The remaining ("normal") channels form the groups: normal channel j (in original order, outlier
   channels removed) belongs to group j // group_size; a last partial group is allowed.
+- clip_search: a group's clip ratio is chosen when its scale is fixed, as the least-squared-error
+  one of clip_grid(clip) on those updated columns (mse_clip; not Hessian-weighted). Outliers: clip.
 - Dead inputs (H[i, i] == 0: the channel never fired) get H[i, i] = 1 and a zero weight column.
 - Damping: damp * mean(diag(H)) on the diagonal; if the Cholesky still fails the damping grows x10.
 """
@@ -27,7 +29,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
-from bisup.quant.quantizer import group_params, qrange
+from bisup.quant.quantizer import clip_grid, group_params, mse_clip, qrange
 
 IndexLike = Union[torch.Tensor, Sequence[int], None]
 
@@ -106,6 +108,7 @@ def gptq_quantize(
     outlier_bits: int = 8,
     outlier_sym: Optional[bool] = None,
     scale_dtype: Optional[torch.dtype] = torch.float16,
+    clip_search: bool = False,
 ) -> GPTQResult:
     """GPTQ-quantize weight [N, K] given the input Hessian [K, K] (any positive scale).
 
@@ -168,8 +171,11 @@ def gptq_quantize(
             if not ready[g]:
                 cur = _current_columns(w, w1, err1, u, members[g], i1, i2, i)
                 in_outliers = g == n_groups
-                s, z = group_params(cur.unsqueeze(1), outlier_bits if in_outliers else bits,
-                                    outlier_sym if in_outliers else sym, clip, scale_dtype=scale_dtype)
+                g_bits, g_sym = (outlier_bits, outlier_sym) if in_outliers else (bits, sym)
+                g_clip = clip
+                if clip_search and not in_outliers:  # the group's clip chosen on its current (updated) columns
+                    g_clip = mse_clip(cur.unsqueeze(1), g_bits, g_sym, clip_grid(clip), scale_dtype)
+                s, z = group_params(cur.unsqueeze(1), g_bits, g_sym, g_clip, scale_dtype=scale_dtype)
                 scales[:, g], zeros[:, g] = s[:, 0, 0], z[:, 0, 0]
                 ready[g] = True
             lo, hi = (kmin, kmax) if g == n_groups else (qmin, qmax)

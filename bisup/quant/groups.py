@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 
 from bisup.quant.formats import OFF_BITS, SCALE_DTYPE, effective_group
-from bisup.quant.quantizer import FP16_MAX, qrange, quantize_groups, to_groups
+from bisup.quant.quantizer import FP16_MAX, clip_grid, mse_clip, qrange, quantize_groups, to_groups
 
 
 def needs_grad(x: torch.Tensor, clip) -> bool:
@@ -34,11 +34,13 @@ def _fast_sym_grouped(x, bits, group_size, clip):
     return torch.round(xg / s).clamp_(qmin, qmax), s
 
 
-def quantize_ragged(x, bits, group_size, sym, clip) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes [..., K] (fp32-valued), scales and zeros [..., G] (fp16-valued fp32) along the last dim."""
+def quantize_ragged(x, bits, group_size, sym, clip, clip_search: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes [..., K] (fp32-valued), scales and zeros [..., G] (fp16-valued fp32) along the last dim.
+
+    clip_search: each group's clip ratio is the best of clip_grid(clip) (mse_clip) instead of clip."""
     k = x.shape[-1]
     g = effective_group(k, group_size)
-    if sym and k % g == 0 and not needs_grad(x, clip):
+    if sym and k % g == 0 and not clip_search and not needs_grad(x, clip):
         q, s = _fast_sym_grouped(x, bits, g, clip)
         s = s.squeeze(-1)
         return q.reshape(x.shape), s, torch.zeros_like(s)
@@ -46,7 +48,9 @@ def quantize_ragged(x, bits, group_size, sym, clip) -> Tuple[torch.Tensor, torch
     parts = [(0, full, g)] + ([(full, k, k - full)] if full < k else [])
     qs, ss, zs = [], [], []
     for lo, hi, size in parts:
-        q, s, z = quantize_groups(x[..., lo:hi], bits, size, sym, clip, scale_dtype=SCALE_DTYPE)
+        part = x[..., lo:hi]
+        c = mse_clip(to_groups(part, size), bits, sym, clip_grid(clip), SCALE_DTYPE) if clip_search else clip
+        q, s, z = quantize_groups(part, bits, size, sym, c, scale_dtype=SCALE_DTYPE)
         qs.append(q.reshape(*x.shape[:-1], hi - lo))
         ss.append(s.squeeze(-1))
         zs.append(z.squeeze(-1))
