@@ -80,7 +80,8 @@ def config_from_args(a) -> QuantConfig:
     a_group = a.group_size if a.a_group_size is None else a.a_group_size
     return QuantConfig(w_bits=a.w_bits, a_bits=a.a_bits, kv_bits=a.kv_bits, w_group_size=a.group_size,
                        a_group_size=a_group, kv_group_size=a.kv_group_size, w_sym=not a.w_asym,
-                       w_clip=a.w_clip, a_clip=a.a_clip, kv_clip=a.kv_clip, method=a.method, mode=a.mode,
+                       w_clip=a.w_clip, w_clip_search=a.w_clip_search, a_clip=a.a_clip, kv_clip=a.kv_clip,
+                       method=a.method, mode=a.mode,
                        gptq=a.gptq, atom_outliers=a.atom_outliers, rotation_seed=a.rotation_seed, prompt_len=a.prompt_len,
                        n_calib=a.n_calib, calib_seq_len=a.calib_seq_len, seed=a.seed,
                        bisup=bisup_config_from_args(a))
@@ -172,11 +173,9 @@ def _prompt_texts(tok, a) -> Tuple[str, str]:
     if not (a.chat and getattr(tok, "chat_template", None)):
         return system, a.prompt
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": a.prompt}]
-    full = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    sys_text = tok.apply_chat_template(msgs[:1], tokenize=False) if system else ""
-    if not full.startswith(sys_text):
-        raise ValueError("the chat template does not render the system message as a prefix of the conversation")
-    return sys_text, full[len(sys_text):]
+    from bisup.generation import split_chat
+
+    return split_chat(tok, msgs, tok.apply_chat_template(msgs[:1], tokenize=False) if system else "")
 
 
 def _kv_report(cache) -> dict:
@@ -310,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--kv-group-size", type=int, default=-1)
     q.add_argument("--w-asym", action="store_true", help="asymmetric weights")
     q.add_argument("--w-clip", type=float, default=1.0)
+    q.add_argument("--w-clip-search", action="store_true",
+                   help="per weight group, the least-squared-error clip ratio in w_clip * [1.0 .. 0.5]")
     q.add_argument("--a-clip", type=float, default=1.0)
     q.add_argument("--kv-clip", type=float, default=1.0)
     q.add_argument("--gptq", action="store_true", help="GPTQ weights under atom / quarot")
