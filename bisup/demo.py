@@ -63,13 +63,10 @@ def _timed(times: dict, key: str, fn):
 
 def _answer(model, tok, system_text: str, question: str, max_new_tokens: int) -> str:
     import bisup
+    from bisup.generation import split_chat
 
-    msgs = [{"role": "user", "content": question}]
-    full = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    if not full.startswith(system_text):
-        raise ValueError("the chat template does not start with the default system prompt")
     enc = lambda s: tok(s, return_tensors="pt", add_special_tokens=False).input_ids  # noqa: E731
-    sys_ids, ids = enc(system_text), enc(full[len(system_text):])
+    sys_ids, ids = map(enc, split_chat(tok, [{"role": "user", "content": question}], system_text))
     out = bisup.generate(model, ids, system_ids=sys_ids, max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     return tok.decode(out[0, sys_ids.shape[1] + ids.shape[1]:], skip_special_tokens=True).strip()

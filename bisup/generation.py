@@ -93,6 +93,16 @@ def prompt_aware_calibration(calib: torch.Tensor, system_ids: torch.Tensor):
     return torch.cat([system_ids.expand(calib.shape[0], -1), calib[:, :calib.shape[1] - p]], dim=1), p
 
 
+def split_chat(tokenizer, messages: list, prefix: str):
+    """(prefix, rest) of `messages` rendered by the tokenizer's chat template with the generation
+    prompt: the prefix (a system prompt) is tokenized and cached on its own, the rest follows it."""
+    full = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if not full.startswith(prefix):
+        raise ValueError(f"the chat template does not render the system prompt {prefix[:40]!r} as a prefix "
+                         "of the conversation")
+    return prefix, full[len(prefix):]
+
+
 def _check_fp_model(model: nn.Module, fp_model: nn.Module) -> None:
     from bisup.models.adapters import get_adapter
 

@@ -8,7 +8,7 @@ import bisup
 from bisup.config import BiSupConfig, QuantConfig
 from bisup.eval.perplexity import (default_system_prompt, perplexity_on_tokens, position_perplexity,
                                    system_prompt_ids, window_nll)
-from bisup.generation import prompt_kv
+from bisup.generation import prompt_kv, split_chat
 from bisup.models.adapters import get_adapter
 from bisup.models.tiny import TINY_GROUP, random_tokens, tiny_model, tiny_tokenizer
 from bisup.nn.attention import value_basis
@@ -136,6 +136,16 @@ def test_default_system_prompt_and_ids():
     assert system_prompt_ids(None, [3, 4, 5]).tolist() == [[3, 4, 5]]
     with pytest.raises(ValueError, match="empty"):
         system_prompt_ids(None, [])
+
+
+def test_split_chat_cuts_the_rendered_conversation_after_the_system_prompt():
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{% if loop.first and m['role'] != 'system' %}"
+                         "be brief\n{% endif %}{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<a>{% endif %}")
+    prefix = default_system_prompt(tok)
+    assert split_chat(tok, [{"role": "user", "content": "hi"}], prefix) == ("<user>be brief\n", "hi\n<a>")
+    with pytest.raises(ValueError, match="as a prefix"):
+        split_chat(tok, [{"role": "user", "content": "hi"}], "<system>")
 
 
 def test_protocol_errors():
