@@ -39,20 +39,22 @@ REAL_CONFIG = dict(method="quarot", w_bits=4, a_bits=4, kv_bits=4, w_group_size=
 # ------------------------------------------------------------------------------------------------
 # memory
 # ------------------------------------------------------------------------------------------------
-def _status_kb(field: str) -> Optional[int]:
+def status_mb(field: str) -> Optional[float]:
+    """A memory field of /proc/self/status in MiB: "VmRSS" (now) or "VmHWM" (peak); None off Linux."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith(field + ":"):
-                    return int(line.split()[1])
+                    return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
 
 
-def rss_mb() -> Optional[float]:
-    kb = _status_kb("VmRSS")
-    return None if kb is None else kb / 1024
+def peak_rss_fields(reset_worked: bool) -> dict:
+    """The peak RSS of the timed run when reset_peak_rss() worked, else only the process's peak."""
+    peak = status_mb("VmHWM")
+    return dict(peak_rss_run_mb=peak if reset_worked else None, peak_rss_process_mb=None if reset_worked else peak)
 
 
 def reset_peak_rss() -> bool:
@@ -63,11 +65,6 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-def peak_rss_mb() -> Optional[float]:
-    kb = _status_kb("VmHWM")
-    return None if kb is None else kb / 1024
 
 
 def _prompt_ids(n: int) -> List[int]:
@@ -126,7 +123,7 @@ def run_torch(config: str, prefill: int, decode: int, threads: int) -> Dict:
 
     torch.set_num_threads(threads)
     ids_list = _prompt_ids(prefill)
-    rss_start = rss_mb()
+    rss_start = status_mb("VmRSS")
     t0 = time.perf_counter()
     model, tok = load_default_model()
     if config == "bf16":
@@ -150,7 +147,7 @@ def run_torch(config: str, prefill: int, decode: int, threads: int) -> Dict:
             out = model(out.logits[:, -1:].argmax(-1), **{arg: c}, use_cache=True)
         del c, out
     release_freed_memory()
-    rss_ready = rss_mb()
+    rss_ready = status_mb("VmRSS")
     peak_ok = reset_peak_rss()
     cache = new_cache()
     with torch.no_grad():
@@ -174,7 +171,7 @@ def run_torch(config: str, prefill: int, decode: int, threads: int) -> Dict:
                 prefill_s=t_prefill, decode_s=t_decode,
                 prefill_tok_s=prefill / t_prefill, decode_tok_s=decode / t_decode,
                 setup_s=setup_s, rss_start_mb=rss_start, rss_ready_mb=rss_ready,
-                peak_rss_run_mb=peak_rss_mb() if peak_ok else None, peak_rss_process_mb=None if peak_ok else peak_rss_mb(),
+                **peak_rss_fields(peak_ok),
                 linear_weight_bytes=int(linear_bytes), linear_fp16_bytes=int(wb["fp16_bytes"]),
                 model_bytes=_module_bytes(model), kv_cache_bytes=_cache_bytes(cache),
                 layers=len(adapter.layers()), generated=tokens[:16])
@@ -190,7 +187,7 @@ def run_llamacpp(prefill: int, decode: int, threads: int) -> Dict:
     except ImportError as err:
         return dict(config="llamacpp", error=f"llama-cpp-python is not installed ({err})")
     ids = _prompt_ids(prefill)
-    rss_start = rss_mb()
+    rss_start = status_mb("VmRSS")
     path = gguf_path()
     t0 = time.perf_counter()
     llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=prefill + decode + 32,
@@ -199,7 +196,7 @@ def run_llamacpp(prefill: int, decode: int, threads: int) -> Dict:
     llm.eval(ids[:16])  # warm-up
     llm.reset()
     release_freed_memory()
-    rss_ready = rss_mb()
+    rss_ready = status_mb("VmRSS")
     peak_ok = reset_peak_rss()
 
     n_vocab = llm.n_vocab()
@@ -227,7 +224,7 @@ def run_llamacpp(prefill: int, decode: int, threads: int) -> Dict:
     return dict(config="llamacpp", prefill_tokens=prefill, decode_tokens=decode, threads=threads,
                 prefill_s=t_prefill, decode_s=t_decode, prefill_tok_s=prefill / t_prefill, decode_tok_s=decode / t_decode,
                 setup_s=setup_s, rss_start_mb=rss_start, rss_ready_mb=rss_ready,
-                peak_rss_run_mb=peak_rss_mb() if peak_ok else None, peak_rss_process_mb=None if peak_ok else peak_rss_mb(),
+                **peak_rss_fields(peak_ok),
                 model_bytes=path.stat().st_size, kv_cache_bytes=2 * n_layer * n_kv * head_dim * 2 * used,
                 kv_note="f16 K/V of the tokens used (llama.cpp allocates n_ctx)", gguf=path.name,
                 generated=tokens[:16])
