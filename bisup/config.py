@@ -86,13 +86,15 @@ class BiSupConfig:
     smooth_penalty: float = 1.0  # weight of the soft penalty keeping log-scales within smooth_range
     smooth_range: float = 2.0  # |log s| allowed without penalty (natural log)
     weight_clip_init: float = 1.0  # initial weight clip factors (sigmoid-bounded; a learnable clip starts <= 0.99)
+    # start each group's clip at its least-squared-error ratio (mse_clip) instead of weight_clip_init
+    weight_clip_search: bool = False
     val_windows: int = 0  # trailing calibration windows held out of training (validation loss only)
 
     SPACES = ("weight_clip", "act_clip", "smooth", "lowrank", "rounding")
 
     def __post_init__(self) -> None:
         own = "BiSupConfig"
-        for name in self.SPACES:
+        for name in self.SPACES + ("weight_clip_search",):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{own}.{name}={getattr(self, name)!r}: expected True or False")
         for name, minimum in (("rank", 1), ("epochs", 0), ("batch_size", 1), ("val_windows", 0)):

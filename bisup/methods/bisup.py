@@ -116,6 +116,9 @@ class Block:
         if bc.lowrank and config.quantizes_weights:
             for m in self.mods.values():
                 self._add_lowrank(m, bc)
+        if bc.weight_clip_search:  # after the smoothing: the clip is searched on the weight it quantizes
+            for m in self.mods.values():
+                m.search_weight_clip()
         for name, m in self.mods.items():
             adapter.set_linear(layer, name, m)
         # output rotations inside the layer (QuaRot's RotateAfter on Gemma3's post norms) run the

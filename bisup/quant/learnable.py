@@ -33,7 +33,7 @@ from torch import nn
 from bisup.quant.codes import WeightCodes, quantize_weight
 from bisup.quant.formats import OFF_BITS, SCALE_DTYPE, effective_group, num_groups
 from bisup.quant.groups import complement, fake_quant_channels
-from bisup.quant.quantizer import FP16_MAX, qrange, round_ste
+from bisup.quant.quantizer import FP16_MAX, clip_grid, mse_clip, qrange, round_ste
 
 
 # A learnable clip starts at most here: sigmoid saturates at 1 (zero gradient in float32), so a clip
@@ -210,6 +210,22 @@ class LearnableLinear(nn.Module):
         if self.transform is not None:
             w = w @ self.transform
         return w, b
+
+    @torch.no_grad()
+    def search_weight_clip(self) -> None:
+        """Start the learnable weight clipping at each group's least-squared-error ratio of the current
+        effective weight (mse_clip over clip_grid(MAX_TRAINABLE_CLIP)) instead of one ratio for all:
+        a sigmoid-bounded clip near 1 moves slowly (its gradient carries sigmoid' ~ 0.01)."""
+        if self.w_bits >= OFF_BITS or not self.w_hi.requires_grad:
+            return
+        w, _ = self.effective_weight()
+        main = w if self.outlier_idx is None else w[:, self._main_idx]
+        clips = [mse_clip(main[:, lo:hi].reshape(main.shape[0], (hi - lo) // g, g), self.w_bits, self.w_sym,
+                          clip_grid(MAX_TRAINABLE_CLIP), SCALE_DTYPE).squeeze(-1)
+                 for lo, hi, g in _parts(main.shape[1], self.w_group_size)]
+        init = torch.logit(torch.cat(clips, 1))
+        self.w_hi.copy_(init)
+        self.w_lo.copy_(init)
 
     def act_clip(self):
         return torch.sigmoid(self.a_logit) if self.a_logit is not None else self.fixed_a_clip

@@ -88,6 +88,37 @@ def test_lwc_at_full_clip_is_rtn_and_clip_gets_gradients():
     assert hi.grad.abs().sum() + lo.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("outliers", [None, [3, 40]])
+def test_searched_clip_init_lowers_every_groups_weight_error(sym, outliers):
+    w = torch.randn(8, 72, generator=torch.Generator().manual_seed(4))  # K = 72: a ragged last group
+    w[:, 5] *= 12
+    idx = None if outliers is None else torch.tensor(outliers)
+    mods = [LearnableLinear(w, None, 4, G, sym, 4, G, True, 1.0, 1.0, idx) for _ in range(2)]
+    mods[1].search_weight_clip()
+    assert torch.equal(mods[1].w_hi, mods[1].w_lo) and not torch.equal(mods[1].w_hi, mods[0].w_hi)
+    assert float(torch.sigmoid(mods[1].w_hi.detach()).max()) <= 0.99 + 1e-6
+    main = w if idx is None else w[:, [j for j in range(72) if j not in outliers]]
+    errs = []
+    for m in mods:
+        dq = lwc_quantize(main, 4, G, sym, m.w_hi.detach(), m.w_lo.detach())[0]
+        errs.append(torch.stack([b.sum(-1) for b in torch.split((dq - main).square(), G, -1)], -1))
+    assert bool((errs[1] <= errs[0] * (1 + 1e-6)).all()) and float(errs[1].sum()) < float(errs[0].sum())
+
+
+def test_searched_clip_init_lowers_the_initial_block_loss():
+    losses = []
+    for search in (False, True):
+        model = tiny_model("llama", num_layers=1)
+        config = _cfg("quarot", weight_clip_search=search)
+        adapter, base, tr, layer, inputs, it = _first_layer(model, config, random_tokens(4, 32))
+        bisup_method.Block(adapter, layer, config, inputs.stats, {}, tr)
+        chunks = list(range(len(inputs.hidden)))
+        losses.append(bisup_method.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks))
+        it.close()
+    assert losses[1] < losses[0], losses
+
+
 def test_learned_rounding_moves_codes_by_at_most_one():
     w = torch.randn(8, 64, generator=torch.Generator().manual_seed(2))
     full = torch.full((8, 64 // G), logit(1.0))
@@ -201,6 +232,7 @@ def test_bisup_none_is_the_base_method():
 @pytest.mark.parametrize("field,value", [("rank", 0), ("rank", 2.5), ("epochs", -1), ("batch_size", 0),
                                          ("lr", -1.0), ("lr", "fast"), ("lowrank_scale", 0.0),
                                          ("smooth_alpha", 1.5), ("weight_clip_init", 0.0), ("smooth", "yes"),
+                                         ("weight_clip_search", 1),
                                          ("val_windows", -2), ("lowrank_init", 2.0)])
 def test_invalid_bisup_config_names_field_and_value(field, value):
     with pytest.raises(ValueError, match=rf"BiSupConfig\.{field}={value!r}: expected"):
@@ -235,5 +267,7 @@ def test_cli_flags():
     b = config_from_args(a).bisup
     assert (b.epochs, b.rank, b.lr, b.smooth, b.act_clip, b.weight_clip, b.lowrank) == (3, 2, 0.01, True, True, False, False)
     assert config_from_args(build_parser().parse_args(["quantize"])).bisup is None
+    c = config_from_args(build_parser().parse_args("quantize --bisup --bisup-clip-search --w-clip-search".split()))
+    assert c.bisup.weight_clip_search and c.w_clip_search and not BiSupConfig().weight_clip_search
     with pytest.raises(ValueError, match="--bisup-spaces"):
         config_from_args(build_parser().parse_args("quantize --bisup --bisup-spaces smoth".split()))
