@@ -37,7 +37,7 @@ def _load_codes(entry: dict, name: str, tensors, outlier_idx: Optional[torch.Ten
                      None if sym else take(tensors, keys["zeros"], (n, groups), SCALE_DTYPE))
     if n_out:
         wc.with_outliers(outlier_idx, entry["outlier_bits"],
-                         take(tensors, keys["outlier_qweight"], (n, n_out), torch.int8),
+                         unpack_codes(take(tensors, keys["outlier_qweight"], (n, n_out), torch.int8), "int8", sym),
                          take(tensors, keys["outlier_scales"], (n, 1), SCALE_DTYPE),
                          None if sym else take(tensors, keys["outlier_zeros"], (n, 1), SCALE_DTYPE))
     return wc

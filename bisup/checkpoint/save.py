@@ -34,7 +34,7 @@ def _linear_entry(fq: FakeQuantLinear, tensors: Dict[str, torch.Tensor], name: s
     entry.update(packing=wc.packing, main_features=wc.codes.shape[1], n_groups=int(wc.scales.shape[1]))
     stored = dict(qweight=pack_codes(wc.codes, wc.packing, wc.sym), scales=wc.scales, zeros=wc.zeros)
     if wc.has_outliers:
-        stored.update(outlier_qweight=wc.outlier_codes, outlier_scales=wc.outlier_scales,
+        stored.update(outlier_qweight=pack_codes(wc.outlier_codes, "int8", wc.sym), outlier_scales=wc.outlier_scales,
                       outlier_zeros=wc.outlier_zeros)
     tensors.update({keys[k]: t.cpu() for k, t in stored.items() if t is not None})
     return entry

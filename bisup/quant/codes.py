@@ -22,6 +22,7 @@ class WeightCodes:
 
     codes: int8 [N, Km] of the non-outlier channels (in order), scales/zeros fp16 [N, G];
     outlier_codes int8 [N, n_out] with outlier_scales/zeros fp16 [N, 1] for channels outlier_idx.
+    (Asymmetric 8-bit codes, in [0, 255], are int16 in memory: code_dtype; stored as uint8 bytes.)
     """
 
     bits: int
@@ -70,9 +71,14 @@ class WeightCodes:
         return self
 
 
+def code_dtype(bits: int, sym: bool) -> torch.dtype:
+    """The integer dtype holding codes of this format: int8, except unsigned 8-bit codes (int16)."""
+    return torch.int16 if bits == 8 and not sym else torch.int8
+
+
 def _rtn_codes(w, bits, group_size, sym, clip, clip_search=False):
     q, s, z = quantize_ragged(w, bits, group_size, sym, clip, clip_search)
-    return q.to(torch.int8), s.to(SCALE_DTYPE), (None if sym else z.to(SCALE_DTYPE))
+    return q.to(code_dtype(bits, sym)), s.to(SCALE_DTYPE), (None if sym else z.to(SCALE_DTYPE))
 
 
 def quantize_weight(weight: torch.Tensor, bits: int, group_size: int, sym: bool = True, clip: float = 1.0,
@@ -99,7 +105,7 @@ def codes_on_grid(w, scales, zeros, bits, group_size, sym, dtype) -> torch.Tenso
     lo, hi = qrange(bits, sym)
     if q.numel() and (q.min() < lo or q.max() > hi):
         raise ValueError(f"weight is not on the given {bits}-bit grid: codes outside [{lo}, {hi}]")
-    codes = q.to(torch.int8)
+    codes = q.to(code_dtype(bits, sym))
     if not torch.equal(dequantize_ragged(codes, scales, zeros, group_size).to(dtype), w.to(dtype)):
         raise ValueError("weight is not on the grid of the given scales (dequantized codes differ)")
     return codes
@@ -166,15 +172,16 @@ def recover_codes(w: torch.Tensor, bits: int, group_size: int, sym: bool, outlie
 
 
 def pack_codes(codes: torch.Tensor, packing: str, signed: bool) -> torch.Tensor:
-    """int8 codes [N, K] -> their stored form (INT4 nibbles / INT3 words as uint8, int8 as is), on CPU."""
+    """Codes [N, K] -> their stored form on CPU: INT4 nibbles / INT3 words as uint8; 8-bit codes as
+    int8 bytes (unsigned ones, [0, 255], are their uint8 bytes viewed as int8)."""
     from bisup import ops
 
     codes = codes.contiguous().cpu()
     if packing == "int4":
-        return ops.pack_int4(codes, signed)
+        return ops.pack_int4(codes.to(torch.int8), signed)
     if packing == "int3":
-        return ops.pack_int3(codes, signed)
-    return codes
+        return ops.pack_int3(codes.to(torch.int8), signed)
+    return codes.to(torch.int8) if signed else codes.to(torch.uint8).view(torch.int8)
 
 
 def unpack_codes(packed: torch.Tensor, packing: str, signed: bool) -> torch.Tensor:
@@ -185,4 +192,4 @@ def unpack_codes(packed: torch.Tensor, packing: str, signed: bool) -> torch.Tens
         return ops.unpack_int4(packed.contiguous(), signed)
     if packing == "int3":
         return ops.unpack_int3(packed.contiguous(), signed)
-    return packed
+    return packed if signed else packed.view(torch.uint8).to(torch.int16)

@@ -193,7 +193,7 @@ def gptq_quantize(
     inv = pos_of.to(dev)
     q_w = q_out[:, inv].to(weight.dtype)
     codes = codes[:, inv]
-    codes = codes.to(torch.int8 if codes.numel() == 0 or codes.max() <= 127 else torch.int16)
+    codes = codes.to(torch.int8 if codes.numel() == 0 or (codes.max() <= 127 and codes.min() >= -128) else torch.int16)
     half = scale_dtype if scale_dtype is not None else torch.float16
     outlier_s = scales[:, n_groups:].to(half) if has_outliers else None
     outlier_z = zeros[:, n_groups:].to(half) if has_outliers else None

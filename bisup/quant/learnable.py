@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bisup.quant.codes import WeightCodes, quantize_weight
+from bisup.quant.codes import WeightCodes, code_dtype, quantize_weight
 from bisup.quant.formats import OFF_BITS, SCALE_DTYPE, effective_group, num_groups
 from bisup.quant.groups import complement, fake_quant_channels
 from bisup.quant.quantizer import FP16_MAX, clip_grid, mse_clip, qrange, round_ste
@@ -171,7 +171,8 @@ class LearnableLinear(nn.Module):
         km = self.in_features - (0 if self.outlier_idx is None else self.outlier_idx.numel())
         self._main_idx = None if self.outlier_idx is None else complement(self.outlier_idx, self.in_features)
         n_g = num_groups(km, w_group_size)
-        init = logit(min(w_clip, weight_clip_init, MAX_TRAINABLE_CLIP) if learn_weight_clip else w_clip)
+        self.w_clip_start = min(w_clip, weight_clip_init, MAX_TRAINABLE_CLIP) if learn_weight_clip else w_clip
+        init = logit(self.w_clip_start)
         self.w_hi = nn.Parameter(torch.full((self.out_features, n_g), init), requires_grad=learn_weight_clip)
         self.w_lo = nn.Parameter(torch.full((self.out_features, n_g), init), requires_grad=learn_weight_clip)
         self.w_round = nn.Parameter(torch.zeros(self.out_features, km, device=weight.device)) \
@@ -214,14 +215,15 @@ class LearnableLinear(nn.Module):
     @torch.no_grad()
     def search_weight_clip(self) -> None:
         """Start the learnable weight clipping at each group's least-squared-error ratio of the current
-        effective weight (mse_clip over clip_grid(MAX_TRAINABLE_CLIP)) instead of one ratio for all:
-        a sigmoid-bounded clip near 1 moves slowly (its gradient carries sigmoid' ~ 0.01)."""
+        effective weight (mse_clip over clip_grid of the start ratio min(w_clip, weight_clip_init, 0.99))
+        instead of that one ratio for all: a sigmoid-bounded clip near 1 moves slowly (its gradient
+        carries sigmoid' ~ 0.01). Nothing to do when the clip is not learned (weight_clip off)."""
         if self.w_bits >= OFF_BITS or not self.w_hi.requires_grad:
             return
         w, _ = self.effective_weight()
         main = w if self.outlier_idx is None else w[:, self._main_idx]
         clips = [mse_clip(main[:, lo:hi].reshape(main.shape[0], (hi - lo) // g, g), self.w_bits, self.w_sym,
-                          clip_grid(MAX_TRAINABLE_CLIP), SCALE_DTYPE).squeeze(-1)
+                          clip_grid(self.w_clip_start), SCALE_DTYPE).squeeze(-1)
                  for lo, hi, g in _parts(main.shape[1], self.w_group_size)]
         init = torch.logit(torch.cat(clips, 1))
         self.w_hi.copy_(init)
@@ -273,7 +275,8 @@ class LearnableLinear(nn.Module):
         main = w if self.outlier_idx is None else w[:, self._main_idx]
         _, codes, scales, zeros = lwc_quantize(main, self.w_bits, self.w_group_size, self.w_sym, self.w_hi, self.w_lo,
                                                self.w_round)
-        wc = WeightCodes(self.w_bits, self.w_group_size, self.w_sym, codes.to(torch.int8), scales.to(SCALE_DTYPE),
+        wc = WeightCodes(self.w_bits, self.w_group_size, self.w_sym, codes.to(code_dtype(self.w_bits, self.w_sym)),
+                         scales.to(SCALE_DTYPE),
                          None if self.w_sym else zeros.to(SCALE_DTYPE))
         if self.outlier_idx is not None:
             oc = quantize_weight(w[:, self.outlier_idx], self.outlier_bits, -1, self.w_sym, 1.0)

@@ -201,3 +201,21 @@ def test_round_trip_of_every_method(tmp_path, family, method, extra):
     bisup.save_quantized(model, tmp_path / "q")
     loaded = bisup.load_quantized(tmp_path / "q")
     assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+
+
+def test_asymmetric_int8_outlier_codes_keep_their_range(tmp_path):
+    """Unsigned 8-bit codes ([0, 255]) are int16 in memory and uint8 bytes on disk: none wraps around."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(16, 64, generator=gen)
+    w[:, 3] = w[:, 3].abs() * 30  # one-signed outlier channel: its zero point sits at an end of [0, 255]
+    wc = quantize_weight(w, 4, 32, sym=False, outlier_idx=torch.tensor([3, 9]))
+    assert wc.outlier_codes.dtype == torch.int16 and int(wc.outlier_codes.max()) > 127
+    err = (wc.dequantize(64, torch.float32) - w)[:, [3, 9]].abs()
+    assert bool((err <= wc.outlier_scales.float() / 2 + 1e-6).all())
+    cfg = QuantConfig(method="atom", w_sym=False, atom_outliers=8, w_group_size=TINY_GROUP, a_group_size=TINY_GROUP,
+                      n_calib=4, calib_seq_len=32)
+    model = bisup.quantize_model(tiny_model("llama"), cfg, calib_data=random_tokens(4, 32, seed=3), progress=False)
+    ids = random_tokens(2, 16)
+    bisup.save_quantized(model, tmp_path / "q")
+    loaded = bisup.load_quantized(tmp_path / "q")
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
