@@ -86,7 +86,9 @@ class BiSupConfig:
     smooth_penalty: float = 1.0  # weight of the soft penalty keeping log-scales within smooth_range
     smooth_range: float = 2.0  # |log s| allowed without penalty (natural log)
     weight_clip_init: float = 1.0  # initial weight clip factors (sigmoid-bounded; a learnable clip starts <= 0.99)
-    # start each group's clip at its least-squared-error ratio (mse_clip) instead of weight_clip_init
+    # start each group's learnable clip at its least-squared-error ratio (mse_clip, at most the start
+    # ratio min(w_clip, weight_clip_init, 0.99)) instead of that one ratio; needs weight_clip on.
+    # (QuantConfig.w_clip_search is the base method's own search; BiSup's learned clip replaces it.)
     weight_clip_search: bool = False
     val_windows: int = 0  # trailing calibration windows held out of training (validation loss only)
 

@@ -113,12 +113,12 @@ class Block:
             self.mods[name].transform = t.matrix(torch.float32).to(self.mods[name].weight.device)
         if bc.smooth:
             self._add_smoothing(stats, bc.smooth_alpha)
+        if bc.weight_clip_search:  # after the smoothing (the clip is searched on the weight it quantizes),
+            for m in self.mods.values():  # before the low-rank init (built from the error at this clip)
+                m.search_weight_clip()
         if bc.lowrank and config.quantizes_weights:
             for m in self.mods.values():
                 self._add_lowrank(m, bc)
-        if bc.weight_clip_search:  # after the smoothing: the clip is searched on the weight it quantizes
-            for m in self.mods.values():
-                m.search_weight_clip()
         for name, m in self.mods.items():
             adapter.set_linear(layer, name, m)
         # output rotations inside the layer (QuaRot's RotateAfter on Gemma3's post norms) run the
@@ -249,7 +249,7 @@ class Block:
             if b is not None:
                 shell.bias.data = b.to(dtype)
             st = InputStats(mod.in_features, hessian_sum=hessians[name].to(torch.float64), tokens=1)
-            fq = gptq_linear(shell, st, config.replace(w_clip=1.0), outlier_idx)
+            fq = gptq_linear(shell, st, config.replace(w_clip=1.0, w_clip_search=False), outlier_idx)  # learned clip
             fq.act_quantizer, fq.input_transform = aq, transform
             return fq
         if wc is None:  # weights stay in floating point

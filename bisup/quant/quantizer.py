@@ -101,8 +101,9 @@ def mse_clip(xg: torch.Tensor, bits: int, sym: bool, clips: Tuple[float, ...],
     """Per group of xg [..., G, g], the ratio in `clips` whose quantize-dequantize has the least
     squared error (the first one on ties): a clip tensor [..., G, 1] for group_params.
 
-    A smaller clip trades clipping error at the group's extremes for a finer step everywhere else;
-    at 4 bits the best ratio is usually well below 1 (e.g. 7/7.5 reaches code -8 of the range).
+    A smaller clip trades clipping error at the group's extremes for a finer step everywhere else.
+    At 4 bits symmetric, clip 1 never uses code -8 (s = max|x| / 7); clip 7/7.5 maps -max|x| onto
+    -8 (the s = max|x| / 7.5 convention of other libraries); the search goes further where it pays.
     """
     xf = xg.detach().to(torch.float32)
     qmin, qmax = qrange(bits, sym)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import bisup
-from bisup.config import QuantConfig
-from bisup.models.tiny import TINY_GROUP, random_tokens, tiny_model
+from bisup.config import BiSupConfig, QuantConfig
+from bisup.models.tiny import random_tokens, tiny_model
 from bisup.quant.codes import quantize_weight
 from bisup.quant.gptq import gptq_quantize
 from bisup.quant.groups import dequantize_ragged
@@ -72,21 +72,26 @@ def test_rtn_clip_search_lowers_every_groups_error(bits, group_size, outliers, g
 
 @pytest.mark.parametrize("group_size", [16, 32])
 @pytest.mark.parametrize("sym", [True, False])
-def test_gptq_with_identity_hessian_and_search_is_rtn_with_search(group_size, sym, gen):
-    w = _weight(gen, k=96)
-    r = gptq_quantize(w, torch.eye(96), 4, group_size, sym=sym, act_order=False, block_size=32, clip_search=True)
-    rtn = quantize_weight(w, 4, group_size, sym=sym, clip_search=True)
-    torch.testing.assert_close(r.weight, rtn.dequantize(96, torch.float32), rtol=0, atol=0)
+@pytest.mark.parametrize("k, outliers", [(96, None), (100, None), (100, [7, 61])])
+def test_gptq_with_identity_hessian_and_search_is_rtn_with_search(group_size, sym, k, outliers, gen):
+    w = _weight(gen, k=k)
+    idx = None if outliers is None else torch.tensor(outliers)
+    r = gptq_quantize(w, torch.eye(k), 4, group_size, sym=sym, act_order=False, block_size=32, clip_search=True,
+                      outlier_idx=idx)
+    rtn = quantize_weight(w, 4, group_size, sym=sym, clip_search=True, outlier_idx=idx)
+    torch.testing.assert_close(r.weight, rtn.dequantize(k, torch.float32), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("method, extra", [("rtn", {}), ("gptq", {}), ("quarot", dict(gptq=True, kv_bits=4))])
-def test_models_with_clip_search_lower_weight_error_and_reload_exactly(tmp_path, method, extra):
-    kw = dict(method=method, w_group_size=TINY_GROUP, a_group_size=TINY_GROUP, n_calib=4, calib_seq_len=32, **extra)
+@pytest.mark.parametrize("family, method, extra", [("llama", "rtn", {}), ("qwen2", "rtn", {}), ("llama", "gptq", {}),
+                                                   ("llama", "quarot", dict(gptq=True, kv_bits=4)),
+                                                   ("qwen2", "atom", dict(kv_bits=4, atom_outliers=16))])
+def test_models_with_clip_search_lower_weight_error_and_reload_exactly(tmp_path, family, method, extra):
+    kw = dict(method=method, w_group_size=32, a_group_size=32, n_calib=4, calib_seq_len=32, **extra)  # real mode: g32
     calib = random_tokens(4, 32, seed=3)
-    models = {s: bisup.quantize_model(tiny_model("llama"), QuantConfig(w_clip_search=s, **kw), calib_data=calib,
+    models = {s: bisup.quantize_model(tiny_model(family), QuantConfig(w_clip_search=s, **kw), calib_data=calib,
                                       progress=False) for s in (False, True)}
     if method == "rtn":  # same float weights underneath: the searched codes are closer to them
-        ref = tiny_model("llama").model.layers[0].mlp.down_proj.weight.detach()
+        ref = tiny_model(family).model.layers[0].mlp.down_proj.weight.detach()
         err = {s: float((m.model.layers[0].mlp.down_proj.weight - ref).square().sum()) for s, m in models.items()}
         assert err[True] < err[False]
     model, ids = models[True], random_tokens(2, 16)
@@ -97,9 +102,19 @@ def test_models_with_clip_search_lower_weight_error_and_reload_exactly(tmp_path,
         assert torch.equal(loaded(ids).logits, model(ids).logits)
         assert not torch.equal(models[False](ids).logits, model(ids).logits)
     assert loaded.bisup_config == model.bisup_config
+    real = bisup.load_quantized(tmp_path / "q", mode="real")  # the packed kernels run the searched codes
+    with torch.no_grad():
+        assert torch.equal(real(ids).logits, model(ids).logits)
+    if method == "rtn" and family == "qwen2":  # Qwen2's q/k/v biases are kept as they were
+        ref_bias = tiny_model(family).model.layers[0].self_attn.q_proj.bias
+        assert torch.equal(model.model.layers[0].self_attn.q_proj.bias, ref_bias)
 
 
 def test_config_validates_the_flag():
     with pytest.raises(ValueError, match="w_clip_search"):
         QuantConfig(w_clip_search="yes")
     assert QuantConfig.from_dict(QuantConfig(w_clip_search=True).to_dict()).w_clip_search is True
+    old = {k: v for k, v in QuantConfig(bisup=BiSupConfig()).to_dict().items() if k != "w_clip_search"}
+    old["bisup"] = {k: v for k, v in old["bisup"].items() if k != "weight_clip_search"}
+    loaded = QuantConfig.from_dict(old)  # written before the fields existed: both off
+    assert loaded.w_clip_search is False and loaded.bisup.weight_clip_search is False
