@@ -53,11 +53,15 @@ VARIANTS = {
     "bisup_prompt": {},
 }
 PROMPT_AWARE = ("bisup_prompt",)
+# Every row of the table was measured with BiSup's searched clip init off (the default until
+# 2026-12-02, when weight_clip_search=True became the default: bench/results/bisup_clip_search.md);
+# kept off here so that the rows compare with each other.
+TABLE_BISUP = dict(weight_clip_search=False)
 SEQ_LEN, WINDOWS_8, WINDOWS_32, N_CALIB = 512, 8, 32, 16
 OUT = Path(__file__).resolve().parent / "results" / "bisup_table"
 
 
-def run_job(cell: str, variant: str, fp_prompt_from_fp_model: bool) -> dict:
+def run_job(cell: str, variant: str, fp_prompt_from_fp_model: bool, only_8w: bool = False) -> dict:
     import torch
 
     import bisup
@@ -79,7 +83,7 @@ def run_job(cell: str, variant: str, fp_prompt_from_fp_model: bool) -> dict:
         if variant in PROMPT_AWARE:  # the same calibration tokens, behind the system prompt
             calib, p = prompt_aware_calibration(calib, sys_ids)
         cfg = bisup.QuantConfig(**CELLS[cell], n_calib=N_CALIB, calib_seq_len=SEQ_LEN, mode="real", prompt_len=p,
-                                bisup=None if bis is None else bisup.BiSupConfig(**bis))
+                                bisup=None if bis is None else bisup.BiSupConfig(**{**TABLE_BISUP, **bis}))
         res["config"] = cfg.to_dict()
         t = time.perf_counter()
         bisup.quantize_model(model, cfg, calib_data=calib, progress=True)
@@ -92,7 +96,7 @@ def run_job(cell: str, variant: str, fp_prompt_from_fp_model: bool) -> dict:
     nll8 = window_nll(model, eval_tokens(tok, "embedded", SEQ_LEN * WINDOWS_8), SEQ_LEN, WINDOWS_8, progress=False)
     res["ppl_8w"] = float(nll8.double().mean().exp())
     weights_only = cell != "fp" and CELLS[cell]["a_bits"] == 16 and CELLS[cell]["kv_bits"] == 16
-    modes = [] if weights_only else ["low-bit", "quantized"] + (
+    modes = [] if weights_only or only_8w else ["low-bit", "quantized"] + (
         ["fp-model"] if fp_prompt_from_fp_model and cell != "fp" else [])
     fp_model = load_default_model()[0] if "fp-model" in modes else None
     for mode in modes:
@@ -118,28 +122,57 @@ def save_jobs(out: Path, jobs: dict) -> None:
 def _cell_label(cell: str) -> str:
     c = CELLS[cell]
     g = "per-channel" if c["w_group_size"] == -1 else f"g{c['w_group_size']}"
+    if c["method"] == "gptq":
+        return f"GPTQ W{c['w_bits']}A{c['a_bits']} {g} (weights only)"
     w = "GPTQ" if c["gptq"] else "RTN"
-    return f"{c['method'].capitalize()}+{w} W{c['w_bits']}A{c['a_bits']} {g} KV{c['kv_bits']}"
+    method = {"quarot": "QuaRot", "atom": "Atom"}[c["method"]]
+    return f"{method}+{w} W{c['w_bits']}A{c['a_bits']} {g} KV{c['kv_bits']}"
+
+
+ABLATION_CELL = "quarot_rtn_g64"
+ABLATION_VARIANTS = ("clip_only", "smooth_only", "lowrank_only", "rounding_only", "no_rounding")
+
+
+def _f2(v) -> str:
+    return "" if v is None else f"{v:.2f}"
+
+
+def _vs_base(jobs: dict, cell: str, r: dict) -> str:
+    base = jobs.get(f"{cell}:base")
+    return "" if base is None or r is base else f"{100 * (r['ppl_8w'] / base['ppl_8w'] - 1):+.1f}%"
 
 
 def markdown(jobs: dict) -> str:
     fp = jobs.get("fp:base")
-    lines = ["| setting | row | ppl 8w (no prompt) | ppl 32w all low-bit | ppl 32w prompt KV FP (quantized model) "
-             "| ppl 32w prompt KV FP (FP model) | quantize s | peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
-    f2 = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
+    lines = ["| setting | row | ppl 8w (no prompt) | 8w vs base | ppl 32w all low-bit "
+             "| ppl 32w prompt KV FP (quantized model) | ppl 32w prompt KV FP (FP model) | quantize s | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     if fp:
-        lines.append(f"| FP (W16A16) | - | {f2(fp['ppl_8w'])} | {f2(fp['ppl_32w_low-bit'])} | {f2(fp['ppl_32w_quantized'])} "
-                     f"| | | {fp['peak_rss_mib']:.0f} |")
+        lines.append(f"| FP (W16A16) | - | {_f2(fp['ppl_8w'])} | | {_f2(fp['ppl_32w_low-bit'])} "
+                     f"| {_f2(fp['ppl_32w_quantized'])} | | | {fp['peak_rss_mib']:.0f} |")
+    names = {"base": "base / +horizontal", "bisup": "+vertical / +both",
+             "bisup_prompt": "+vertical / +both, prompt-aware training"}
     for cell in CELLS:
-        for variant in VARIANTS:
+        for variant in names:
             r = jobs.get(f"{cell}:{variant}")
-            if r is None:
+            if r is None or cell == ABLATION_CELL:
                 continue
-            name = {"base": "base / +horizontal", "bisup": "+vertical / +both",
-                    "bisup_prompt": "+vertical / +both, prompt-aware training"}.get(variant, f"+vertical ({variant})")
-            lines.append(f"| {_cell_label(cell)} | {name} | {f2(r['ppl_8w'])} | {f2(r.get('ppl_32w_low-bit'))} | "
-                         f"{f2(r.get('ppl_32w_quantized'))} | {f2(r.get('ppl_32w_fp-model'))} | {r['quantize_s']:.0f} | "
-                         f"{r['peak_rss_mib']:.0f} |")
+            lines.append(f"| {_cell_label(cell)} | {names[variant]} | {_f2(r['ppl_8w'])} | {_vs_base(jobs, cell, r)} "
+                         f"| {_f2(r.get('ppl_32w_low-bit'))} | {_f2(r.get('ppl_32w_quantized'))} "
+                         f"| {_f2(r.get('ppl_32w_fp-model'))} | {r['quantize_s']:.0f} | {r['peak_rss_mib']:.0f} |")
+    rows = [(cell, v) for cell in CELLS for v in ("base",) + ABLATION_VARIANTS + ("bisup",)
+            if f"{cell}:{v}" in jobs and (cell == ABLATION_CELL or v in ABLATION_VARIANTS)]
+    if rows:
+        lines += ["", "Ablation of BiSup's parameter spaces (8-window protocol; each space alone, all of them, "
+                  "or all but learned rounding):", "",
+                  "| setting | parameter spaces | ppl 8w | vs base | quantize s | peak RSS MiB |", "|---|---|---|---|---|---|"]
+        spaces = {"base": "none (base)", "clip_only": "weight + activation clipping", "smooth_only": "smoothing",
+                  "lowrank_only": "low-rank compensation", "rounding_only": "learned rounding",
+                  "no_rounding": "all but learned rounding", "bisup": "all (default)"}
+        for cell, v in rows:
+            r = jobs[f"{cell}:{v}"]
+            lines.append(f"| {_cell_label(cell)} | {spaces[v]} | {_f2(r['ppl_8w'])} | {_vs_base(jobs, cell, r)} "
+                         f"| {r['quantize_s']:.0f} | {r['peak_rss_mib']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -192,20 +225,23 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", default="", help="comma-separated CELL:VARIANT (fp:base for the FP row)")
     p.add_argument("--fp-model-prompt", action="store_true", help="also the prompt KV computed by the FP model")
+    p.add_argument("--only-8w", action="store_true",
+                   help="the 8-window protocol only (ablation rows: no system-prompt evaluation)")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--report", action="store_true")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one is not None:
         cell, variant = a.one.split(":")
-        print("RESULT " + json.dumps(run_job(cell, variant, a.fp_model_prompt)))
+        print("RESULT " + json.dumps(run_job(cell, variant, a.fp_model_prompt, a.only_8w)))
         return 0
     jobs = load_jobs(a.out)
     for job in filter(None, a.jobs.split(",")):
         cell, _, variant = job.partition(":")
         if cell != "fp" and (cell not in CELLS or variant not in VARIANTS):
             raise SystemExit(f"unknown job {job!r}: cells {list(CELLS)}, variants {list(VARIANTS)}")
-        cmd = [sys.executable, __file__, "--one", job] + (["--fp-model-prompt"] if a.fp_model_prompt else [])
+        cmd = [sys.executable, __file__, "--one", job] + (["--fp-model-prompt"] if a.fp_model_prompt else []) + (
+            ["--only-8w"] if a.only_8w else [])
         t = time.perf_counter()
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

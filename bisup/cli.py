@@ -106,7 +106,7 @@ def bisup_config_from_args(a):
                          f"{list(BiSupConfig.SPACES)}")
     given = dict(epochs=a.bisup_epochs, batch_size=a.bisup_batch_size, lr=a.bisup_lr, lowrank_lr=a.bisup_lowrank_lr,
                  rank=a.bisup_rank, val_windows=a.bisup_val_windows,
-                 weight_clip_search=True if a.bisup_clip_search else None)
+                 weight_clip_search=a.bisup_clip_search)
     return BiSupConfig(**{k: v for k, v in given.items() if v is not None},
                        **{name: name in spaces for name in BiSupConfig.SPACES})
 
@@ -329,8 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bisup-lowrank-lr", type=float, default=None, help="BiSup: learning rate of the low-rank factors")
     q.add_argument("--bisup-rank", type=int, default=None, help="BiSup: rank of the error compensation")
     q.add_argument("--bisup-val-windows", type=int, default=None, help="BiSup: calibration windows held out (validation loss)")
-    q.add_argument("--bisup-clip-search", action="store_true",
-                   help="BiSup: start each weight group's learnable clip at its least-squared-error ratio")
+    q.add_argument("--bisup-clip-search", action=argparse.BooleanOptionalAction, default=None,
+                   help="BiSup: start each weight group's learnable clip at its least-squared-error ratio "
+                        "(default: on)")
     q.add_argument("--bisup-spaces", default="default",
                    help="BiSup: 'default' (BiSupConfig's), 'all', or a comma list of "
                         "weight_clip,act_clip,smooth,lowrank,rounding (the rest stay off)")

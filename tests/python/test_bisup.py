@@ -267,7 +267,8 @@ def test_cli_flags():
     b = config_from_args(a).bisup
     assert (b.epochs, b.rank, b.lr, b.smooth, b.act_clip, b.weight_clip, b.lowrank) == (3, 2, 0.01, True, True, False, False)
     assert config_from_args(build_parser().parse_args(["quantize"])).bisup is None
-    c = config_from_args(build_parser().parse_args("quantize --bisup --bisup-clip-search --w-clip-search".split()))
-    assert c.bisup.weight_clip_search and c.w_clip_search and not BiSupConfig().weight_clip_search
+    c = config_from_args(build_parser().parse_args("quantize --bisup --no-bisup-clip-search --w-clip-search".split()))
+    assert not c.bisup.weight_clip_search and c.w_clip_search and BiSupConfig().weight_clip_search
+    assert config_from_args(build_parser().parse_args("quantize --bisup".split())).bisup.weight_clip_search
     with pytest.raises(ValueError, match="--bisup-spaces"):
         config_from_args(build_parser().parse_args("quantize --bisup --bisup-spaces smoth".split()))
