@@ -168,7 +168,8 @@ def test_merged_lowrank_starts_at_the_base_weight():
 @pytest.mark.parametrize("method,rounding", [("quarot", False), ("atom", False), ("quarot", True)])
 def test_training_lowers_the_block_loss(method, rounding):
     model = tiny_model("llama", num_layers=1)
-    config = _cfg(method, epochs=15, lr=1e-2, lowrank_lr=1e-3, rounding=rounding)
+    # from the flat clip init: the searched init (on by default) leaves too little to train on a tiny layer
+    config = _cfg(method, epochs=15, lr=1e-2, lowrank_lr=1e-3, rounding=rounding, weight_clip_search=False)
     adapter, base, tr, layer, inputs, it = _first_layer(model, config, random_tokens(4, 32))
     outliers = base.outliers(adapter, inputs.stats, config) if base.outliers else {}
     block = bisup_method.Block(adapter, layer, config, inputs.stats, outliers, tr)
