@@ -6,12 +6,10 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
-from torch import nn
 
 from bisup.config import QuantConfig
 from bisup.nn import KVQuantSpec, set_kv_quant
 from bisup.nn.fake_quant import ActQuantizer, FakeQuantLinear
-from bisup.quant.codes import quantize_weight
 
 
 def _no_transforms(model, adapter, config: QuantConfig) -> Dict[str, Callable]:
@@ -64,19 +62,10 @@ def fake_quant_linear(linear, config: QuantConfig, outlier_idx: Optional[torch.T
                       weight: Optional[torch.Tensor] = None) -> FakeQuantLinear:
     """A FakeQuantLinear for `linear` with config's weight and activation settings (RTN weights
     unless `weight`, an already quantized-dequantized weight, is given)."""
-    aq = act_quantizer(config, outlier_idx)
-    if weight is None and config.w_clip_search and config.quantizes_weights:
-        idx = None if outlier_idx is None else torch.as_tensor(outlier_idx).clone()  # not the caller's storage
-        codes = quantize_weight(linear.weight, config.w_bits, config.w_group_size, config.w_sym, config.w_clip,
-                                idx, config.atom_outlier_bits, clip_search=True)
-        fq = FakeQuantLinear.from_codes(codes, linear.in_features, None, aq, input_transform, config.w_clip,
-                                        linear.weight.dtype).to(linear.weight.device)
-        if linear.bias is not None:  # as the constructor keeps it (its own dtype)
-            fq.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        return fq
     return FakeQuantLinear(linear, config.w_bits, config.w_group_size, config.w_sym, config.w_clip,
-                           act_quantizer=aq, input_transform=input_transform,
-                           outlier_idx=outlier_idx, outlier_bits=config.atom_outlier_bits, weight=weight)
+                           act_quantizer=act_quantizer(config, outlier_idx), input_transform=input_transform,
+                           outlier_idx=outlier_idx, outlier_bits=config.atom_outlier_bits, weight=weight,
+                           w_clip_search=config.w_clip_search)
 
 
 def kv_spec(config: QuantConfig, rotate: bool = False) -> Optional[KVQuantSpec]:

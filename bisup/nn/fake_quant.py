@@ -167,7 +167,7 @@ class FakeQuantLinear(nn.Module):
     def __init__(self, linear: nn.Linear, w_bits: int, w_group_size: int, w_sym: bool = True, w_clip: float = 1.0,
                  act_quantizer: Optional[ActQuantizer] = None, input_transform: Optional[Callable] = None,
                  outlier_idx: Optional[Sequence[int]] = None, outlier_bits: int = 8,
-                 weight: Optional[torch.Tensor] = None):
+                 weight: Optional[torch.Tensor] = None, w_clip_search: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.w_bits, self.w_group_size, self.w_sym, self.w_clip = w_bits, w_group_size, w_sym, w_clip
@@ -186,7 +186,8 @@ class FakeQuantLinear(nn.Module):
         elif not self.quantized:
             self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
         else:
-            wc = quantize_weight(linear.weight, w_bits, w_group_size, w_sym, w_clip, self._out_idx, outlier_bits)
+            wc = quantize_weight(linear.weight, w_bits, w_group_size, w_sym, w_clip, self._out_idx, outlier_bits,
+                                 clip_search=w_clip_search)
             self._codes = wc
             self.weight = nn.Parameter(wc.dequantize(self.in_features, dtype), requires_grad=False)
         self._check_shape(self.weight)

@@ -34,6 +34,19 @@ def _fast_sym_grouped(x, bits, group_size, clip):
     return torch.round(xg / s).clamp_(qmin, qmax), s
 
 
+def ragged_parts(k: int, group_size: int):
+    """(lo, hi, group length) of the full groups and the shorter last group along k."""
+    g = effective_group(k, group_size)
+    full = (k // g) * g
+    return [(0, full, g)] + ([(full, k, k - full)] if full < k else [])
+
+
+def searched_clips(x, bits, group_size, sym, clip) -> torch.Tensor:
+    """Each group's least-squared-error clip ratio of clip_grid(clip) (mse_clip): [..., G]."""
+    return torch.cat([mse_clip(to_groups(x[..., lo:hi], size), bits, sym, clip_grid(clip), SCALE_DTYPE).squeeze(-1)
+                      for lo, hi, size in ragged_parts(x.shape[-1], group_size)], -1)
+
+
 def quantize_ragged(x, bits, group_size, sym, clip, clip_search: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes [..., K] (fp32-valued), scales and zeros [..., G] (fp16-valued fp32) along the last dim.
 
@@ -44,13 +57,14 @@ def quantize_ragged(x, bits, group_size, sym, clip, clip_search: bool = False) -
         q, s = _fast_sym_grouped(x, bits, g, clip)
         s = s.squeeze(-1)
         return q.reshape(x.shape), s, torch.zeros_like(s)
-    full = (k // g) * g
-    parts = [(0, full, g)] + ([(full, k, k - full)] if full < k else [])
+    clips = searched_clips(x, bits, group_size, sym, clip) if clip_search else None
     qs, ss, zs = [], [], []
-    for lo, hi, size in parts:
-        part = x[..., lo:hi]
-        c = mse_clip(to_groups(part, size), bits, sym, clip_grid(clip), SCALE_DTYPE) if clip_search else clip
-        q, s, z = quantize_groups(part, bits, size, sym, c, scale_dtype=SCALE_DTYPE)
+    col = 0
+    for lo, hi, size in ragged_parts(k, group_size):
+        n_g = (hi - lo) // size
+        c = clip if clips is None else clips[..., col:col + n_g, None]
+        col += n_g
+        q, s, z = quantize_groups(x[..., lo:hi], bits, size, sym, c, scale_dtype=SCALE_DTYPE)
         qs.append(q.reshape(*x.shape[:-1], hi - lo))
         ss.append(s.squeeze(-1))
         zs.append(z.squeeze(-1))

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bisup.quant.codes import WeightCodes, code_dtype, quantize_weight
-from bisup.quant.formats import OFF_BITS, SCALE_DTYPE, effective_group, num_groups
-from bisup.quant.groups import complement, fake_quant_channels
-from bisup.quant.quantizer import FP16_MAX, clip_grid, mse_clip, qrange, round_ste
+from bisup.quant.formats import OFF_BITS, SCALE_DTYPE, num_groups
+from bisup.quant.groups import complement, fake_quant_channels, ragged_parts, searched_clips
+from bisup.quant.quantizer import FP16_MAX, qrange, round_ste
 
 
 # A learnable clip starts at most here: sigmoid saturates at 1 (zero gradient in float32), so a clip
@@ -54,13 +54,6 @@ def _fp16_ste(s: torch.Tensor) -> torch.Tensor:
     return s + (r - s).detach()
 
 
-def _parts(k: int, group_size: int):
-    """(lo, hi, group length) of the full groups and the shorter last group along k."""
-    g = effective_group(k, group_size)
-    full = (k // g) * g
-    return [(0, full, g)] + ([(full, k, k - full)] if full < k else [])
-
-
 def lwc_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool, hi_logit: torch.Tensor,
                  lo_logit: Optional[torch.Tensor], round_offset: Optional[torch.Tensor] = None
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -71,7 +64,7 @@ def lwc_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool, hi_logi
     qmin, qmax = qrange(bits, sym)
     outs, codes, scales, zeros = [], [], [], []
     col = 0
-    for lo, hi, g in _parts(w.shape[1], group_size):
+    for lo, hi, g in ragged_parts(w.shape[1], group_size):
         n_g = (hi - lo) // g
         xg = w[:, lo:hi].to(torch.float32).reshape(w.shape[0], n_g, g)
         gam = torch.sigmoid(hi_logit[:, col:col + n_g]).unsqueeze(-1)
@@ -222,10 +215,7 @@ class LearnableLinear(nn.Module):
             return
         w, _ = self.effective_weight()
         main = w if self.outlier_idx is None else w[:, self._main_idx]
-        clips = [mse_clip(main[:, lo:hi].reshape(main.shape[0], (hi - lo) // g, g), self.w_bits, self.w_sym,
-                          clip_grid(self.w_clip_start), SCALE_DTYPE).squeeze(-1)
-                 for lo, hi, g in _parts(main.shape[1], self.w_group_size)]
-        init = torch.logit(torch.cat(clips, 1))
+        init = torch.logit(searched_clips(main, self.w_bits, self.w_group_size, self.w_sym, self.w_clip_start))
         self.w_hi.copy_(init)
         self.w_lo.copy_(init)
 
@@ -291,7 +281,7 @@ class LearnableLinear(nn.Module):
         _, _, s, z = lwc_quantize(main, self.w_bits, self.w_group_size, self.w_sym, self.w_hi, self.w_lo)
         lo_parts, hi_parts = [], []
         col = 0
-        for lo, hi, g in _parts(main.shape[1], self.w_group_size):
+        for lo, hi, g in ragged_parts(main.shape[1], self.w_group_size):
             n_g = (hi - lo) // g
             sg, zg = s[:, col:col + n_g], z[:, col:col + n_g]
             col += n_g
