@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from bisup.config import QuantConfig
+from bisup.methods.placement import Placement
 from bisup.models.adapters import get_adapter
 from bisup.nn.fake_quant import FakeQuantLinear
 from bisup.quant.formats import GEMM_BITS, KV_BITS
@@ -139,19 +140,25 @@ def _act_clip(fq: FakeQuantLinear, config: QuantConfig) -> float:
     return float(aq.clip)
 
 
+def layer_to_real(adapter, layer: nn.Module, config: QuantConfig) -> None:
+    """Swap the layer's FakeQuantLinears for QuantLinears with the same codes (others stay)."""
+    from bisup.nn.real_linear import fake_to_real
+
+    for name in adapter.linear_names():
+        fq = adapter.get_linear(layer, name)
+        if isinstance(fq, FakeQuantLinear):
+            adapter.set_linear(layer, name, fake_to_real(fq, config.a_bits, _act_clip(fq, config)))
+
+
 def to_real(model: nn.Module, adapter, config: QuantConfig) -> None:
     """Swap every FakeQuantLinear for a bisup.nn.QuantLinear running the integer GEMM, with the
     same integer codes and scales (so GPTQ / Atom / QuaRot weights carry over exactly), and, when
     the KV cache is quantized, switch attention to MixedPrecisionKVCache + bisup.ops.attention."""
     from bisup.nn import enable_real_kv
-    from bisup.nn.real_linear import fake_to_real
 
     check_real(config, model)
     for layer in adapter.layers():
-        for name in adapter.linear_names():
-            fq = adapter.get_linear(layer, name)
-            if isinstance(fq, FakeQuantLinear):
-                adapter.set_linear(layer, name, fake_to_real(fq, config.a_bits, _act_clip(fq, config)))
+        layer_to_real(adapter, layer, config)
     if config.quantizes_kv:
         enable_real_kv(model, adapter)
 
@@ -160,7 +167,7 @@ def to_real(model: nn.Module, adapter, config: QuantConfig) -> None:
 # entry point
 # ------------------------------------------------------------------------------------------------
 def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib_data=None, tokenizer=None,
-                   progress: bool = True) -> nn.Module:
+                   progress: bool = True, device=None, offload_activations: bool = False) -> nn.Module:
     """Quantize a transformers causal LM in place with config.method and return it.
 
     calib_data: see CALIB_DATA_FORMS (None: the embedded corpus's calibration slice, tokenized with
@@ -168,6 +175,12 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
     mode="real": decoder linears become QuantLinear (integer GEMM); with kv_bits < 16, attention
     runs bisup.ops.attention on a MixedPrecisionKVCache (bisup.make_cache; forward and generate
     create one when none is passed).
+
+    The model stays on its device and in its dtype (e.g. bf16 in CPU RAM): each decoder layer is
+    moved to `device` (default: where the model is), computed in float32 there and written back
+    (bisup.methods.placement). offload_activations=True keeps calibration activations on the CPU
+    between layers. With mode="real" each layer becomes real as soon as it is quantized, so the
+    model never holds every layer's fake-quant weights and codes at once.
     """
     from bisup.methods import get_method
 
@@ -182,13 +195,15 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
         raise ValueError(f"QuantConfig.bisup: method {config.method!r} has no BiSup integration")
     calibrates = method.calibrates(config) or config.bisup is not None
     calib = calibration_batches(calib_data, tokenizer, config) if calibrates else None
+    finish = (lambda layer: layer_to_real(adapter, layer, config)) if config.mode == "real" else None
+    placement = Placement.for_model(model, device, offload_activations, finish)
     torch.manual_seed(config.seed)
     if config.bisup is not None:  # BiSup's layer loop wraps the base method's per-layer quantizer
         from bisup.methods.bisup import apply as bisup_apply
 
-        bisup_apply(model, adapter, config, calib, method.bisup_base, progress=progress)
+        bisup_apply(model, adapter, config, calib, method.bisup_base, progress=progress, placement=placement)
     else:
-        method.apply(model, adapter, config, calib, progress=progress)
+        method.apply(model, adapter, config, calib, progress=progress, placement=placement)
     if config.mode == "real":
         to_real(model, adapter, config)
     model.bisup_config = config

@@ -23,6 +23,7 @@ from torch import nn
 from bisup.config import QuantConfig
 from bisup.methods.calibration import InputStats, iterate_layers
 from bisup.methods.gptq import quantize_layer_gptq
+from bisup.methods.placement import Placement
 from bisup.methods.common import BiSupBase, Method, apply_kv_quant, fake_quant_linear
 from bisup.nn.fake_quant import FakeQuantLinear
 from bisup.quant.groups import complement
@@ -71,14 +72,14 @@ def reorder_index(module: FakeQuantLinear) -> torch.Tensor:
 
 @torch.no_grad()
 def apply(model: nn.Module, adapter, config: QuantConfig, calib_batches: torch.Tensor, progress: bool = True,
-          sequential: bool = True) -> None:
+          sequential: bool = True, placement: Optional[Placement] = None) -> None:
     """Quantize `model` in place with Atom (see the module docstring)."""
     apply_kv_quant(model, adapter, config)
     k = config.outlier_count(adapter.hidden_size)
     use_gptq = config.gptq and config.quantizes_weights
     kinds = ("channel", "hessian") if use_gptq else ("channel",)
     for _, layer, inputs in iterate_layers(model, adapter, calib_batches, progress=progress, stats=kinds,
-                                           sequential=sequential, desc="Atom"):
+                                           sequential=sequential, desc="Atom", placement=placement):
         outliers = choose_outliers(adapter, inputs.stats, k)
         if use_gptq:
             quantize_layer_gptq(adapter, layer, inputs.stats, config, outliers)

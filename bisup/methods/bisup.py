@@ -53,6 +53,7 @@ from bisup.config import BiSupConfig, QuantConfig
 from bisup.methods.calibration import InputStats, iterate_layers
 from bisup.methods.common import BiSupBase, act_quantizer
 from bisup.methods.gptq import gptq_linear
+from bisup.methods.placement import Placement
 from bisup.nn.attention import compose_value_basis
 from bisup.nn.fake_quant import FakeQuantLinear
 from bisup.quant.learnable import LearnableLinear, LowRank, Smoothing, smooth_init, svd_factors
@@ -225,7 +226,7 @@ class Block:
             d, h = adapter.head_dim, adapter.num_kv_heads
             inv = (1.0 / sm.scale().detach().to(torch.float64)).reshape(h, d)
             compose_value_basis(adapter.attention(self.layer), torch.diag_embed(inv), h, d)
-        dtype = adapter.embeddings().weight.dtype
+        dtype = next(iter(self.original.values())).weight.dtype  # the layer's compute dtype (Placement)
         for name, mod in self.mods.items():
             adapter.set_linear(self.layer, name, self._export_linear(name, mod, dtype, hessians))
 
@@ -337,7 +338,7 @@ def _input_hessians(block: Block, inputs) -> Dict[str, torch.Tensor]:
 # entry point
 # ------------------------------------------------------------------------------------------------
 def apply(model: nn.Module, adapter, config: QuantConfig, calib_batches: torch.Tensor, base: BiSupBase,
-          progress: bool = True) -> List[dict]:
+          progress: bool = True, placement: Optional[Placement] = None) -> List[dict]:
     """BiSup on top of `base` (the config.method's BiSupBase), in place; returns (and stores as
     model.bisup_log) one dict per layer with its training and validation losses."""
     bc = config.bisup
@@ -352,13 +353,15 @@ def apply(model: nn.Module, adapter, config: QuantConfig, calib_batches: torch.T
         raise ValueError(f"BiSupConfig.val_windows={bc.val_windows} with batch_size={bc.batch_size} "
                          f"leaves no training batch of the {n} calibration windows")
     train_chunks, val_chunks = list(range(n_chunks - n_val)), list(range(n_chunks - n_val, n_chunks))
-    transforms = base.prepare(model, adapter, config) or {}
+    placement = placement or Placement.for_model(model)
+    transforms = base.prepare(model, adapter, config, placement) or {}
     use_gptq = base.gptq(config) and config.quantizes_weights and not bc.rounding  # learned rounding makes the codes
     kinds = tuple(sorted(set(base.stats) | ({"channel"} if bc.smooth else set())))
     model.requires_grad_(False)
     log: List[dict] = []
     for index, layer, inputs in iterate_layers(model, adapter, calib_batches, progress=progress, stats=kinds,
-                                               targets=True, batch_size=bc.batch_size, desc="BiSup"):
+                                               targets=True, batch_size=bc.batch_size, desc="BiSup",
+                                               placement=placement):
         outliers = base.outliers(adapter, inputs.stats, config) if base.outliers is not None else {}
         block = Block(adapter, layer, config, inputs.stats, outliers, transforms)
         entry = {"layer": index}

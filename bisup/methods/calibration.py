@@ -35,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bisup.generation import full_precision
+from bisup.methods.placement import Placement
 
 STATS = ("hessian", "channel")
 
@@ -116,8 +117,11 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def capture_layer_inputs(model: nn.Module, adapter, calib_batches: torch.Tensor, batch_size: int = 8) -> CapturedInputs:
-    """Hidden states entering layer 0 and the kwargs every layer gets, per chunk of `batch_size`."""
+def capture_layer_inputs(model: nn.Module, adapter, calib_batches: torch.Tensor, batch_size: int = 8,
+                         placement: Optional[Placement] = None) -> CapturedInputs:
+    """Hidden states entering layer 0 (held as placement.hold says) and the kwargs every layer gets
+    (as the model made them), per chunk of `batch_size`."""
+    placement = placement or Placement.for_model(model)
     layers = adapter.layers()
     device = _model_device(model)
     hidden: List[torch.Tensor] = []
@@ -129,7 +133,7 @@ def capture_layer_inputs(model: nn.Module, adapter, calib_batches: torch.Tensor,
             if args[1:]:
                 raise RuntimeError(f"decoder layer {i} got unexpected positional arguments; calibration replays keywords only")
             if i == 0:
-                hidden.append(h)
+                hidden.append(placement.hold(h))
             layer_kwargs[i].append(kwargs)
             return h
         return stub
@@ -231,6 +235,7 @@ def iterate_layers(
     batch_size: int = 8,
     desc: str = "calibrating",
     targets: bool = False,
+    placement: Optional[Placement] = None,
 ) -> Iterator[Tuple[int, nn.Module, LayerInputs]]:
     """Yield (index, layer, inputs) for every decoder layer, in order.
 
@@ -240,13 +245,18 @@ def iterate_layers(
     The caller may replace the layer's modules in place before asking for the next layer; with
     sequential=True the next layer's inputs are this (now modified) layer's outputs. targets=True:
     inputs.targets holds the full-precision model's outputs of the layer (see the module docstring).
+
+    placement (default: the model's device): while yielded, the layer sits on placement.compute
+    with float32 parameters, and inputs (hidden, kwargs, targets) are float32 tensors there; when the
+    caller asks for the next layer, this one goes back to its device and dtype (Placement.layer).
     """
     kinds = tuple(stats)
     bad = [k for k in kinds if k not in STATS]
     if bad:
         raise ValueError(f"unknown statistics {bad}; expected some of {list(STATS)}")
+    placement = placement or Placement.for_model(model)
     names = list(adapter.linear_names() if linear_names is None else linear_names)
-    captured = capture_layer_inputs(model, adapter, calib_batches, batch_size)
+    captured = capture_layer_inputs(model, adapter, calib_batches, batch_size, placement)
     hidden, layer_kwargs = captured.hidden, captured.layer_kwargs
     fp_hidden = hidden if targets else None  # the full-precision stream
     del captured  # only `hidden` (and fp_hidden) may hold activations
@@ -255,29 +265,34 @@ def iterate_layers(
     try:
         layers = adapter.layers()
         for index in tqdm(range(len(layers)), desc=desc, disable=not progress):
-            layer = layers[index]
-            inputs = LayerInputs(hidden, layer_kwargs[index])
-            if fp_hidden is not None:  # before the hooks: statistics come from the quantized stream only
-                with full_precision(layer):  # no KV quantization either
-                    inputs.targets = LayerInputs(fp_hidden, layer_kwargs[index]).run(layer)
-            hooks = _StatsHooks(adapter, layer, names, kinds)
-            try:
-                outputs = []
-                for h, kw in zip(inputs.hidden, inputs.kwargs):
-                    out = _layer_output(layer(h, **kw))
-                    hooks.end_chunk()
-                    if not sequential:
-                        outputs.append(out)
-            finally:
-                hooks.remove()
-            inputs.stats = hooks.stats
-            yield index, layer, inputs
-            if sequential:
-                outputs = inputs.run(adapter.layers()[index])
-            if fp_hidden is not None:
-                fp_hidden = inputs.targets
-            layer_kwargs[index] = []  # this layer's kwargs are no longer needed
-            hidden = outputs
-            del inputs
+            with placement.layer(layers[index]) as layer:
+                kwargs = [placement.to_compute(kw) for kw in layer_kwargs[index]]
+                inputs = LayerInputs([placement.to_compute(h) for h in hidden], kwargs)
+                del hidden
+                if fp_hidden is not None:  # before the hooks: statistics come from the quantized stream only
+                    with full_precision(layer):  # no KV quantization either
+                        fp_in = LayerInputs([placement.to_compute(h) for h in fp_hidden], kwargs)
+                        inputs.targets = fp_in.run(layer)
+                    del fp_in, fp_hidden
+                hooks = _StatsHooks(adapter, layer, names, kinds)
+                try:
+                    outputs = []
+                    for h, kw in zip(inputs.hidden, inputs.kwargs):
+                        out = _layer_output(layer(h, **kw))
+                        hooks.end_chunk()
+                        if not sequential:
+                            outputs.append(placement.hold(out))
+                        del out
+                finally:
+                    hooks.remove()
+                inputs.stats = hooks.stats
+                yield index, layer, inputs
+                if sequential:
+                    outputs = [placement.hold(o) for o in inputs.run(adapter.layers()[index])]
+                if targets:
+                    fp_hidden = [placement.hold(t) for t in inputs.targets]
+                layer_kwargs[index] = []  # this layer's kwargs are no longer needed
+                hidden = outputs
+                del inputs, kwargs
     finally:
         model.train(was_training)

@@ -12,7 +12,7 @@ from bisup.nn import KVQuantSpec, set_kv_quant
 from bisup.nn.fake_quant import ActQuantizer, FakeQuantLinear
 
 
-def _no_transforms(model, adapter, config: QuantConfig) -> Dict[str, Callable]:
+def _no_transforms(model, adapter, config: QuantConfig, placement=None) -> Dict[str, Callable]:
     apply_kv_quant(model, adapter, config)
     return {}
 
@@ -22,7 +22,7 @@ class BiSupBase:
     """What BiSup's layer loop (bisup/methods/bisup.py) takes from a base method, so that the base's
     per-layer quantizer construction is reused and its own `apply` stays untouched.
 
-    prepare(model, adapter, config): model-level steps run once before the layer loop (rotations, KV
+    prepare(model, adapter, config, placement): model-level steps run once before the layer loop (rotations, KV
     quantization); returns {linear name: input transform} of transforms every layer gets (QuaRot's
     online Hadamard before down_proj). outliers(adapter, stats, config): {linear name: outlier input
     channels} of one layer from its InputStats (stats lists the kinds it needs). gptq(config):

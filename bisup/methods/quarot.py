@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from bisup.config import QuantConfig
 from bisup.methods.calibration import iterate_layers
+from bisup.methods.placement import Placement
 from bisup.methods.common import BiSupBase, Method, apply_kv_quant, fake_quant_linear
 from bisup.methods.gptq import quantize_layer_gptq
 from bisup.nn.attention import compose_value_basis
@@ -43,36 +44,44 @@ def _post_norms(adapter, layer: nn.Module) -> List[str]:
 
 
 @torch.no_grad()
-def rotate_model(model: nn.Module, adapter, config: QuantConfig) -> None:
-    """Steps 1, 2 and 4 in place (the model still computes the same function)."""
-    layers = adapter.layers()
-    off = adapter.norm_offset
+def rotate_model(model: nn.Module, adapter, config: QuantConfig, placement: Optional[Placement] = None) -> None:
+    """Steps 1, 2 and 4 in place (the model still computes the same function), one decoder layer at a
+    time on placement's compute device; embeddings and lm_head in chunks of rows there."""
+    placement = placement or Placement.for_model(model)
+    dev = placement.compute
     hidden, head_dim = adapter.hidden_size, adapter.head_dim
     if adapter.tied_embeddings:
         fuse.untie_lm_head(model, adapter.lm_head(), adapter.embeddings())
     q = fuse.random_hadamard_transform(hidden, config.rotation_seed)  # q(x) = x @ Q, Q = random_hadamard(hidden, seed)
     h_head = hadamard_matrix(head_dim, torch.float64)
 
-    fuse.rotate_embedding(adapter.embeddings(), q)
-    for layer in layers:
-        readers = [adapter.q_proj(layer), adapter.k_proj(layer), adapter.v_proj(layer)]
-        fuse.fold_norm_into(adapter.attn_norm(layer), readers, off)
-        mlp_readers = [adapter.gate_proj(layer), adapter.up_proj(layer)]
-        fuse.fold_norm_into(adapter.mlp_norm(layer), mlp_readers, off)
-        for lin in readers + mlp_readers:
-            fuse.rotate_input(lin, q)
-        post = _post_norms(adapter, layer)
-        if post:  # Gemma3: rotate after the post norms instead of the o/down outputs
-            for name in post:
-                setattr(layer, name, fuse.RotateAfter(getattr(layer, name), q))
-        else:
-            fuse.rotate_output(adapter.o_proj(layer), q)
-            fuse.rotate_output(adapter.down_proj(layer), q)
-        fuse.rotate_heads_output(adapter.v_proj(layer), h_head, head_dim)
-        fuse.rotate_heads_input(adapter.o_proj(layer), h_head, head_dim)
-        compose_value_basis(adapter.attention(layer), h_head, adapter.num_kv_heads, head_dim)
-    fuse.fold_norm_into(adapter.final_norm(), [adapter.lm_head()], off)
-    fuse.rotate_input(adapter.lm_head(), q)
+    fuse.rotate_embedding(adapter.embeddings(), q, dev)
+    for layer in adapter.layers():
+        with placement.layer(layer, finish=False):
+            _rotate_layer(adapter, layer, q, h_head)
+    fuse.fold_norm_into(adapter.final_norm(), [adapter.lm_head()], adapter.norm_offset)
+    fuse.rotate_input(adapter.lm_head(), q, dev)
+
+
+def _rotate_layer(adapter, layer: nn.Module, q: fuse.HadamardTransform, h_head: torch.Tensor) -> None:
+    """Steps 1, 2 and 4 on one decoder layer."""
+    off, head_dim = adapter.norm_offset, adapter.head_dim
+    readers = [adapter.q_proj(layer), adapter.k_proj(layer), adapter.v_proj(layer)]
+    fuse.fold_norm_into(adapter.attn_norm(layer), readers, off)
+    mlp_readers = [adapter.gate_proj(layer), adapter.up_proj(layer)]
+    fuse.fold_norm_into(adapter.mlp_norm(layer), mlp_readers, off)
+    for lin in readers + mlp_readers:
+        fuse.rotate_input(lin, q)
+    post = _post_norms(adapter, layer)
+    if post:  # Gemma3: rotate after the post norms instead of the o/down outputs
+        for name in post:
+            setattr(layer, name, fuse.RotateAfter(getattr(layer, name), q))
+    else:
+        fuse.rotate_output(adapter.o_proj(layer), q)
+        fuse.rotate_output(adapter.down_proj(layer), q)
+    fuse.rotate_heads_output(adapter.v_proj(layer), h_head, head_dim)
+    fuse.rotate_heads_input(adapter.o_proj(layer), h_head, head_dim)
+    compose_value_basis(adapter.attention(layer), h_head, adapter.num_kv_heads, head_dim)
 
 
 @torch.no_grad()
@@ -82,17 +91,19 @@ def fold_online_hadamard(linear: nn.Module, transform: fuse.HadamardTransform) -
 
 
 def transform_hessian(hessian_sum: torch.Tensor, transform: fuse.HadamardTransform) -> torch.Tensor:
-    """X^T X of the transformed input X M: M^T (X^T X) M."""
-    hm = transform(hessian_sum.to(torch.float64))  # (X^T X) M
+    """X^T X of the transformed input X M: M^T (X^T X) M, in float32 (the fast transform; GPTQ inverts
+    it in float32 anyway)."""
+    hm = transform(hessian_sum.to(torch.float32))  # (X^T X) M
     return transform(hm.T.contiguous())  # (M^T X^T X) M
 
 
 @torch.no_grad()
 def apply(model: nn.Module, adapter, config: QuantConfig, calib_batches: Optional[torch.Tensor] = None,
-          progress: bool = True) -> None:
+          progress: bool = True, placement: Optional[Placement] = None) -> None:
     """QuaRot in place: rotate (steps 1-5), then quantize weights (RTN, or GPTQ on the rotated
     model's calibration Hessians when config.gptq), activations per token and KV per config."""
-    rotate_model(model, adapter, config)
+    placement = placement or Placement.for_model(model)
+    rotate_model(model, adapter, config, placement)
     down_t = fuse.HadamardTransform(adapter.intermediate_size) if config.online_hadamard else None
     apply_kv_quant(model, adapter, config, rotate=config.rotate_kv)
 
@@ -100,7 +111,7 @@ def apply(model: nn.Module, adapter, config: QuantConfig, calib_batches: Optiona
         if calib_batches is None:
             raise ValueError("QuaRot with gptq=True needs calibration batches")
         for _, layer, inputs in iterate_layers(model, adapter, calib_batches, progress=progress,
-                                               stats=("hessian",), desc="QuaRot+GPTQ"):
+                                               stats=("hessian",), desc="QuaRot+GPTQ", placement=placement):
             if down_t is not None:
                 fold_online_hadamard(adapter.down_proj(layer), down_t)
                 st = inputs.stats[DOWN]
@@ -111,19 +122,20 @@ def apply(model: nn.Module, adapter, config: QuantConfig, calib_batches: Optiona
         return
 
     for layer in tqdm(adapter.layers(), desc="QuaRot", disable=not progress):
-        for name in adapter.linear_names():
-            linear = adapter.get_linear(layer, name)
-            t = down_t if name == DOWN else None
-            if t is not None:
-                fold_online_hadamard(linear, t)
-            adapter.set_linear(layer, name, fake_quant_linear(linear, config, input_transform=t))
+        with placement.layer(layer):
+            for name in adapter.linear_names():
+                linear = adapter.get_linear(layer, name)
+                t = down_t if name == DOWN else None
+                if t is not None:
+                    fold_online_hadamard(linear, t)
+                adapter.set_linear(layer, name, fake_quant_linear(linear, config, input_transform=t))
 
 
-def _bisup_prepare(model: nn.Module, adapter, config: QuantConfig) -> dict:
+def _bisup_prepare(model: nn.Module, adapter, config: QuantConfig, placement: Optional[Placement] = None) -> dict:
     """QuaRot's model-level steps for BiSup: rotate (steps 1, 2, 4), KV quantization with the Q/K
     rotation (step 5); the online Hadamard before down_proj (step 3) is handed to the layer loop,
     which folds it into down_proj's weight after the learned smoothing (see bisup/methods/bisup.py)."""
-    rotate_model(model, adapter, config)
+    rotate_model(model, adapter, config, placement)
     apply_kv_quant(model, adapter, config, rotate=config.rotate_kv)
     return {DOWN: fuse.HadamardTransform(adapter.intermediate_size)} if config.online_hadamard else {}
 

@@ -249,8 +249,8 @@ class FakeQuantLinear(nn.Module):
     def _gemm_weight(self, x: torch.Tensor) -> Optional[GemmWeight]:
         """The weight's codes for integer_linear, or None where forward takes the float path: while
         gradients flow, without symmetric activation quantization in the weight's groups, or when the
-        codes cannot be had. Cached per weight version and device (set_weight and in-place edits of
-        the weight invalidate it; codes that no longer reproduce the weight are recovered again)."""
+        codes cannot be had. Built per call, not cached: a GemmWeight holds 4-8 bytes per weight (for a
+        7B model 27+ GB beside the model); codes that no longer reproduce the weight are recovered again."""
         aq = self.act_quantizer
         if aq is None or not self.quantized or not (self.w_sym and aq.sym) or aq.bits >= OFF_BITS:
             return None
@@ -265,23 +265,14 @@ class FakeQuantLinear(nn.Module):
             return None
         if self.outlier_idx.numel() and (aq.outlier_bits != self.outlier_bits or self.outlier_bits > 8):
             return None
-        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype, str(x.device), id(self._codes))
-        cached = getattr(self, "_gemm_cache", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        gw = None
         try:
             wc = self.weight_codes()
             if not torch.equal(wc.dequantize(self.in_features, self.weight.dtype), self.weight.data):
                 self._codes = None  # the weight was edited in place: recover its codes again
                 wc = self.weight_codes()
-            if wc.bits <= 8:
-                gw = GemmWeight(wc, self.in_features, x.device)
+            return GemmWeight(wc, self.in_features, x.device) if wc.bits <= 8 else None
         except ValueError:  # not on a symmetric grid (e.g. edited off it): the float path
-            gw = None
-        key = key[:-1] + (id(self._codes),)
-        self._gemm_cache = (key, gw)
-        return gw
+            return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_transform is not None:

@@ -75,28 +75,85 @@ def _as_index(idx: IndexLike, k: int) -> torch.Tensor:
 
 
 def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + damp*mean(diag H)*I)^-1 (H^-1 = U^T U), float64 math."""
-    h = hessian.to(torch.float64)
+    """Upper Cholesky factor U of (H + damp*mean(diag H)*I)^-1 (H^-1 = U^T U), float32 [K, K].
+
+    With J the order-reversing permutation, chol(J H J) = L gives U = J L^-1 J (J L^-1 J is upper
+    triangular and (J L^-1 J)^T (J L^-1 J) = J (L L^T)^-1 J = H^-1): one Cholesky and one
+    triangular inverse instead of Cholesky, inverse and Cholesky again. float32, as GPTQ's own
+    implementation: a K = 28672 Hessian (a 70B down_proj) is 3.3 GB in float32, twice that in float64."""
+    h = hessian.to(torch.float32).flip(0, 1)  # J H J, a copy
     k = h.shape[0]
     mean_diag = h.diagonal().mean().item()
     base = mean_diag if mean_diag > 0 else 1.0
-    eye = torch.eye(k, dtype=h.dtype, device=h.device)
-    d = damp
+    d, added = damp, 0.0
     for _ in range(6):
-        l_fac, info = torch.linalg.cholesky_ex(h + (d * base) * eye)
+        h.diagonal().add_(d * base - added)
+        added = d * base
+        l_fac, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
-            hinv = torch.cholesky_inverse(l_fac)
-            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            if int(info) == 0:
-                return u
+            del h
+            eye = torch.eye(k, dtype=l_fac.dtype, device=l_fac.device)
+            u = torch.linalg.solve_triangular(l_fac, eye, upper=False, out=eye)
+            del l_fac
+            return u.flip(0, 1)
         d = max(d * 10.0, 1e-6)
     raise RuntimeError(f"GPTQ: Hessian not positive definite even with damping {d / 10:g} x mean diagonal")
+
+
+class GPTQPlan(NamedTuple):
+    """What GPTQ needs from one Hessian, shared by every linear that reads the same input (q/k/v,
+    gate/up): the processing order and the inverse-Hessian factor in that order.
+
+    perm: processing order of the input channels; gid_perm: group id per position; members: positions
+    of every group's columns (the outlier set last, as group n_groups); u: upper Cholesky factor of the
+    damped inverse Hessian in processing order; dead: channels that never fired (zero weight column)."""
+
+    k: int
+    group_size: int
+    outliers: torch.Tensor
+    n_groups: int
+    perm: torch.Tensor
+    pos_of: torch.Tensor
+    gid_perm: torch.Tensor
+    members: list
+    u: torch.Tensor
+    dead: torch.Tensor
+
+
+@torch.no_grad()
+def gptq_plan(hessian: torch.Tensor, group_size: int, damp: float = 0.01, act_order: bool = True,
+              outlier_idx: IndexLike = None, device=None) -> GPTQPlan:
+    """The GPTQPlan of one input Hessian [K, K] (computed on `device`, default the Hessian's)."""
+    k = hessian.shape[0]
+    dev = hessian.device if device is None else torch.device(device)
+    outliers = _as_index(outlier_idx, k)
+    gid, n_groups = normal_group_index(k, group_size, outliers)
+    h = hessian.detach().to(device=dev, dtype=torch.float32)
+    dead = (h.diagonal() == 0).cpu()
+    # processing order: normal channels (by descending diag(H) with act_order), then outlier channels
+    is_outlier = gid == n_groups
+    normal = torch.nonzero(~is_outlier).flatten()
+    kept = torch.nonzero(is_outlier).flatten()
+    if act_order:
+        diag = h.diagonal().cpu()
+        normal = normal[torch.argsort(diag[normal], descending=True, stable=True)]
+        kept = kept[torch.argsort(diag[kept], descending=True, stable=True)]
+    perm = torch.cat([normal, kept])
+    pos_of = torch.empty(k, dtype=torch.long)
+    pos_of[perm] = torch.arange(k)
+    members = [pos_of[gid == g].to(dev) for g in range(n_groups + int(outliers.numel() > 0))]
+    perm_dev = perm.to(dev)
+    h = h.index_select(0, perm_dev).index_select(1, perm_dev)
+    dead_perm = dead[perm].to(dev)
+    h[dead_perm, dead_perm] = 1.0
+    u = inverse_hessian_cholesky(h, damp)
+    return GPTQPlan(k, group_size, outliers, n_groups, perm, pos_of, gid[perm], members, u, dead)
 
 
 @torch.no_grad()
 def gptq_quantize(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: Optional[torch.Tensor],
     bits: int,
     group_size: int,
     sym: bool = True,
@@ -109,50 +166,36 @@ def gptq_quantize(
     outlier_sym: Optional[bool] = None,
     scale_dtype: Optional[torch.dtype] = torch.float16,
     clip_search: bool = False,
+    plan: Optional[GPTQPlan] = None,
 ) -> GPTQResult:
     """GPTQ-quantize weight [N, K] given the input Hessian [K, K] (any positive scale).
 
     Returns GPTQResult(weight, codes, scales, zeros, outlier_scales); see the module docstring.
+    plan: gptq_plan(hessian, ...) made once for every linear reading the same input (hessian is then
+    not read again).
     """
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
     n, k = weight.shape
-    if hessian.shape != (k, k):
-        raise ValueError(f"hessian must be [K, K] = [{k}, {k}] for weight {tuple(weight.shape)}, got {tuple(hessian.shape)}")
+    if plan is None and (hessian is None or hessian.shape != (k, k)):
+        got = None if hessian is None else tuple(hessian.shape)
+        raise ValueError(f"hessian must be [K, K] = [{k}, {k}] for weight {tuple(weight.shape)}, got {got}")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     qmin, qmax = qrange(bits, sym)
     outlier_sym = sym if outlier_sym is None else outlier_sym
     kmin, kmax = qrange(outlier_bits, outlier_sym)
     dev = weight.device
-
-    outliers = _as_index(outlier_idx, k)
-    gid, n_groups = normal_group_index(k, group_size, outliers)
-    has_outliers = outliers.numel() > 0
+    if plan is None:
+        plan = gptq_plan(hessian, group_size, damp, act_order, outlier_idx, dev)
+    elif plan.k != k or plan.group_size != group_size or not torch.equal(plan.outliers, _as_index(outlier_idx, k)):
+        raise ValueError("gptq_quantize: the plan was made for another shape, group size or outlier set")
+    n_groups, members, gid_perm, u = plan.n_groups, plan.members, plan.gid_perm, plan.u.to(dev)
+    has_outliers = plan.outliers.numel() > 0
 
     w = weight.detach().to(torch.float32).clone()
-    h = hessian.detach().to(device=dev, dtype=torch.float64).clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-
-    # processing order: normal channels (by descending diag(H) with act_order), then outlier channels
-    is_outlier = gid == n_groups
-    normal = torch.nonzero(~is_outlier).flatten()
-    kept = torch.nonzero(is_outlier).flatten()
-    if act_order:
-        diag = h.diagonal().cpu()
-        normal = normal[torch.argsort(diag[normal], descending=True, stable=True)]
-        kept = kept[torch.argsort(diag[kept], descending=True, stable=True)]
-    perm = torch.cat([normal, kept])
-    pos_of = torch.empty(k, dtype=torch.long)
-    pos_of[perm] = torch.arange(k)
-    gid_perm = gid[perm]
-    # positions (in processing order) of every group's columns, the outlier set as group n_groups
-    members = [pos_of[gid == g].to(dev) for g in range(n_groups + int(has_outliers))]
-
-    w = w[:, perm.to(dev)]
-    u = inverse_hessian_cholesky(h[perm][:, perm], damp).to(torch.float32)
+    w[:, plan.dead.to(dev)] = 0.0
+    w = w[:, plan.perm.to(dev)]
 
     scales = torch.ones(n, len(members), dtype=torch.float32, device=dev)
     zeros = torch.zeros(n, len(members), dtype=torch.float32, device=dev)
@@ -190,7 +233,7 @@ def gptq_quantize(
             err1[:, i] = e
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
 
-    inv = pos_of.to(dev)
+    inv = plan.pos_of.to(dev)
     q_w = q_out[:, inv].to(weight.dtype)
     codes = codes[:, inv]
     codes = codes.to(torch.int8 if codes.numel() == 0 or (codes.max() <= 127 and codes.min() >= -128) else torch.int16)

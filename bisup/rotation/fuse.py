@@ -23,8 +23,20 @@ from bisup.rotation.hadamard import hadamard_base, random_signs
 Rotation = Callable[[torch.Tensor], torch.Tensor]
 
 
+_ROW_CHUNK = 4096  # rows transformed at once: a [128256, 8192] embedding is 8 GB in float64, a chunk 268 MB
+
+
 def _set(param: torch.Tensor, value: torch.Tensor) -> None:
     param.data = value.to(dtype=param.dtype, device=param.device).contiguous()
+
+
+def _map_rows(param: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], device=None) -> None:
+    """param[r] <- fn(param[r] in float64 on `device` (default: param's)) for chunks of rows, in place:
+    one chunk of float64 at a time, never the whole matrix."""
+    dev = param.device if device is None else device
+    for r0 in range(0, param.shape[0], _ROW_CHUNK):
+        rows = param.data[r0:r0 + _ROW_CHUNK]
+        rows.copy_(fn(rows.to(dev, torch.float64)).to(param.device, param.dtype))
 
 
 @torch.no_grad()
@@ -33,14 +45,14 @@ def fold_norm_into(norm: nn.Module, linears, offset: float = 0.0) -> None:
     make the norm an identity scale (weight = 1 - offset, i.e. 0 for Gemma's (1 + w) norms)."""
     scale = norm.weight.detach().to(torch.float64) + offset
     for lin in linears:
-        _set(lin.weight, lin.weight.detach().to(torch.float64) * scale[None, :])
+        _map_rows(lin.weight, lambda w: w * scale.to(w.device)[None, :])
     norm.weight.data.fill_(1.0 - offset)
 
 
 @torch.no_grad()
-def rotate_input(linear: nn.Module, rot: Rotation) -> None:
-    """W' = W M: the layer reads a rotated input x M (rot(x) = x @ M)."""
-    _set(linear.weight, rot(linear.weight.detach().to(torch.float64)))
+def rotate_input(linear: nn.Module, rot: Rotation, device=None) -> None:
+    """W' = W M: the layer reads a rotated input x M (rot(x) = x @ M); rows transformed on `device`."""
+    _map_rows(linear.weight, rot, device)
 
 
 @torch.no_grad()
@@ -52,9 +64,9 @@ def rotate_output(linear: nn.Module, rot: Rotation) -> None:
 
 
 @torch.no_grad()
-def rotate_embedding(emb: nn.Embedding, rot: Rotation) -> None:
-    """E' = E M."""
-    _set(emb.weight, rot(emb.weight.detach().to(torch.float64)))
+def rotate_embedding(emb: nn.Embedding, rot: Rotation, device=None) -> None:
+    """E' = E M (rows transformed on `device`)."""
+    _map_rows(emb.weight, rot, device)
 
 
 @torch.no_grad()

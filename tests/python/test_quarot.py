@@ -58,7 +58,7 @@ def test_fold_online_hadamard_and_hessian():
     quarot.fold_online_hadamard(lin, t)
     torch.testing.assert_close(lin(t(x)), want)
     xt = t(x)
-    torch.testing.assert_close(quarot.transform_hessian(x.T @ x, t), xt.T @ xt)
+    torch.testing.assert_close(quarot.transform_hessian(x.T @ x, t), (xt.T @ xt).float(), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("use_gptq", [False, True])

@@ -1,0 +1,112 @@
+"""Where quantization computes: one decoder layer at a time on a compute device, in float32.
+
+A model stays where, and in the dtype, the user loaded it (e.g. a 70B in bf16 in CPU RAM). While a
+method works on a decoder layer, `Placement.layer(layer)` moves that layer to the compute device and
+casts its floating-point parameters to float32; on leaving, the (now quantized) layer goes back to
+its home device and its parameters to the model's dtype. Buffers keep their dtype (rotation bases,
+value bases, index tensors) and only follow the device. Calibration activations live on the compute
+device, or on the CPU between layers with offload_activations=True.
+
+    placement = Placement.for_model(model, device="cuda")
+    with placement.layer(layer):
+        ...  # layer on cuda, float32 parameters
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+COMPUTE_DTYPE = torch.float32
+DeviceLike = Union[str, torch.device, None]
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter (or buffer); CPU for an empty module."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def module_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of a module's first floating-point parameter (float32 when it has none)."""
+    for t in module.parameters():
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def _cast_parameters(module: nn.Module, dtype: torch.dtype) -> None:
+    for p in module.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """device: where layers compute (None: the CPU); offload_activations: keep the calibration
+    activations between layers on the CPU (for a compute device with little memory); finish: called
+    with each quantized layer once it is back home (quantize_model's mode="real": the layer's linears
+    become QuantLinears right away, so a large model never holds every layer in fake-quant form)."""
+
+    device: Optional[torch.device] = None
+    offload_activations: bool = False
+    finish: Optional[Callable[[nn.Module], None]] = None
+
+    @classmethod
+    def for_model(cls, model: nn.Module, device: DeviceLike = None, offload_activations: bool = False,
+                  finish: Optional[Callable[[nn.Module], None]] = None) -> "Placement":
+        """device None: the model's own device (nothing moves, layers still compute in float32)."""
+        dev = module_device(model) if device is None else torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        return cls(dev, offload_activations, finish)
+
+    @property
+    def compute(self) -> torch.device:
+        return self.device if self.device is not None else torch.device("cpu")
+
+    @property
+    def activations(self) -> torch.device:
+        """Where calibration activations are held between layers."""
+        return torch.device("cpu") if self.offload_activations else self.compute
+
+    @contextlib.contextmanager
+    def layer(self, layer: nn.Module, finish: bool = True) -> Iterator[nn.Module]:
+        """The layer on the compute device with float32 parameters; back home (device, dtype) on exit,
+        then self.finish(layer) unless finish=False (or the block raised)."""
+        home, dtype = module_device(layer), module_dtype(layer)
+        layer.to(self.compute)
+        _cast_parameters(layer, COMPUTE_DTYPE)
+        try:
+            yield layer
+        finally:
+            _cast_parameters(layer, dtype)
+            layer.to(home)
+        if finish and self.finish is not None:
+            self.finish(layer)
+
+    def to_compute(self, value: Any) -> Any:
+        """Tensors (also inside tuples, lists and dicts) on the compute device, floating ones in float32."""
+        return _map_tensors(value, lambda t: t.to(self.compute, COMPUTE_DTYPE if t.is_floating_point() else t.dtype))
+
+    def hold(self, t: torch.Tensor) -> torch.Tensor:
+        """A calibration activation as held between layers (float32, on self.activations)."""
+        return t.to(self.activations, COMPUTE_DTYPE)
+
+
+def _map_tensors(value: Any, fn) -> Any:
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple):
+        return tuple(_map_tensors(v, fn) for v in value)
+    if isinstance(value, list):
+        return [_map_tensors(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    return value
