@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -37,6 +37,18 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 3, min
             total += t
     times.sort()
     return times[len(times) // 2]
+
+
+def status_mb(field: str) -> Optional[float]:
+    """A memory field of /proc/self/status in MiB: "VmRSS" (now) or "VmHWM" (peak); None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def cpu_info():

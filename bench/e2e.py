@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cpu_info  # noqa: E402
+from common import cpu_info, status_mb  # noqa: E402
 
 CONFIGS = ("fp32", "bf16", "real", "llamacpp")
 REAL_CONFIG = dict(method="quarot", w_bits=4, a_bits=4, kv_bits=4, w_group_size=64, a_group_size=64, a_clip=0.9,
@@ -39,18 +39,6 @@ REAL_CONFIG = dict(method="quarot", w_bits=4, a_bits=4, kv_bits=4, w_group_size=
 # ------------------------------------------------------------------------------------------------
 # memory
 # ------------------------------------------------------------------------------------------------
-def status_mb(field: str) -> Optional[float]:
-    """A memory field of /proc/self/status in MiB: "VmRSS" (now) or "VmHWM" (peak); None off Linux."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
 def peak_rss_fields(reset_worked: bool) -> dict:
     """The peak RSS of the timed run when reset_peak_rss() worked, else only the process's peak."""
     peak = status_mb("VmHWM")

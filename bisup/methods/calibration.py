@@ -28,7 +28,7 @@ outputs of both streams are held.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -173,8 +173,10 @@ class _StatsHooks:
     per chunk and stored once: one K x K Hessian per distinct input, not per linear.
     """
 
-    def __init__(self, adapter, layer: nn.Module, names: Sequence[str], kinds: Sequence[str]):
+    def __init__(self, adapter, layer: nn.Module, names: Sequence[str], kinds: Sequence[str],
+                 transforms: Optional[Dict[str, Callable]] = None):
         self.kinds = set(kinds)
+        self.transforms = transforms or {}
         self.handles = []
         self._stats: Dict[str, InputStats] = {}
         self._owner: Dict[str, str] = {}  # linear -> linear whose stats it shares (itself if none)
@@ -198,7 +200,8 @@ class _StatsHooks:
             if owner != name:
                 return  # this input was already accumulated, by its first reader
             self._seen[id(x)] = (x, name)
-            self._accumulate(self._stats[name], x)
+            t = self.transforms.get(name)
+            self._accumulate(self._stats[name], x if t is None else t(x))
         return hook
 
     def _accumulate(self, st: InputStats, x: torch.Tensor) -> None:
@@ -236,6 +239,7 @@ def iterate_layers(
     desc: str = "calibrating",
     targets: bool = False,
     placement: Optional[Placement] = None,
+    stat_transforms: Optional[Dict[str, Callable]] = None,
 ) -> Iterator[Tuple[int, nn.Module, LayerInputs]]:
     """Yield (index, layer, inputs) for every decoder layer, in order.
 
@@ -245,6 +249,9 @@ def iterate_layers(
     The caller may replace the layer's modules in place before asking for the next layer; with
     sequential=True the next layer's inputs are this (now modified) layer's outputs. targets=True:
     inputs.targets holds the full-precision model's outputs of the layer (see the module docstring).
+    stat_transforms {linear name: x -> x M}: statistics of that linear's input are taken of x M (the
+    input the weight will read once an online transform is installed; QuaRot's Hadamard before
+    down_proj), cheaper than transforming a K x K Hessian afterwards.
 
     placement (default: the model's device): while yielded, the layer sits on placement.compute
     with float32 parameters, and inputs (hidden, kwargs, targets) are float32 tensors there; when the
@@ -274,7 +281,7 @@ def iterate_layers(
                         fp_in = LayerInputs([placement.to_compute(h) for h in fp_hidden], kwargs)
                         inputs.targets = fp_in.run(layer)
                     del fp_in, fp_hidden
-                hooks = _StatsHooks(adapter, layer, names, kinds)
+                hooks = _StatsHooks(adapter, layer, names, kinds, stat_transforms)
                 try:
                     outputs = []
                     for h, kw in zip(inputs.hidden, inputs.kwargs):

@@ -77,12 +77,13 @@ class Placement:
         return torch.device("cpu") if self.offload_activations else self.compute
 
     @contextlib.contextmanager
-    def layer(self, layer: nn.Module, finish: bool = True) -> Iterator[nn.Module]:
-        """The layer on the compute device with float32 parameters; back home (device, dtype) on exit,
-        then self.finish(layer) unless finish=False (or the block raised)."""
+    def layer(self, layer: nn.Module, finish: bool = True, cast: bool = True) -> Iterator[nn.Module]:
+        """The layer on the compute device with float32 parameters (cast=False: in their own dtype); back
+        home (device, dtype) on exit, then self.finish(layer) unless finish=False (or the block raised)."""
         home, dtype = module_device(layer), module_dtype(layer)
         layer.to(self.compute)
-        _cast_parameters(layer, COMPUTE_DTYPE)
+        if cast:
+            _cast_parameters(layer, COMPUTE_DTYPE)
         try:
             yield layer
         finally:

@@ -57,7 +57,7 @@ def rotate_model(model: nn.Module, adapter, config: QuantConfig, placement: Opti
 
     fuse.rotate_embedding(adapter.embeddings(), q, dev)
     for layer in adapter.layers():
-        with placement.layer(layer, finish=False):
+        with placement.layer(layer, finish=False, cast=False):  # folds compute in fuse.work_dtype
             _rotate_layer(adapter, layer, q, h_head)
     fuse.fold_norm_into(adapter.final_norm(), [adapter.lm_head()], adapter.norm_offset)
     fuse.rotate_input(adapter.lm_head(), q, dev)
@@ -90,13 +90,6 @@ def fold_online_hadamard(linear: nn.Module, transform: fuse.HadamardTransform) -
     fuse.rotate_input(linear, transform)
 
 
-def transform_hessian(hessian_sum: torch.Tensor, transform: fuse.HadamardTransform) -> torch.Tensor:
-    """X^T X of the transformed input X M: M^T (X^T X) M, in float32 (the fast transform; GPTQ inverts
-    it in float32 anyway)."""
-    hm = transform(hessian_sum.to(torch.float32))  # (X^T X) M
-    return transform(hm.T.contiguous())  # (M^T X^T X) M
-
-
 @torch.no_grad()
 def apply(model: nn.Module, adapter, config: QuantConfig, calib_batches: Optional[torch.Tensor] = None,
           progress: bool = True, placement: Optional[Placement] = None) -> None:
@@ -111,11 +104,10 @@ def apply(model: nn.Module, adapter, config: QuantConfig, calib_batches: Optiona
         if calib_batches is None:
             raise ValueError("QuaRot with gptq=True needs calibration batches")
         for _, layer, inputs in iterate_layers(model, adapter, calib_batches, progress=progress,
-                                               stats=("hessian",), desc="QuaRot+GPTQ", placement=placement):
-            if down_t is not None:
+                                               stats=("hessian",), desc="QuaRot+GPTQ", placement=placement,
+                                               stat_transforms={DOWN: down_t} if down_t is not None else None):
+            if down_t is not None:  # its Hessian is already of the transformed input (stat_transforms)
                 fold_online_hadamard(adapter.down_proj(layer), down_t)
-                st = inputs.stats[DOWN]
-                st.hessian_sum = transform_hessian(st.hessian_sum, down_t)
             quantize_layer_gptq(adapter, layer, inputs.stats, config)
             if down_t is not None:
                 adapter.down_proj(layer).input_transform = down_t

@@ -193,64 +193,68 @@ def gptq_quantize(
     n_groups, members, gid_perm, u = plan.n_groups, plan.members, plan.gid_perm, plan.u.to(dev)
     has_outliers = plan.outliers.numel() > 0
 
+    # Transposed layout: row p of wt is the weight column processed at position p, so every per-column
+    # step below reads and writes contiguous memory (the column loop is latency-bound, K steps).
     w = weight.detach().to(torch.float32).clone()
     w[:, plan.dead.to(dev)] = 0.0
-    w = w[:, plan.perm.to(dev)]
-
-    scales = torch.ones(n, len(members), dtype=torch.float32, device=dev)
-    zeros = torch.zeros(n, len(members), dtype=torch.float32, device=dev)
+    wt = w[:, plan.perm.to(dev)].T.contiguous()
+    del w
+    scales = torch.ones(len(members), n, dtype=torch.float32, device=dev)
+    zeros = torch.zeros(len(members), n, dtype=torch.float32, device=dev)
     ready = [False] * len(members)
-    q_out = torch.empty_like(w)
-    codes = torch.empty(n, k, dtype=torch.float32, device=dev)
+    q_out = torch.empty_like(wt)
+    codes = torch.empty_like(wt)
+    gids = gid_perm.tolist()
+    diag = u.diagonal().tolist()
 
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        u1 = u[i1:i2, i1:i2]
+        err1 = torch.empty(i2 - i1, n, dtype=torch.float32, device=dev)
         for i in range(i2 - i1):
             p = i1 + i
-            g = int(gid_perm[p])
+            g = gids[p]
             if not ready[g]:
-                cur = _current_columns(w, w1, err1, u, members[g], i1, i2, i)
+                cur = _current_columns(wt, err1, u, members[g], i1, i2, i)
                 in_outliers = g == n_groups
                 g_bits, g_sym = (outlier_bits, outlier_sym) if in_outliers else (bits, sym)
                 g_clip = clip
                 if clip_search and not in_outliers:  # the group's clip chosen on its current (updated) columns
                     g_clip = mse_clip(cur.unsqueeze(1), g_bits, g_sym, clip_grid(clip), scale_dtype)
-                s, z = group_params(cur.unsqueeze(1), g_bits, g_sym, g_clip, scale_dtype=scale_dtype)
-                scales[:, g], zeros[:, g] = s[:, 0, 0], z[:, 0, 0]
+                sg, zg = group_params(cur.unsqueeze(1), g_bits, g_sym, g_clip, scale_dtype=scale_dtype)
+                scales[g], zeros[g] = sg[:, 0, 0], zg[:, 0, 0]
                 ready[g] = True
             lo, hi = (kmin, kmax) if g == n_groups else (qmin, qmax)
-            col = w1[:, i]
-            s, z = scales[:, g], zeros[:, g]
-            q = torch.clamp(torch.round(col / s) + z, lo, hi)
-            dq = (q - z) * s
-            codes[:, p] = q
-            q_out[:, p] = dq
-            e = (col - dq) / u1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+            col, sg, zg = wt[p], scales[g], zeros[g]
+            q = torch.div(col, sg, out=codes[p]).round_().add_(zg).clamp_(lo, hi)
+            dq = torch.sub(q, zg, out=q_out[p]).mul_(sg)
+            e = torch.sub(col, dq, out=err1[i]).div_(diag[p])
+            if p + 1 < i2:  # the rest of the block takes this column's error now, later columns per block
+                wt[p + 1:i2].addr_(u[p, p + 1:i2], e, alpha=-1.0)
+        if i2 < k:
+            wt[i2:].addmm_(u[i1:i2, i2:].T, err1, alpha=-1.0)
 
     inv = plan.pos_of.to(dev)
-    q_w = q_out[:, inv].to(weight.dtype)
-    codes = codes[:, inv]
+    q_w = q_out[inv].T.to(weight.dtype)
+    codes = codes[inv].T
     codes = codes.to(torch.int8 if codes.numel() == 0 or (codes.max() <= 127 and codes.min() >= -128) else torch.int16)
     half = scale_dtype if scale_dtype is not None else torch.float16
-    outlier_s = scales[:, n_groups:].to(half) if has_outliers else None
-    outlier_z = zeros[:, n_groups:].to(half) if has_outliers else None
-    return GPTQResult(q_w, codes, scales[:, :n_groups].to(half), zeros[:, :n_groups].to(half), outlier_s, outlier_z)
+    scales, zeros = scales.T.to(half), zeros.T.to(half)
+
+    def part(t, lo, hi):
+        return t[:, lo:hi].contiguous()
+
+    outlier_s = part(scales, n_groups, None) if has_outliers else None
+    outlier_z = part(zeros, n_groups, None) if has_outliers else None
+    return GPTQResult(q_w.contiguous(), codes.contiguous(), part(scales, 0, n_groups), part(zeros, 0, n_groups),
+                      outlier_s, outlier_z)
 
 
-def _current_columns(w, w1, err1, u, cols, i1, i2, i):
-    """Values of the (not yet quantized) columns `cols` (processing positions >= i1 + i) as if every
-    pending update of this block had been applied: in-block columns are current in w1; later columns
-    still owe -err1[:, :i] @ u[i1:i1+i, col]."""
-    out = torch.empty(w.shape[0], cols.numel(), dtype=w.dtype, device=w.device)
-    inb = cols < i2
-    out[:, inb] = w1[:, cols[inb] - i1]
-    if (~inb).any():
-        later = cols[~inb]
-        out[:, ~inb] = w[:, later] - err1[:, :i] @ u[i1:i1 + i, later]
-    return out
+def _current_columns(wt, err1, u, cols, i1, i2, i):
+    """Values [N, len(cols)] of the (not yet quantized) columns at processing positions `cols` (>= i1 + i)
+    as if every pending update of this block had been applied: in-block rows of wt are current; later
+    rows still owe -u[i1:i1+i, col]^T @ err1[:i]."""
+    out = wt[cols]
+    later = cols >= i2
+    if i > 0 and bool(later.any()):
+        out[later] -= u[i1:i1 + i, cols[later]].T @ err1[:i]
+    return out.T

@@ -7,8 +7,9 @@ h' = h Q (Q orthogonal), the model computes the same function when
   - layers writing into the stream:  W' = Q^T W, b' = b Q
 because RMSNorm(h Q) = RMSNorm(h) Q once its elementwise scale is gone (folded into the readers).
 A rotation is passed as a callable rot(x) = x @ M applied along the last dim (a fast Hadamard
-transform, O(n log n) per row, instead of a dense n x n product); all products are computed in
-float64 and cast back to the parameter's dtype.
+transform, O(n log n) per row, instead of a dense n x n product); products are computed in
+work_dtype (float64 for float32 parameters, float32 for bf16/fp16 ones), in chunks of rows, and
+cast back to the parameter's dtype.
 """
 from __future__ import annotations
 
@@ -30,13 +31,20 @@ def _set(param: torch.Tensor, value: torch.Tensor) -> None:
     param.data = value.to(dtype=param.dtype, device=param.device).contiguous()
 
 
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision the folds compute in: float64 for float32/float64 parameters (the rotated model computes
+    the same function to float32 rounding), float32 for bf16/fp16 ones (16 bits more than they keep;
+    the fast transform's kernel runs it)."""
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def _map_rows(param: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], device=None) -> None:
-    """param[r] <- fn(param[r] in float64 on `device` (default: param's)) for chunks of rows, in place:
-    one chunk of float64 at a time, never the whole matrix."""
+    """param[r] <- fn(param[r] in work_dtype on `device` (default: param's)) for chunks of rows, in
+    place: one chunk at a time, never the whole matrix in the working precision."""
     dev = param.device if device is None else device
     for r0 in range(0, param.shape[0], _ROW_CHUNK):
         rows = param.data[r0:r0 + _ROW_CHUNK]
-        rows.copy_(fn(rows.to(dev, torch.float64)).to(param.device, param.dtype))
+        rows.copy_(fn(rows.to(dev, work_dtype(param.dtype))).to(param.device, param.dtype))
 
 
 @torch.no_grad()
@@ -45,7 +53,7 @@ def fold_norm_into(norm: nn.Module, linears, offset: float = 0.0) -> None:
     make the norm an identity scale (weight = 1 - offset, i.e. 0 for Gemma's (1 + w) norms)."""
     scale = norm.weight.detach().to(torch.float64) + offset
     for lin in linears:
-        _map_rows(lin.weight, lambda w: w * scale.to(w.device)[None, :])
+        _map_rows(lin.weight, lambda w: w * scale.to(w.device, w.dtype)[None, :])
     norm.weight.data.fill_(1.0 - offset)
 
 
@@ -58,9 +66,10 @@ def rotate_input(linear: nn.Module, rot: Rotation, device=None) -> None:
 @torch.no_grad()
 def rotate_output(linear: nn.Module, rot: Rotation) -> None:
     """W' = M^T W = rot(W^T)^T, b' = b M: the layer's output comes out rotated, y M."""
-    _set(linear.weight, rot(linear.weight.detach().to(torch.float64).T.contiguous()).T)
+    wd = work_dtype(linear.weight.dtype)
+    _set(linear.weight, rot(linear.weight.detach().to(wd).T.contiguous()).T)
     if getattr(linear, "bias", None) is not None:
-        _set(linear.bias, rot(linear.bias.detach().to(torch.float64)))
+        _set(linear.bias, rot(linear.bias.detach().to(wd)))
 
 
 @torch.no_grad()

@@ -56,6 +56,27 @@ def test_stats_and_layer_outputs_match_full_model(family):
     assert visited == list(range(adapter.num_layers))
 
 
+def test_stat_transforms_take_statistics_of_the_transformed_input():
+    """stat_transforms: a linear's Hessian is that of x M (QuaRot's online Hadamard before down_proj)."""
+    from bisup.rotation.fuse import HadamardTransform
+
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    ids = random_tokens(3, 16, seed=4)
+    direct, _ = _direct_inputs(model, adapter, ids)
+    t = HadamardTransform(adapter.intermediate_size)
+    for index, _, inputs in iterate_layers(model, adapter, ids, progress=False, sequential=False,
+                                           stat_transforms={"mlp.down_proj": t}):
+        x = direct[(index, "mlp.down_proj")]
+        xt = t(x)  # float64: the reference transform
+        torch.testing.assert_close(inputs.stats["mlp.down_proj"].hessian().double(), xt.T @ xt / x.shape[0],
+                                   rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(inputs.stats["mlp.down_proj"].hessian().double(), x.T @ x / x.shape[0], atol=1e-3)
+        xq = direct[(index, "self_attn.q_proj")]  # other linears untouched
+        torch.testing.assert_close(inputs.stats["self_attn.q_proj"].hessian().double(), xq.T @ xq / xq.shape[0],
+                                   rtol=1e-4, atol=1e-5)
+
+
 def test_sequential_feeds_modified_layer_output():
     """With sequential=True the next layer sees the outputs of the layer as the caller left it."""
     model = tiny_model("llama", num_layers=2)

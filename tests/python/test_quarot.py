@@ -50,15 +50,13 @@ def test_post_norms_only_for_gemma3():
         assert quarot._post_norms(adapter, adapter.layers()[0]) == expected
 
 
-def test_fold_online_hadamard_and_hessian():
+def test_fold_online_hadamard():
     lin = torch.nn.Linear(160, 7, bias=False).double()
     t = fuse.HadamardTransform(160)
     x = torch.randn(11, 160, dtype=torch.float64)
     want = lin(x)
     quarot.fold_online_hadamard(lin, t)
     torch.testing.assert_close(lin(t(x)), want)
-    xt = t(x)
-    torch.testing.assert_close(quarot.transform_hessian(x.T @ x, t), (xt.T @ xt).float(), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("use_gptq", [False, True])
