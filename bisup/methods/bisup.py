@@ -249,7 +249,7 @@ class Block:
             shell.weight.data = w.to(dtype)
             if b is not None:
                 shell.bias.data = b.to(dtype)
-            st = InputStats(mod.in_features, hessian_sum=hessians[name].to(torch.float64), tokens=1)
+            st = InputStats(mod.in_features, hessian_sum=hessians[name], tokens=1)
             fq = gptq_linear(shell, st, config.replace(w_clip=1.0, w_clip_search=False), outlier_idx)  # learned clip
             fq.act_quantizer, fq.input_transform = aq, transform
             return fq

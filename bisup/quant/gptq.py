@@ -74,15 +74,21 @@ def _as_index(idx: IndexLike, k: int) -> torch.Tensor:
     return t
 
 
-def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + damp*mean(diag H)*I)^-1 (H^-1 = U^T U), float32 [K, K].
+def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float, order: Optional[torch.Tensor] = None,
+                             dead: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + damp*mean(diag H)*I)^-1 (H^-1 = U^T U), float32 [K, K], of H
+    with rows and columns taken in `order` (default: as they are), H[i, i] = 1 where dead[i].
 
     With J the order-reversing permutation, chol(J H J) = L gives U = J L^-1 J (J L^-1 J is upper
     triangular and (J L^-1 J)^T (J L^-1 J) = J (L L^T)^-1 J = H^-1): one Cholesky and one
     triangular inverse instead of Cholesky, inverse and Cholesky again. float32, as GPTQ's own
     implementation: a K = 28672 Hessian (a 70B down_proj) is 3.3 GB in float32, twice that in float64."""
-    h = hessian.to(torch.float32).flip(0, 1)  # J H J, a copy
-    k = h.shape[0]
+    k = hessian.shape[0]
+    rev = torch.arange(k - 1, -1, -1, device=hessian.device) if order is None else order.flip(0)
+    h = hessian.index_select(0, rev).index_select(1, rev).to(torch.float32)  # J H J in `order`: a copy
+    if dead is not None:
+        dr = dead.to(h.device)[rev]
+        h[dr, dr] = 1.0
     mean_diag = h.diagonal().mean().item()
     base = mean_diag if mean_diag > 0 else 1.0
     d, added = damp, 0.0
@@ -92,10 +98,10 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor
         l_fac, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
             del h
-            eye = torch.eye(k, dtype=l_fac.dtype, device=l_fac.device)
-            u = torch.linalg.solve_triangular(l_fac, eye, upper=False, out=eye)
+            inv = torch.linalg.solve_triangular(l_fac, torch.eye(k, dtype=l_fac.dtype, device=l_fac.device),
+                                                upper=False)
             del l_fac
-            return u.flip(0, 1)
+            return inv.flip(0, 1)
         d = max(d * 10.0, 1e-6)
     raise RuntimeError(f"GPTQ: Hessian not positive definite even with damping {d / 10:g} x mean diagonal")
 
@@ -128,25 +134,22 @@ def gptq_plan(hessian: torch.Tensor, group_size: int, damp: float = 0.01, act_or
     dev = hessian.device if device is None else torch.device(device)
     outliers = _as_index(outlier_idx, k)
     gid, n_groups = normal_group_index(k, group_size, outliers)
-    h = hessian.detach().to(device=dev, dtype=torch.float32)
-    dead = (h.diagonal() == 0).cpu()
+    h = hessian.detach().diagonal().to(device=dev, dtype=torch.float32)
+    dead = (h == 0).cpu()
     # processing order: normal channels (by descending diag(H) with act_order), then outlier channels
     is_outlier = gid == n_groups
     normal = torch.nonzero(~is_outlier).flatten()
     kept = torch.nonzero(is_outlier).flatten()
     if act_order:
-        diag = h.diagonal().cpu()
+        diag = h.cpu()
         normal = normal[torch.argsort(diag[normal], descending=True, stable=True)]
         kept = kept[torch.argsort(diag[kept], descending=True, stable=True)]
     perm = torch.cat([normal, kept])
     pos_of = torch.empty(k, dtype=torch.long)
     pos_of[perm] = torch.arange(k)
     members = [pos_of[gid == g].to(dev) for g in range(n_groups + int(outliers.numel() > 0))]
-    perm_dev = perm.to(dev)
-    h = h.index_select(0, perm_dev).index_select(1, perm_dev)
-    dead_perm = dead[perm].to(dev)
-    h[dead_perm, dead_perm] = 1.0
-    u = inverse_hessian_cholesky(h, damp)
+    del h  # (a view or the one copy) the factor is made from `hessian` in the processing order
+    u = inverse_hessian_cholesky(hessian.detach().to(dev), damp, perm.to(dev), dead.to(dev))
     return GPTQPlan(k, group_size, outliers, n_groups, perm, pos_of, gid[perm], members, u, dead)
 
 

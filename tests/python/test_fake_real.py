@@ -1,6 +1,7 @@
 """Fake mode computes what the real kernels compute (issue 10).
 
-FakeQuantLinear's inference path runs the integer GEMM's arithmetic (bisup.nn.fake_quant.integer_linear),
+FakeQuantLinear's inference path runs the integer GEMM's arithmetic (on the CPU the QuantLinear twin itself,
+elsewhere bisup.nn.fake_quant.integer_linear),
 so a fake-mode linear equals its QuantLinear bit for bit, and a fake-mode model with KV quantization
 gives the real-mode logits and greedy tokens. What is not bit-identical is the attention's fp32
 summation order (SDPA on fake-quantized K/V vs bisup.ops.attention on the packed cache, ~1e-7
@@ -16,7 +17,7 @@ import bisup
 from bisup.config import QuantConfig
 from bisup.models.adapters import get_adapter
 from bisup.models.tiny import random_tokens, tiny_model
-from bisup.nn.fake_quant import ActQuantizer, FakeQuantLinear
+from bisup.nn.fake_quant import ActQuantizer, FakeQuantLinear, GemmWeight, integer_linear
 from bisup.nn.quant_linear import QuantLinear
 from bisup.nn.real_kv import make_cache
 from bisup.nn.real_linear import fake_to_real
@@ -69,8 +70,12 @@ def test_fake_linear_equals_quant_linear_bit_for_bit(dtype, k, n, w_bits, a_bits
     x = x.to(dtype)
     with torch.no_grad():
         y_fake, y_real = fq(x), real(x)
-    assert y_fake.dtype == y_real.dtype == dtype
+        # on the CPU fake mode runs the QuantLinear twin itself; integer_linear (the path of other devices
+        # and of layouts the CPU kernel refuses) must agree with it bit for bit too
+        y_int = integer_linear(x, GemmWeight(fq.weight_codes(), k, x.device), a_bits, clip, fq.bias)
+    assert y_fake.dtype == y_real.dtype == y_int.dtype == dtype
     assert torch.equal(y_fake, y_real)
+    assert torch.equal(y_int, y_real)
     # the old simulation (a float matmul of dequantized operands) rounds differently
     float_path = torch.nn.functional.linear(aq(x), fq.weight, fq.bias)
     if dtype == torch.float32:
