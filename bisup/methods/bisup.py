@@ -86,17 +86,6 @@ def _gqa_expand(adapter) -> torch.Tensor:
     return (heads[:, None] * d + torch.arange(d)[None, :]).reshape(-1)
 
 
-class _DenseRotation(nn.Module):
-    """x -> x @ M (differentiable), for training."""
-
-    def __init__(self, matrix: torch.Tensor):
-        super().__init__()
-        self.register_buffer("m", matrix)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.to(torch.float32) @ self.m).to(x.dtype)
-
-
 class Block:
     """The LearnableLinears of one decoder layer (installed in it) and their shared smoothing scales."""
 
@@ -105,12 +94,12 @@ class Block:
         bc = config.bisup
         self.adapter, self.layer, self.config = adapter, layer, config
         self.transforms = transforms
-        self.original = {name: adapter.get_linear(layer, name) for name in adapter.linear_names()}
-        self.mods: Dict[str, LearnableLinear] = {
-            name: _learnable(lin, config, bc, outliers.get(name)) for name, lin in self.original.items()}
+        self.mods: Dict[str, LearnableLinear] = {  # the original linears are dropped once replaced below
+            name: _learnable(adapter.get_linear(layer, name), config, bc, outliers.get(name))
+            for name in adapter.linear_names()}
         self.smoothers: Dict[str, Smoothing] = {}
         for name, t in transforms.items():
-            self.mods[name].transform = t.matrix(torch.float32).to(self.mods[name].weight.device)
+            self.mods[name].transform = t
         if bc.smooth:
             self._add_smoothing(stats, bc.smooth_alpha)
         if bc.weight_clip_search:  # after the smoothing (the clip is searched on the weight it quantizes),
@@ -121,14 +110,6 @@ class Block:
                 self._add_lowrank(m, bc)
         for name, m in self.mods.items():
             adapter.set_linear(layer, name, m)
-        # output rotations inside the layer (QuaRot's RotateAfter on Gemma3's post norms) run the
-        # bisup.ops kernel, which has no autograd: a dense matrix stands in while training
-        self._rotations = []
-        for child in layer.children():
-            rot = getattr(child, "rotation", None)
-            if isinstance(getattr(child, "inner", None), nn.Module) and hasattr(rot, "matrix"):
-                self._rotations.append((child, rot))
-                child.rotation = _DenseRotation(rot.matrix(torch.float32).to(m.weight.device))
 
     def _stat(self, stats, name) -> Optional[torch.Tensor]:
         st = stats.get(name)
@@ -173,11 +154,11 @@ class Block:
     @torch.no_grad()
     def _add_lowrank(self, mod: LearnableLinear, bc: BiSupConfig) -> None:
         """A = U sqrt(S), B = lowrank_init sqrt(S) V^T of the quantization error, mapped back to the
-        latent basis (the error is made in the effective basis ((W * s_in) / s_out) M)."""
+        latent basis (the error is made in the effective basis ((W * s_in) / s_out) M: rows times M^T)."""
         w_eff, _ = mod.effective_weight()
         err = w_eff - mod.quantize_weight(w_eff)[0]
         if mod.transform is not None:
-            err = err @ mod.transform.T
+            err = mod.transform.inverse(err)
         s_in = mod.input_scale()
         if s_in is not None:
             err = err / s_in[None, :]
@@ -212,8 +193,6 @@ class Block:
     def export(self, hessians: Optional[Dict[str, torch.Tensor]] = None) -> None:
         """Replace the LearnableLinears by ordinary FakeQuantLinears; fold the reader smoothing into the norms."""
         adapter, config = self.adapter, self.config
-        for child, rot in self._rotations:
-            child.rotation = rot
         off = adapter.norm_offset
         for key, norm in (("attn", adapter.attn_norm(self.layer)), ("mlp", adapter.mlp_norm(self.layer))):
             sm = self.smoothers.get(key)

@@ -16,15 +16,16 @@
   training starts exactly at the base method's model and learns in the error's leading subspace).
 - `LearnableLinear`: a decoder linear computing
       y = act_quant(T(x / s_in)) @ Q_lwc( T_w((W + delta) * s_in[cols] / s_out[rows]) )^T + b / s_out
-  where T is an optional orthogonal input transform (QuaRot's online Hadamard before down_proj,
-  applied as a dense matrix so gradients flow) and the activation clip is sigmoid(c) per linear.
+  where T is an optional orthogonal input transform x -> x M (QuaRot's online Hadamard before
+  down_proj: the fast transform, differentiable, O(K log K) per row; W M is T applied to W's rows)
+  and the activation clip is sigmoid(c) per linear.
   `export()` returns the WeightCodes and the folded bias of exactly the weight that the ordinary
   FakeQuantLinear will hold.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -144,8 +145,9 @@ class LearnableLinear(nn.Module):
     them (readers of a norm) or its input already arrives divided (o_proj after v, down_proj after
     up). in_expand: index mapping input channels to in_smooth entries (o_proj under GQA).
     out_smooth: scales dividing this module's output channels (v_proj, up_proj).
-    transform: dense orthogonal M [K, K] applied to the (smoothed) input, x -> x M, folded into
-    the weight (W M); at export the caller installs the matching online transform.
+    transform: callable x -> x M with inverse(x) = x M^T (M orthogonal [K, K], never built densely:
+    a HadamardTransform; differentiable) applied to the (smoothed) input and to the weight's rows
+    (W M); at export the caller installs the matching online transform.
     """
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], w_bits: int, w_group_size: int,
@@ -154,8 +156,8 @@ class LearnableLinear(nn.Module):
                  learn_weight_clip: bool = True, learn_act_clip: bool = True, weight_clip_init: float = 1.0,
                  learn_rounding: bool = False):
         super().__init__()
-        self.register_buffer("weight", weight.detach().to(torch.float32).clone())
-        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
+        self.register_buffer("weight", weight.detach().to(torch.float32, copy=True))
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32, copy=True))
         self.out_features, self.in_features = weight.shape
         self.w_bits, self.w_group_size, self.w_sym = w_bits, w_group_size, w_sym
         self.a_bits, self.a_group_size, self.a_sym = a_bits, a_group_size, a_sym
@@ -177,7 +179,7 @@ class LearnableLinear(nn.Module):
         self.divide_input = False
         self.register_buffer("in_expand", None)
         self.out_smooth: Optional[Smoothing] = None
-        self.register_buffer("transform", None)
+        self.transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         self.lowrank: Optional[LowRank] = None
         self.record = None  # optional callable seeing the input the weight multiplies (GPTQ Hessians)
 
@@ -202,7 +204,7 @@ class LearnableLinear(nn.Module):
             w = w / s_out[:, None]
             b = None if b is None else b / s_out
         if self.transform is not None:
-            w = w @ self.transform
+            w = self.transform(w)
         return w, b
 
     @torch.no_grad()
@@ -243,7 +245,7 @@ class LearnableLinear(nn.Module):
         if self.divide_input:
             xf = xf / self.input_scale()
         if self.transform is not None:
-            xf = xf @ self.transform
+            xf = self.transform(xf)
         if self.record is not None:
             self.record(xf)
         if self.a_bits < OFF_BITS:  # as common.act_quantizer: no activation quantizer at 16 bits

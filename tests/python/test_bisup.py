@@ -13,6 +13,7 @@ from bisup.models.adapters import get_adapter
 from bisup.models.tiny import FAMILIES, TINY_GROUP, random_tokens, tiny_model
 from bisup.nn.fake_quant import FakeQuantLinear
 from bisup.quant.learnable import LearnableLinear, lwc_quantize, logit, svd_factors
+from bisup.rotation.fuse import RotateAfter
 
 G = TINY_GROUP
 
@@ -159,6 +160,71 @@ def test_merged_lowrank_starts_at_the_base_weight():
     block.export()
     base = FakeQuantLinear(lin, 4, G, True, 1.0)
     assert torch.equal(adapter.get_linear(layer, "mlp.up_proj").weight, base.weight)  # nothing trained: RTN
+    it.close()
+
+
+class _Dense(torch.nn.Module):
+    """x -> x M and its inverse as dense products: what the fast transforms must compute."""
+
+    def __init__(self, transform):
+        super().__init__()
+        self.m = transform.matrix(torch.float64).to(torch.float32)
+
+    def forward(self, x):
+        return x @ self.m
+
+    def inverse(self, x):
+        return x @ self.m.T
+
+
+def test_lowrank_init_is_the_svd_of_the_error_in_the_latent_basis():
+    """QuaRot's down_proj makes its error in the rotated basis W M; A @ B is stored unrotated (err M^T)."""
+    model = tiny_model("llama", num_layers=1)  # intermediate 160: base 20, M is not symmetric
+    config = _cfg("quarot", smooth=False, lowrank_init=1.0, rank=4)
+    adapter, _, tr, layer, inputs, it = _first_layer(model, config, random_tokens(2, 24))
+    block = bisup_method.Block(adapter, layer, config, inputs.stats, {}, tr)
+    mod = block.mods["mlp.down_proj"]
+    with torch.no_grad():
+        w_eff = _Dense(mod.transform)(mod.weight)
+        err = w_eff - mod.quantize_weight(w_eff)[0]
+        left = (err - _Dense(mod.transform)(mod.lowrank.delta())).norm()
+        s = torch.linalg.svdvals(err.double())
+    assert float(left) == pytest.approx(float(s[4:].norm()), rel=1e-2)
+    it.close()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: rotations after the post norms (RotateAfter)
+def test_block_gradients_match_dense_rotations(family):
+    """The fast transforms (down_proj's online Hadamard, RotateAfter's residual rotation) give the loss
+    and the gradients that dense rotation matrices give."""
+    model = tiny_model(family, num_layers=1)
+    config = _cfg("quarot", lowrank_init=0.5)
+    adapter, _, tr, layer, inputs, it = _first_layer(model, config, random_tokens(2, 24))
+    block = bisup_method.Block(adapter, layer, config, inputs.stats, {}, tr)
+    params = [p for g in block.param_groups(config.bisup) for p in g["params"]]
+    rotate_after = [c for c in layer.children() if isinstance(c, RotateAfter)]
+    assert (len(rotate_after) == 2) == (family == "gemma3") and block.mods["mlp.down_proj"].transform is not None
+
+    def loss_and_grads():
+        for p in params:
+            p.grad = None
+        with torch.enable_grad():
+            out = layer(inputs.hidden[0], **inputs.kwargs[0])[0]
+            loss = (out - inputs.targets[0]).square().mean()
+            loss.backward()
+        return loss.item(), [p.grad.clone() for p in params]
+
+    fast, fast_grads = loss_and_grads()
+    for m in block.mods.values():
+        if m.transform is not None:
+            m.transform = _Dense(m.transform)
+    for c in rotate_after:
+        c.rotation = _Dense(c.rotation)
+    dense, dense_grads = loss_and_grads()
+    assert fast == pytest.approx(dense, rel=1e-4)
+    assert all(g.abs().sum() > 0 for g in fast_grads[:3])
+    for f, d in zip(fast_grads, dense_grads):
+        assert float((f - d).norm()) <= 1e-3 * float(d.norm()) + 1e-9
     it.close()
 
 
