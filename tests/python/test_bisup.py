@@ -148,6 +148,25 @@ def test_lowrank_init_lowers_the_weight_reconstruction_error():
         prev = now
 
 
+def test_randomized_svd_is_as_good_as_the_exact_one_and_deterministic():
+    gen = torch.Generator().manual_seed(5)
+    n, k, rank = 192, 320, 8
+    u = torch.linalg.qr(torch.randn(n, n, generator=gen)).Q
+    v = torch.linalg.qr(torch.randn(k, k, generator=gen)).Q
+    spectrum = 0.85 ** torch.arange(n, dtype=torch.float32)  # decaying, no gap after rank 8
+    err = (u * spectrum) @ v[:, :n].T
+    exact = float(spectrum[rank:].norm())
+    a, b = svd_factors(err, rank)
+    assert a.shape == (n, rank) and b.shape == (rank, k) and a.dtype == b.dtype == torch.float32
+    assert float((err - a @ b).norm()) <= 1.01 * exact
+    state = torch.get_rng_state()
+    again = svd_factors(err, rank)
+    assert torch.equal(a, again[0]) and torch.equal(b, again[1])  # seeded locally: the same factors
+    assert torch.equal(state, torch.get_rng_state())  # and the global generator untouched
+    a1, b1 = svd_factors(err, rank, power_iters=0, oversample=0)  # what the power iterations buy
+    assert float((err - a1 @ b1).norm()) > 1.01 * exact
+
+
 def test_merged_lowrank_starts_at_the_base_weight():
     model = tiny_model("llama", num_layers=1)
     config = _cfg("rtn", smooth=False, weight_clip=False)
