@@ -131,7 +131,7 @@ class Block:
         n_v = m[V].out_features
         if amax is not None:
             act = torch.zeros(n_v, device=dev).scatter_reduce(0, expand, amax.to(dev), "amax", include_self=False)
-            wmax = torch.zeros(n_v, device=dev).scatter_reduce(0, expand, m[O].weight.abs().amax(0), "amax",
+            wmax = torch.zeros(n_v, device=dev).scatter_reduce(0, expand, m[O].weight.abs().amax(0).float(), "amax",
                                                                include_self=False)
             init = smooth_init(act, torch.maximum(wmax, m[V].weight.abs().amax(1)), alpha)
         else:
@@ -276,9 +276,9 @@ def train_block(block: Block, inputs, bc: BiSupConfig, train_chunks: List[int], 
                 out = _out(block.layer(inputs.hidden[c], **inputs.kwargs[c]))
                 mse = (out - inputs.targets[c]).square().mean() / norms[c]
                 loss = mse + bc.smooth_penalty * block.penalty(bc) if bc.smooth_penalty > 0 else mse
-                opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                opt.zero_grad(set_to_none=True)  # now, not before the next backward: no stale gradients in the forward
                 total += mse.item()
                 steps.update(1)
                 steps.set_postfix(loss=f"{mse.item():.4g}")

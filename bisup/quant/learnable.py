@@ -30,6 +30,7 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from bisup.quant.codes import WeightCodes, code_dtype, quantize_weight
 from bisup.quant.formats import OFF_BITS, SCALE_DTYPE, num_groups
@@ -153,7 +154,8 @@ class LowRank(nn.Module):
 
 
 class LearnableLinear(nn.Module):
-    """A decoder linear being fine-tuned (see the module docstring); frozen latent weight and bias.
+    """A decoder linear being fine-tuned (see the module docstring); frozen latent weight (the given
+    weight's storage, any float dtype, read as fp32) and bias (an fp32 copy).
 
     in_smooth: scales of the input channels; divide_input: whether this module divides its input by
     them (readers of a norm) or its input already arrives divided (o_proj after v, down_proj after
@@ -170,7 +172,7 @@ class LearnableLinear(nn.Module):
                  learn_weight_clip: bool = True, learn_act_clip: bool = True, weight_clip_init: float = 1.0,
                  learn_rounding: bool = False):
         super().__init__()
-        self.register_buffer("weight", weight.detach().to(torch.float32, copy=True))
+        self.register_buffer("weight", weight.detach())  # the linear's own storage and dtype: no fp32 copy
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32, copy=True))
         self.out_features, self.in_features = weight.shape
         self.w_bits, self.w_group_size, self.w_sym = w_bits, w_group_size, w_sym
@@ -205,8 +207,8 @@ class LearnableLinear(nn.Module):
         return s if self.in_expand is None else s[self.in_expand]
 
     def effective_weight(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(W_eff, b_eff) before quantization: ((W + delta) * s_in / s_out) M, b / s_out."""
-        w = self.weight
+        """(W_eff, b_eff) before quantization: ((W + delta) * s_in / s_out) M, b / s_out (fp32)."""
+        w = self.weight.to(torch.float32)
         if self.lowrank is not None:
             w = w + self.lowrank.delta()
         s_in = self.input_scale()
@@ -265,9 +267,13 @@ class LearnableLinear(nn.Module):
         if self.a_bits < OFF_BITS:  # as common.act_quantizer: no activation quantizer at 16 bits
             xf = fake_quant_channels(xf, self.a_bits, self.a_group_size, self.a_sym, self.act_clip(),
                                      self.outlier_idx, self.outlier_bits)
-        w, b = self.effective_weight()
-        wq = self.quantize_weight(w)[0]
+        wq, b = checkpoint(self._quantized_weight, use_reentrant=False) if torch.is_grad_enabled() \
+            else self._quantized_weight()
         return F.linear(xf, wq, b).to(x.dtype)
+
+    def _quantized_weight(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        w, b = self.effective_weight()
+        return self.quantize_weight(w)[0], b
 
     # ---------------------------------------------------------------- export
     @torch.no_grad()

@@ -89,6 +89,66 @@ def test_lwc_at_full_clip_is_rtn_and_clip_gets_gradients():
     assert hi.grad.abs().sum() + lo.grad.abs().sum() > 0
 
 
+def test_learnable_linear_reads_a_bf16_weight_in_place():
+    """The frozen latent weight is the linear's own bf16 storage (no fp32 copy), read as fp32."""
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    mods = [LearnableLinear(v, None, 4, G, True, 4, G, True, 1.0, 0.9, learn_rounding=True) for v in (w, w.float())]
+    assert mods[0].weight.data_ptr() == w.data_ptr() and mods[0].weight.dtype == torch.bfloat16
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(7))
+    outs = []
+    for m in mods:
+        with torch.enable_grad():
+            m(x).square().sum().backward()
+        outs.append((m(x), m.w_round.grad, m.w_hi.grad, m.export()[0].codes))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def _trained_linear():
+    """A LearnableLinear with every piece of the weight path: smoothing in and out, low rank, the
+    online Hadamard (K = 80: base 20), learned rounding."""
+    from bisup.quant.learnable import LowRank, Smoothing
+    from bisup.rotation.fuse import HadamardTransform
+
+    gen = torch.Generator().manual_seed(8)
+    m = LearnableLinear(torch.randn(48, 80, generator=gen), torch.randn(48, generator=gen), 4, G, False, 4, G, True,
+                        1.0, 0.9, learn_rounding=True)
+    m.in_smooth, m.divide_input = Smoothing(torch.rand(80, generator=gen) + 0.5), True
+    m.out_smooth = Smoothing(torch.rand(48, generator=gen) + 0.5)
+    m.lowrank = LowRank(torch.randn(48, 4, generator=gen), torch.randn(4, 80, generator=gen) * 0.01, 1.0)
+    m.transform = HadamardTransform(80)
+    with torch.no_grad():
+        m.w_round.copy_(torch.rand(48, 80, generator=gen) - 0.5)
+    return m, torch.randn(2, 80, generator=gen)
+
+
+def test_weight_path_is_recomputed_in_backward(monkeypatch):
+    """While training, a LearnableLinear keeps only its quantized weight (F.linear's) of the weight path;
+    the gradients are those of the plain graph."""
+    import bisup.quant.learnable as learnable
+
+    def saved_bytes_and_grads():
+        m, x = _trained_linear()
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = m(x)
+        y.square().sum().backward()
+        return sum(seen.values()), [p.grad for p in m.parameters() if p.requires_grad]
+
+    weight_bytes = 48 * 80 * 4
+    kept, grads = saved_bytes_and_grads()
+    monkeypatch.setattr(learnable, "checkpoint", lambda f, use_reentrant: f())
+    plain, plain_grads = saved_bytes_and_grads()
+    assert kept < 1.5 * weight_bytes and plain > 4 * weight_bytes, (kept, plain)
+    assert len(grads) == 8 and all(g is not None for g in grads)
+    assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads))
+
+
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("outliers", [None, [3, 40]])
 def test_searched_clip_init_lowers_every_groups_weight_error(sym, outliers):
