@@ -11,7 +11,8 @@
        norm -> q/k/v, norm -> gate/up   (readers divide their input; folded into the norm weight)
        v -> o                           (v's output rows / s, o's input columns * s, GQA-expanded)
        up -> down                       (up's output rows / s, down's input columns * s)
-   and trained with AdamW on  mean((layer(h) - target)^2) / mean(target^2) + smooth_penalty * penalty
+   and trained with AdamW (the rounding offsets optionally with SignSGD, BiSupConfig.rounding_optimizer) on
+       mean((layer(h) - target)^2) / mean(target^2) + smooth_penalty * penalty
    (straight-through estimator through every fake quantizer; fixed seed per layer);
 3. export: an ORDINARY quantized layer. Smoothing is folded into the norms / weights, the learned
    weight clipping fixes the group scales, the codes are the learned rounding's (rounding=True, the
@@ -181,7 +182,7 @@ class Block:
         if low and bc.lowrank_lr > 0:
             groups.append(dict(params=low, lr=bc.lowrank_lr))
         if rounding and bc.rounding_lr > 0:
-            groups.append(dict(params=rounding, lr=bc.rounding_lr))
+            groups.append(dict(params=rounding, lr=bc.rounding_lr, name="rounding"))
         return groups
 
     def penalty(self, bc: BiSupConfig) -> torch.Tensor:
@@ -257,14 +258,37 @@ def block_loss(layer: nn.Module, hidden, kwargs, targets, chunks) -> float:
     return sum(vals) / max(len(vals), 1)
 
 
+class SignSGD(torch.optim.Optimizer):
+    """p -= lr * sign(grad) (AutoRound's optimizer for rounding offsets): no state. Uses up the gradient."""
+
+    def __init__(self, params, lr: float):
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.sub_(p.grad.sign_(), alpha=group["lr"])
+
+
+def _optimizers(groups: List[dict], bc: BiSupConfig) -> List[torch.optim.Optimizer]:
+    """AdamW over the groups; SignSGD over the rounding offsets when bc.rounding_optimizer says so."""
+    sign = [g for g in groups if bc.rounding_optimizer == "signsgd" and g.get("name") == "rounding"]
+    adam = [g for g in groups if not any(g is s for s in sign)]
+    opts = [torch.optim.AdamW(adam, weight_decay=bc.weight_decay)] if adam else []
+    return opts + [SignSGD(g["params"], g["lr"]) for g in sign]
+
+
 def train_block(block: Block, inputs, bc: BiSupConfig, train_chunks: List[int], seed: int,
                 desc: str, progress: bool) -> Dict[str, float]:
-    """AdamW over the block's parameters; returns the first/last epoch's mean training loss."""
+    """AdamW (and SignSGD, see _optimizers) over the block's parameters; returns the first/last epoch's
+    mean training loss."""
     groups = block.param_groups(bc)
     log = {"loss_first_epoch": float("nan"), "loss_last_epoch": float("nan")}
     if not groups or bc.epochs == 0 or not train_chunks:
         return log
-    opt = torch.optim.AdamW(groups, weight_decay=bc.weight_decay)
+    opts = _optimizers(groups, bc)
     gen = torch.Generator().manual_seed(seed)
     norms = {c: inputs.targets[c].square().mean().clamp(min=1e-12) for c in train_chunks}
     steps = tqdm(total=bc.epochs * len(train_chunks), desc=desc, disable=not progress, leave=False)
@@ -277,8 +301,9 @@ def train_block(block: Block, inputs, bc: BiSupConfig, train_chunks: List[int], 
                 mse = (out - inputs.targets[c]).square().mean() / norms[c]
                 loss = mse + bc.smooth_penalty * block.penalty(bc) if bc.smooth_penalty > 0 else mse
                 loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)  # now, not before the next backward: no stale gradients in the forward
+                for opt in opts:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)  # now, not before the next backward: no stale gradients
                 total += mse.item()
                 steps.update(1)
                 steps.set_postfix(loss=f"{mse.item():.4g}")

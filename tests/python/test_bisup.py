@@ -329,6 +329,42 @@ def test_training_lowers_the_block_loss(method, rounding):
     it.close()
 
 
+def test_signsgd_step_and_rounding_option():
+    p = torch.nn.Parameter(torch.tensor([0.1, 0.2, -0.3]))
+    p.grad = torch.tensor([-2.0, 0.0, 1e-9])
+    opt = bisup_method.SignSGD([p], lr=0.05)
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.tensor([0.15, 0.2, -0.35]))
+    assert not opt.state  # no moments
+    bc = BiSupConfig(rounding_optimizer="signsgd", rounding_lr=0.02)
+    groups = [dict(params=[p], lr=1e-2), dict(params=[torch.nn.Parameter(torch.zeros(2))], lr=0.02, name="rounding")]
+    adam, sign = bisup_method._optimizers(groups, bc)
+    assert isinstance(adam, torch.optim.AdamW) and len(adam.param_groups) == 1 and adam.param_groups[0]["params"] == [p]
+    assert isinstance(sign, bisup_method.SignSGD) and sign.param_groups[0]["lr"] == 0.02
+    assert [type(o) for o in bisup_method._optimizers(groups, BiSupConfig())] == [torch.optim.AdamW]
+    with pytest.raises(ValueError, match=r"BiSupConfig\.rounding_optimizer='sgd': expected one of"):
+        BiSupConfig(rounding_optimizer="sgd")
+
+
+def test_training_with_signsgd_rounding_lowers_the_block_loss():
+    model = tiny_model("llama", num_layers=1)
+    config = _cfg("quarot", epochs=15, lr=1e-2, lowrank_lr=1e-3, rounding_optimizer="signsgd", rounding_lr=1e-2,
+                  weight_clip_search=False)
+    adapter, base, tr, layer, inputs, it = _first_layer(model, config, random_tokens(4, 32))
+    block = bisup_method.Block(adapter, layer, config, inputs.stats, {}, tr)
+    chunks = list(range(len(inputs.hidden)))
+    before = bisup_method.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks)
+    start = [m.w_round.detach().clone() for m in block.mods.values()]
+    bisup_method.train_block(block, inputs, config.bisup, chunks, 0, "t", False)
+    after = bisup_method.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks)
+    assert after < 0.9 * before, (before, after)
+    steps = 15 * len(chunks)
+    for m, s in zip(block.mods.values(), start):  # sign steps of exactly rounding_lr (a zero gradient: none)
+        moved = (m.w_round.detach() - s) / 1e-2
+        assert moved.abs().max() <= steps + 1e-3 and torch.allclose(moved, moved.round(), atol=1e-3)
+    it.close()
+
+
 def test_deterministic_with_a_seed():
     calib, ids = random_tokens(4, 24), random_tokens(1, 16, seed=3)
     logits = []
