@@ -79,6 +79,9 @@ class BiSupConfig:
     lr: float = 1e-2  # clip and smoothing parameters (AdamW)
     lowrank_lr: float = 1e-4  # the low-rank factors' own learning rate
     rounding_lr: float = 1e-2  # the rounding offsets' learning rate
+    # "signsgd": offsets -= rounding_lr * sign(grad) (AutoRound's optimizer): no AdamW moments, 8 bytes
+    # per weight less during training; not evaluated for accuracy, so not the default
+    rounding_optimizer: str = "adamw"
     weight_decay: float = 0.0
     lowrank_scale: float = 1.0  # stabilising scale of the branch: delta = lowrank_scale * A @ B
     lowrank_init: float = 0.0  # the branch starts at lowrank_init * (rank-r SVD of the quantization error)
@@ -107,6 +110,8 @@ class BiSupConfig:
                 raise ValueError(f"{own}.{name}={value!r}: expected an int >= {minimum}")
         for name in ("lr", "lowrank_lr", "rounding_lr"):
             _check_float(own, name, getattr(self, name), 0.0, 10.0)
+        if self.rounding_optimizer not in ("adamw", "signsgd"):
+            raise ValueError(f"{own}.rounding_optimizer={self.rounding_optimizer!r}: expected one of ['adamw', 'signsgd']")
         _check_float(own, "weight_decay", self.weight_decay, 0.0, 10.0)
         _check_float(own, "lowrank_scale", self.lowrank_scale, 0.0, 100.0, lo_open=True)
         _check_float(own, "lowrank_init", self.lowrank_init, 0.0, 1.0)

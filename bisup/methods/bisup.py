@@ -11,7 +11,8 @@
        norm -> q/k/v, norm -> gate/up   (readers divide their input; folded into the norm weight)
        v -> o                           (v's output rows / s, o's input columns * s, GQA-expanded)
        up -> down                       (up's output rows / s, down's input columns * s)
-   and trained with AdamW on  mean((layer(h) - target)^2) / mean(target^2) + smooth_penalty * penalty
+   and trained with AdamW (the rounding offsets optionally with SignSGD, BiSupConfig.rounding_optimizer) on
+       mean((layer(h) - target)^2) / mean(target^2) + smooth_penalty * penalty
    (straight-through estimator through every fake quantizer; fixed seed per layer);
 3. export: an ORDINARY quantized layer. Smoothing is folded into the norms / weights, the learned
    weight clipping fixes the group scales, the codes are the learned rounding's (rounding=True, the
@@ -87,17 +88,6 @@ def _gqa_expand(adapter) -> torch.Tensor:
     return (heads[:, None] * d + torch.arange(d)[None, :]).reshape(-1)
 
 
-class _DenseRotation(nn.Module):
-    """x -> x @ M (differentiable), for training."""
-
-    def __init__(self, matrix: torch.Tensor):
-        super().__init__()
-        self.register_buffer("m", matrix)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.to(torch.float32) @ self.m).to(x.dtype)
-
-
 class Block:
     """The LearnableLinears of one decoder layer (installed in it) and their shared smoothing scales."""
 
@@ -106,12 +96,12 @@ class Block:
         bc = config.bisup
         self.adapter, self.layer, self.config = adapter, layer, config
         self.transforms = transforms
-        self.original = {name: adapter.get_linear(layer, name) for name in adapter.linear_names()}
-        self.mods: Dict[str, LearnableLinear] = {
-            name: _learnable(lin, config, bc, outliers.get(name)) for name, lin in self.original.items()}
+        self.mods: Dict[str, LearnableLinear] = {  # the original linears are dropped once replaced below
+            name: _learnable(adapter.get_linear(layer, name), config, bc, outliers.get(name))
+            for name in adapter.linear_names()}
         self.smoothers: Dict[str, Smoothing] = {}
         for name, t in transforms.items():
-            self.mods[name].transform = t.matrix(torch.float32).to(self.mods[name].weight.device)
+            self.mods[name].transform = t
         if bc.smooth:
             self._add_smoothing(stats, bc.smooth_alpha)
         if bc.weight_clip_search:  # after the smoothing (the clip is searched on the weight it quantizes),
@@ -122,14 +112,6 @@ class Block:
                 self._add_lowrank(m, bc)
         for name, m in self.mods.items():
             adapter.set_linear(layer, name, m)
-        # output rotations inside the layer (QuaRot's RotateAfter on Gemma3's post norms) run the
-        # bisup.ops kernel, which has no autograd: a dense matrix stands in while training
-        self._rotations = []
-        for child in layer.children():
-            rot = getattr(child, "rotation", None)
-            if isinstance(getattr(child, "inner", None), nn.Module) and hasattr(rot, "matrix"):
-                self._rotations.append((child, rot))
-                child.rotation = _DenseRotation(rot.matrix(torch.float32).to(m.weight.device))
 
     def _stat(self, stats, name) -> Optional[torch.Tensor]:
         st = stats.get(name)
@@ -151,7 +133,7 @@ class Block:
         n_v = m[V].out_features
         if amax is not None:
             act = torch.zeros(n_v, device=dev).scatter_reduce(0, expand, amax.to(dev), "amax", include_self=False)
-            wmax = torch.zeros(n_v, device=dev).scatter_reduce(0, expand, m[O].weight.abs().amax(0), "amax",
+            wmax = torch.zeros(n_v, device=dev).scatter_reduce(0, expand, m[O].weight.abs().amax(0).float(), "amax",
                                                                include_self=False)
             init = smooth_init(act, torch.maximum(wmax, m[V].weight.abs().amax(1)), alpha)
         else:
@@ -174,11 +156,11 @@ class Block:
     @torch.no_grad()
     def _add_lowrank(self, mod: LearnableLinear, bc: BiSupConfig) -> None:
         """A = U sqrt(S), B = lowrank_init sqrt(S) V^T of the quantization error, mapped back to the
-        latent basis (the error is made in the effective basis ((W * s_in) / s_out) M)."""
+        latent basis (the error is made in the effective basis ((W * s_in) / s_out) M: rows times M^T)."""
         w_eff, _ = mod.effective_weight()
         err = w_eff - mod.quantize_weight(w_eff)[0]
         if mod.transform is not None:
-            err = err @ mod.transform.T
+            err = mod.transform.inverse(err)
         s_in = mod.input_scale()
         if s_in is not None:
             err = err / s_in[None, :]
@@ -201,7 +183,7 @@ class Block:
         if low and bc.lowrank_lr > 0:
             groups.append(dict(params=low, lr=bc.lowrank_lr))
         if rounding and bc.rounding_lr > 0:
-            groups.append(dict(params=rounding, lr=bc.rounding_lr))
+            groups.append(dict(params=rounding, lr=bc.rounding_lr, name="rounding"))
         return groups
 
     def penalty(self, bc: BiSupConfig) -> torch.Tensor:
@@ -213,8 +195,6 @@ class Block:
     def export(self, hessians: Optional[Dict[str, torch.Tensor]] = None) -> None:
         """Replace the LearnableLinears by ordinary FakeQuantLinears; fold the reader smoothing into the norms."""
         adapter, config = self.adapter, self.config
-        for child, rot in self._rotations:
-            child.rotation = rot
         off = adapter.norm_offset
         for key, norm in (("attn", adapter.attn_norm(self.layer)), ("mlp", adapter.mlp_norm(self.layer))):
             sm = self.smoothers.get(key)
@@ -279,14 +259,37 @@ def block_loss(layer: nn.Module, hidden, kwargs, targets, chunks) -> float:
     return sum(vals) / max(len(vals), 1)
 
 
+class SignSGD(torch.optim.Optimizer):
+    """p -= lr * sign(grad) (AutoRound's optimizer for rounding offsets): no state. Uses up the gradient."""
+
+    def __init__(self, params, lr: float):
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.sub_(p.grad.sign_(), alpha=group["lr"])
+
+
+def _optimizers(groups: List[dict], bc: BiSupConfig) -> List[torch.optim.Optimizer]:
+    """AdamW over the groups; SignSGD over the rounding offsets when bc.rounding_optimizer says so."""
+    sign = [g for g in groups if bc.rounding_optimizer == "signsgd" and g.get("name") == "rounding"]
+    adam = [g for g in groups if not any(g is s for s in sign)]
+    opts = [torch.optim.AdamW(adam, weight_decay=bc.weight_decay)] if adam else []
+    return opts + [SignSGD(g["params"], g["lr"]) for g in sign]
+
+
 def train_block(block: Block, inputs, bc: BiSupConfig, train_chunks: List[int], seed: int,
                 desc: str, progress: bool) -> Dict[str, float]:
-    """AdamW over the block's parameters; returns the first/last epoch's mean training loss."""
+    """AdamW (and SignSGD, see _optimizers) over the block's parameters; returns the first/last epoch's
+    mean training loss."""
     groups = block.param_groups(bc)
     log = {"loss_first_epoch": float("nan"), "loss_last_epoch": float("nan")}
     if not groups or bc.epochs == 0 or not train_chunks:
         return log
-    opt = torch.optim.AdamW(groups, weight_decay=bc.weight_decay)
+    opts = _optimizers(groups, bc)
     gen = torch.Generator().manual_seed(seed)
     norms = {c: inputs.targets[c].square().mean().clamp(min=1e-12) for c in train_chunks}
     steps = tqdm(total=bc.epochs * len(train_chunks), desc=desc, disable=not progress, leave=False)
@@ -298,9 +301,10 @@ def train_block(block: Block, inputs, bc: BiSupConfig, train_chunks: List[int], 
                 out = _out(block.layer(inputs.hidden[c], **inputs.kwargs[c]))
                 mse = (out - inputs.targets[c]).square().mean() / norms[c]
                 loss = mse + bc.smooth_penalty * block.penalty(bc) if bc.smooth_penalty > 0 else mse
-                opt.zero_grad(set_to_none=True)
                 loss.backward()
-                opt.step()
+                for opt in opts:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)  # now, not before the next backward: no stale gradients
                 total += mse.item()
                 steps.update(1)
                 steps.set_postfix(loss=f"{mse.item():.4g}")

@@ -16,19 +16,21 @@
   training starts exactly at the base method's model and learns in the error's leading subspace).
 - `LearnableLinear`: a decoder linear computing
       y = act_quant(T(x / s_in)) @ Q_lwc( T_w((W + delta) * s_in[cols] / s_out[rows]) )^T + b / s_out
-  where T is an optional orthogonal input transform (QuaRot's online Hadamard before down_proj,
-  applied as a dense matrix so gradients flow) and the activation clip is sigmoid(c) per linear.
+  where T is an optional orthogonal input transform x -> x M (QuaRot's online Hadamard before
+  down_proj: the fast transform, differentiable, O(K log K) per row; W M is T applied to W's rows)
+  and the activation clip is sigmoid(c) per linear.
   `export()` returns the WeightCodes and the folded bias of exactly the weight that the ordinary
   FakeQuantLinear will hold.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from bisup.quant.codes import WeightCodes, code_dtype, quantize_weight
 from bisup.quant.formats import OFF_BITS, SCALE_DTYPE, num_groups
@@ -116,12 +118,26 @@ def smooth_init(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: fl
     return (s / s.log().mean().exp()).clamp(1e-4, 1e4)
 
 
-def svd_factors(err: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(A [N, r], B [r, K]) with A @ B the best rank-r approximation of err (A = U sqrt(S), B = sqrt(S) V^T)."""
-    u, s, vh = torch.linalg.svd(err.to(torch.float64), full_matrices=False)
+def svd_factors(err: torch.Tensor, rank: int, oversample: int = 8, power_iters: int = 4, seed: int = 0
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(A [N, r], B [r, K]) with A @ B a rank-r approximation of err (A = U sqrt(S), B = sqrt(S) V^T) by a
+    randomized truncated SVD in fp32 (Halko et al.): the range of err @ G (G Gaussian, r + oversample
+    columns) refined by `power_iters` power iterations, then the exact SVD of its small projection.
+    O(N K (r + oversample) power_iters) instead of a full SVD's O(N K min(N, K)); the same input gives
+    the same factors (G comes from a local generator seeded with `seed`; the global RNG is not
+    touched: torch.svd_lowrank takes no generator). Quantization errors have flat spectra: on a
+    1024 x 2688 W4 error the top-8 energy captured is 90% of the exact SVD's with 2 power
+    iterations, 96% with 4 (the default), 99% with 8; the residual norm is within 0.4% either way."""
+    e = err.to(torch.float32)
+    cols = min(rank + oversample, *e.shape)
+    g = torch.randn(e.shape[1], cols, generator=torch.Generator(e.device).manual_seed(seed), device=e.device)
+    basis = torch.linalg.qr(e @ g).Q
+    for _ in range(power_iters):  # re-orthonormalised each time: fp32 would lose the small directions
+        basis = torch.linalg.qr(e @ torch.linalg.qr(e.T @ basis).Q).Q
+    u, s, vh = torch.linalg.svd(basis.T @ e, full_matrices=False)
     r = min(rank, s.numel())
     root = s[:r].sqrt()
-    return (u[:, :r] * root).to(torch.float32), (root[:, None] * vh[:r]).to(torch.float32)
+    return (basis @ u[:, :r]) * root, root[:, None] * vh[:r]
 
 
 class LowRank(nn.Module):
@@ -138,14 +154,16 @@ class LowRank(nn.Module):
 
 
 class LearnableLinear(nn.Module):
-    """A decoder linear being fine-tuned (see the module docstring); frozen latent weight and bias.
+    """A decoder linear being fine-tuned (see the module docstring); frozen latent weight (the given
+    weight's storage, any float dtype, read as fp32) and bias (an fp32 copy).
 
     in_smooth: scales of the input channels; divide_input: whether this module divides its input by
     them (readers of a norm) or its input already arrives divided (o_proj after v, down_proj after
     up). in_expand: index mapping input channels to in_smooth entries (o_proj under GQA).
     out_smooth: scales dividing this module's output channels (v_proj, up_proj).
-    transform: dense orthogonal M [K, K] applied to the (smoothed) input, x -> x M, folded into
-    the weight (W M); at export the caller installs the matching online transform.
+    transform: callable x -> x M with inverse(x) = x M^T (M orthogonal [K, K], never built densely:
+    a HadamardTransform; differentiable) applied to the (smoothed) input and to the weight's rows
+    (W M); at export the caller installs the matching online transform.
     """
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], w_bits: int, w_group_size: int,
@@ -154,8 +172,8 @@ class LearnableLinear(nn.Module):
                  learn_weight_clip: bool = True, learn_act_clip: bool = True, weight_clip_init: float = 1.0,
                  learn_rounding: bool = False):
         super().__init__()
-        self.register_buffer("weight", weight.detach().to(torch.float32).clone())
-        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
+        self.register_buffer("weight", weight.detach())  # the linear's own storage and dtype: no fp32 copy
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32, copy=True))
         self.out_features, self.in_features = weight.shape
         self.w_bits, self.w_group_size, self.w_sym = w_bits, w_group_size, w_sym
         self.a_bits, self.a_group_size, self.a_sym = a_bits, a_group_size, a_sym
@@ -177,7 +195,7 @@ class LearnableLinear(nn.Module):
         self.divide_input = False
         self.register_buffer("in_expand", None)
         self.out_smooth: Optional[Smoothing] = None
-        self.register_buffer("transform", None)
+        self.transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         self.lowrank: Optional[LowRank] = None
         self.record = None  # optional callable seeing the input the weight multiplies (GPTQ Hessians)
 
@@ -189,8 +207,8 @@ class LearnableLinear(nn.Module):
         return s if self.in_expand is None else s[self.in_expand]
 
     def effective_weight(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(W_eff, b_eff) before quantization: ((W + delta) * s_in / s_out) M, b / s_out."""
-        w = self.weight
+        """(W_eff, b_eff) before quantization: ((W + delta) * s_in / s_out) M, b / s_out (fp32)."""
+        w = self.weight.to(torch.float32)
         if self.lowrank is not None:
             w = w + self.lowrank.delta()
         s_in = self.input_scale()
@@ -202,7 +220,7 @@ class LearnableLinear(nn.Module):
             w = w / s_out[:, None]
             b = None if b is None else b / s_out
         if self.transform is not None:
-            w = w @ self.transform
+            w = self.transform(w)
         return w, b
 
     @torch.no_grad()
@@ -243,15 +261,19 @@ class LearnableLinear(nn.Module):
         if self.divide_input:
             xf = xf / self.input_scale()
         if self.transform is not None:
-            xf = xf @ self.transform
+            xf = self.transform(xf)
         if self.record is not None:
             self.record(xf)
         if self.a_bits < OFF_BITS:  # as common.act_quantizer: no activation quantizer at 16 bits
             xf = fake_quant_channels(xf, self.a_bits, self.a_group_size, self.a_sym, self.act_clip(),
                                      self.outlier_idx, self.outlier_bits)
-        w, b = self.effective_weight()
-        wq = self.quantize_weight(w)[0]
+        wq, b = checkpoint(self._quantized_weight, use_reentrant=False) if torch.is_grad_enabled() \
+            else self._quantized_weight()
         return F.linear(xf, wq, b).to(x.dtype)
+
+    def _quantized_weight(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        w, b = self.effective_weight()
+        return self.quantize_weight(w)[0], b
 
     # ---------------------------------------------------------------- export
     @torch.no_grad()

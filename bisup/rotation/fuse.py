@@ -109,10 +109,43 @@ def untie_lm_head(model: nn.Module, lm_head: nn.Module, embeddings: nn.Module) -
         cfg.tie_word_embeddings = False
 
 
+def _kernel_hadamard(x: torch.Tensor, base: Optional[torch.Tensor]) -> torch.Tensor:
+    import bisup.ops as ops
+
+    return ops.hadamard(x.contiguous(), base)
+
+
+def _signed_hadamard(x: torch.Tensor, base: Optional[torch.Tensor], signs: Optional[torch.Tensor],
+                     transpose: bool, hadamard: Callable = reference.hadamard) -> torch.Tensor:
+    """x M (transpose=False) or x M^T (transpose=True) for M = diag(signs) H^T, H = S_p / sqrt(p) (x) B:
+    x M = hadamard(x * signs, B), x M^T = x H diag(signs) = hadamard(x, B^T) * signs (S_p is
+    symmetric). `base` is B^T when transpose; `hadamard` is the reference or the kernel (no autograd)."""
+    if signs is not None and not transpose:
+        x = x * signs.to(x.dtype)
+    y = hadamard(x, base)
+    return y * signs.to(y.dtype) if signs is not None and transpose else y
+
+
+class _HadamardFunction(torch.autograd.Function):
+    """The kernel with autograd: M is orthogonal, so the gradient of x -> x M is dy -> dy M^T."""
+
+    @staticmethod
+    def forward(ctx, x, base, base_t, signs, transpose: bool):
+        ctx.bases, ctx.signs, ctx.transpose = (base, base_t), signs, transpose
+        return _signed_hadamard(x, base_t if transpose else base, signs, transpose, _kernel_hadamard)
+
+    @staticmethod
+    def backward(ctx, dy):
+        base, base_t = ctx.bases
+        back = not ctx.transpose
+        return _signed_hadamard(dy, base_t if back else base, ctx.signs, back, _kernel_hadamard), None, None, None, None
+
+
 class HadamardTransform(nn.Module):
-    """x -> hadamard(x * signs) along the last dim: x @ diag(signs) H^T with H = hadamard_matrix(n)
-    (signs optional). Uses the bisup.ops kernel (CPU/CUDA) for fp32/fp16/bf16 and the reference
-    otherwise (float64 tests)."""
+    """x -> hadamard(x * signs) along the last dim: x @ M, M = diag(signs) H^T with H = hadamard_matrix(n)
+    (signs optional); `inverse(x)` = x @ M^T. Uses the bisup.ops kernel (CPU/CUDA) for fp32/fp16/bf16,
+    differentiable through an autograd.Function (the gradient of x M is dy M^T), and the reference
+    otherwise (float64 tests; differentiable through PyTorch)."""
 
     def __init__(self, n: int, signs: Optional[torch.Tensor] = None):
         super().__init__()
@@ -125,11 +158,13 @@ class HadamardTransform(nn.Module):
         self._cache: dict = {}
 
     def _on(self, device: torch.device):
+        """((B, B^T) float64, (B, B^T) fp32 contiguous, signs float64) on device (None where absent)."""
         key = str(device)
         if key not in self._cache:
-            b, s = self._base, self._signs
-            self._cache[key] = (None if b is None else b.to(device), None if b is None else b.to(device, torch.float32),
-                                None if s is None else s.to(device))
+            b64 = None if self._base is None else self._base.to(device)
+            pairs = [(None, None) if m is None else (m, m.T.contiguous())
+                     for m in (b64, None if b64 is None else b64.to(torch.float32))]
+            self._cache[key] = (*pairs, None if self._signs is None else self._signs.to(device))
         return self._cache[key]
 
     def to_config(self) -> dict:
@@ -142,20 +177,23 @@ class HadamardTransform(nn.Module):
         return cls(int(cfg["n"]), None if signs is None else torch.tensor(signs, dtype=torch.float32))
 
     def matrix(self, dtype=torch.float64) -> torch.Tensor:
-        """The dense n x n matrix M with forward(x) = x @ M."""
+        """The dense n x n matrix M with forward(x) = x @ M (tests and small orders only: n^2 entries)."""
         return self.forward(torch.eye(self.n, dtype=dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _rotate(self, x: torch.Tensor, transpose: bool) -> torch.Tensor:
         if x.shape[-1] != self.n:
             raise ValueError(f"HadamardTransform({self.n}) got last dim {x.shape[-1]}")
         base64, base32, signs = self._on(x.device)
-        if signs is not None:
-            x = x * signs.to(x.dtype)
         if x.dtype in (torch.float32, torch.float16, torch.bfloat16):
-            import bisup.ops as ops
+            return _HadamardFunction.apply(x, *base32, signs, transpose)
+        return _signed_hadamard(x, base64[1] if transpose else base64[0], signs, transpose)
 
-            return ops.hadamard(x.contiguous(), base32)
-        return reference.hadamard(x, base64)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._rotate(x, transpose=False)
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ M^T (= x @ M^-1: M is orthogonal)."""
+        return self._rotate(x, transpose=True)
 
     def extra_repr(self) -> str:
         return f"n={self.n}, base={1 if self._base is None else self._base.shape[0]}, signed={self._signs is not None}"

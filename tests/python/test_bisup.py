@@ -13,6 +13,7 @@ from bisup.models.adapters import get_adapter
 from bisup.models.tiny import FAMILIES, TINY_GROUP, random_tokens, tiny_model
 from bisup.nn.fake_quant import FakeQuantLinear
 from bisup.quant.learnable import LearnableLinear, lwc_quantize, logit, svd_factors
+from bisup.rotation.fuse import RotateAfter
 
 G = TINY_GROUP
 
@@ -88,6 +89,66 @@ def test_lwc_at_full_clip_is_rtn_and_clip_gets_gradients():
     assert hi.grad.abs().sum() + lo.grad.abs().sum() > 0
 
 
+def test_learnable_linear_reads_a_bf16_weight_in_place():
+    """The frozen latent weight is the linear's own bf16 storage (no fp32 copy), read as fp32."""
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    mods = [LearnableLinear(v, None, 4, G, True, 4, G, True, 1.0, 0.9, learn_rounding=True) for v in (w, w.float())]
+    assert mods[0].weight.data_ptr() == w.data_ptr() and mods[0].weight.dtype == torch.bfloat16
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(7))
+    outs = []
+    for m in mods:
+        with torch.enable_grad():
+            m(x).square().sum().backward()
+        outs.append((m(x), m.w_round.grad, m.w_hi.grad, m.export()[0].codes))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def _trained_linear():
+    """A LearnableLinear with every piece of the weight path: smoothing in and out, low rank, the
+    online Hadamard (K = 80: base 20), learned rounding."""
+    from bisup.quant.learnable import LowRank, Smoothing
+    from bisup.rotation.fuse import HadamardTransform
+
+    gen = torch.Generator().manual_seed(8)
+    m = LearnableLinear(torch.randn(48, 80, generator=gen), torch.randn(48, generator=gen), 4, G, False, 4, G, True,
+                        1.0, 0.9, learn_rounding=True)
+    m.in_smooth, m.divide_input = Smoothing(torch.rand(80, generator=gen) + 0.5), True
+    m.out_smooth = Smoothing(torch.rand(48, generator=gen) + 0.5)
+    m.lowrank = LowRank(torch.randn(48, 4, generator=gen), torch.randn(4, 80, generator=gen) * 0.01, 1.0)
+    m.transform = HadamardTransform(80)
+    with torch.no_grad():
+        m.w_round.copy_(torch.rand(48, 80, generator=gen) - 0.5)
+    return m, torch.randn(2, 80, generator=gen)
+
+
+def test_weight_path_is_recomputed_in_backward(monkeypatch):
+    """While training, a LearnableLinear keeps only its quantized weight (F.linear's) of the weight path;
+    the gradients are those of the plain graph."""
+    import bisup.quant.learnable as learnable
+
+    def saved_bytes_and_grads():
+        m, x = _trained_linear()
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = m(x)
+        y.square().sum().backward()
+        return sum(seen.values()), [p.grad for p in m.parameters() if p.requires_grad]
+
+    weight_bytes = 48 * 80 * 4
+    kept, grads = saved_bytes_and_grads()
+    monkeypatch.setattr(learnable, "checkpoint", lambda f, use_reentrant: f())
+    plain, plain_grads = saved_bytes_and_grads()
+    assert kept < 1.5 * weight_bytes and plain > 4 * weight_bytes, (kept, plain)
+    assert len(grads) == 8 and all(g is not None for g in grads)
+    assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads))
+
+
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("outliers", [None, [3, 40]])
 def test_searched_clip_init_lowers_every_groups_weight_error(sym, outliers):
@@ -147,6 +208,25 @@ def test_lowrank_init_lowers_the_weight_reconstruction_error():
         prev = now
 
 
+def test_randomized_svd_is_as_good_as_the_exact_one_and_deterministic():
+    gen = torch.Generator().manual_seed(5)
+    n, k, rank = 192, 320, 8
+    u = torch.linalg.qr(torch.randn(n, n, generator=gen)).Q
+    v = torch.linalg.qr(torch.randn(k, k, generator=gen)).Q
+    spectrum = 0.85 ** torch.arange(n, dtype=torch.float32)  # decaying, no gap after rank 8
+    err = (u * spectrum) @ v[:, :n].T
+    exact = float(spectrum[rank:].norm())
+    a, b = svd_factors(err, rank)
+    assert a.shape == (n, rank) and b.shape == (rank, k) and a.dtype == b.dtype == torch.float32
+    assert float((err - a @ b).norm()) <= 1.01 * exact
+    state = torch.get_rng_state()
+    again = svd_factors(err, rank)
+    assert torch.equal(a, again[0]) and torch.equal(b, again[1])  # seeded locally: the same factors
+    assert torch.equal(state, torch.get_rng_state())  # and the global generator untouched
+    a1, b1 = svd_factors(err, rank, power_iters=0, oversample=0)  # what the power iterations buy
+    assert float((err - a1 @ b1).norm()) > 1.01 * exact
+
+
 def test_merged_lowrank_starts_at_the_base_weight():
     model = tiny_model("llama", num_layers=1)
     config = _cfg("rtn", smooth=False, weight_clip=False)
@@ -159,6 +239,71 @@ def test_merged_lowrank_starts_at_the_base_weight():
     block.export()
     base = FakeQuantLinear(lin, 4, G, True, 1.0)
     assert torch.equal(adapter.get_linear(layer, "mlp.up_proj").weight, base.weight)  # nothing trained: RTN
+    it.close()
+
+
+class _Dense(torch.nn.Module):
+    """x -> x M and its inverse as dense products: what the fast transforms must compute."""
+
+    def __init__(self, transform):
+        super().__init__()
+        self.m = transform.matrix(torch.float64).to(torch.float32)
+
+    def forward(self, x):
+        return x @ self.m
+
+    def inverse(self, x):
+        return x @ self.m.T
+
+
+def test_lowrank_init_is_the_svd_of_the_error_in_the_latent_basis():
+    """QuaRot's down_proj makes its error in the rotated basis W M; A @ B is stored unrotated (err M^T)."""
+    model = tiny_model("llama", num_layers=1)  # intermediate 160: base 20, M is not symmetric
+    config = _cfg("quarot", smooth=False, lowrank_init=1.0, rank=4)
+    adapter, _, tr, layer, inputs, it = _first_layer(model, config, random_tokens(2, 24))
+    block = bisup_method.Block(adapter, layer, config, inputs.stats, {}, tr)
+    mod = block.mods["mlp.down_proj"]
+    with torch.no_grad():
+        w_eff = _Dense(mod.transform)(mod.weight)
+        err = w_eff - mod.quantize_weight(w_eff)[0]
+        left = (err - _Dense(mod.transform)(mod.lowrank.delta())).norm()
+        s = torch.linalg.svdvals(err.double())
+    assert float(left) == pytest.approx(float(s[4:].norm()), rel=1e-2)
+    it.close()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: rotations after the post norms (RotateAfter)
+def test_block_gradients_match_dense_rotations(family):
+    """The fast transforms (down_proj's online Hadamard, RotateAfter's residual rotation) give the loss
+    and the gradients that dense rotation matrices give."""
+    model = tiny_model(family, num_layers=1)
+    config = _cfg("quarot", lowrank_init=0.5)
+    adapter, _, tr, layer, inputs, it = _first_layer(model, config, random_tokens(2, 24))
+    block = bisup_method.Block(adapter, layer, config, inputs.stats, {}, tr)
+    params = [p for g in block.param_groups(config.bisup) for p in g["params"]]
+    rotate_after = [c for c in layer.children() if isinstance(c, RotateAfter)]
+    assert (len(rotate_after) == 2) == (family == "gemma3") and block.mods["mlp.down_proj"].transform is not None
+
+    def loss_and_grads():
+        for p in params:
+            p.grad = None
+        with torch.enable_grad():
+            out = layer(inputs.hidden[0], **inputs.kwargs[0])[0]
+            loss = (out - inputs.targets[0]).square().mean()
+            loss.backward()
+        return loss.item(), [p.grad.clone() for p in params]
+
+    fast, fast_grads = loss_and_grads()
+    for m in block.mods.values():
+        if m.transform is not None:
+            m.transform = _Dense(m.transform)
+    for c in rotate_after:
+        c.rotation = _Dense(c.rotation)
+    dense, dense_grads = loss_and_grads()
+    assert fast == pytest.approx(dense, rel=1e-4)
+    assert all(g.abs().sum() > 0 for g in fast_grads[:3])
+    for f, d in zip(fast_grads, dense_grads):
+        assert float((f - d).norm()) <= 1e-3 * float(d.norm()) + 1e-9
     it.close()
 
 
@@ -181,6 +326,42 @@ def test_training_lowers_the_block_loss(method, rounding):
     block.export()  # the exported ordinary layer computes what was trained
     exported = bisup_method.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks)
     assert exported == pytest.approx(after, rel=1e-3)
+    it.close()
+
+
+def test_signsgd_step_and_rounding_option():
+    p = torch.nn.Parameter(torch.tensor([0.1, 0.2, -0.3]))
+    p.grad = torch.tensor([-2.0, 0.0, 1e-9])
+    opt = bisup_method.SignSGD([p], lr=0.05)
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.tensor([0.15, 0.2, -0.35]))
+    assert not opt.state  # no moments
+    bc = BiSupConfig(rounding_optimizer="signsgd", rounding_lr=0.02)
+    groups = [dict(params=[p], lr=1e-2), dict(params=[torch.nn.Parameter(torch.zeros(2))], lr=0.02, name="rounding")]
+    adam, sign = bisup_method._optimizers(groups, bc)
+    assert isinstance(adam, torch.optim.AdamW) and len(adam.param_groups) == 1 and adam.param_groups[0]["params"] == [p]
+    assert isinstance(sign, bisup_method.SignSGD) and sign.param_groups[0]["lr"] == 0.02
+    assert [type(o) for o in bisup_method._optimizers(groups, BiSupConfig())] == [torch.optim.AdamW]
+    with pytest.raises(ValueError, match=r"BiSupConfig\.rounding_optimizer='sgd': expected one of"):
+        BiSupConfig(rounding_optimizer="sgd")
+
+
+def test_training_with_signsgd_rounding_lowers_the_block_loss():
+    model = tiny_model("llama", num_layers=1)
+    config = _cfg("quarot", epochs=15, lr=1e-2, lowrank_lr=1e-3, rounding_optimizer="signsgd", rounding_lr=1e-2,
+                  weight_clip_search=False)
+    adapter, base, tr, layer, inputs, it = _first_layer(model, config, random_tokens(4, 32))
+    block = bisup_method.Block(adapter, layer, config, inputs.stats, {}, tr)
+    chunks = list(range(len(inputs.hidden)))
+    before = bisup_method.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks)
+    start = [m.w_round.detach().clone() for m in block.mods.values()]
+    bisup_method.train_block(block, inputs, config.bisup, chunks, 0, "t", False)
+    after = bisup_method.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks)
+    assert after < 0.9 * before, (before, after)
+    steps = 15 * len(chunks)
+    for m, s in zip(block.mods.values(), start):  # sign steps of exactly rounding_lr (a zero gradient: none)
+        moved = (m.w_round.detach() - s) / 1e-2
+        assert moved.abs().max() <= steps + 1e-3 and torch.allclose(moved, moved.round(), atol=1e-3)
     it.close()
 
 

@@ -1,4 +1,5 @@
-"""The `hadamard` op: CPU twin / CUDA kernel vs the PyTorch reference vs the dense matrix."""
+"""The `hadamard` op: CPU twin / CUDA kernel vs the PyTorch reference vs the dense matrix; HadamardTransform's
+inverse and gradients (its autograd.Function around the op) vs the dense matrix."""
 import pytest
 import torch
 
@@ -65,3 +66,46 @@ def test_hadamard_errors(device):
             ops.hadamard(x, hadamard_base(24))
         with pytest.raises(RuntimeError, match="up to 32768"):
             ops.hadamard(torch.randn(1, 65536, device=device))
+
+
+# ------------------------------------------------------------------------------------------------
+# HadamardTransform (x -> x M, M = diag(signs) H^T): inverse and gradients vs the dense matrix
+# ------------------------------------------------------------------------------------------------
+def _transforms(n):
+    from bisup.rotation.fuse import HadamardTransform, random_hadamard_transform
+
+    return [HadamardTransform(n), random_hadamard_transform(n, seed=n)]
+
+
+# a Sylvester order, Paley bases (12, 20 * 4), a GF(3^3) base (28 * 4); none of the based M is symmetric
+GRAD_SIZES = [16, 12, 80, 112]
+
+
+@pytest.mark.parametrize("n", GRAD_SIZES)
+def test_hadamard_transform_gradcheck_float64(n):
+    """The float64 path (the reference) is differentiable; forward and inverse pass gradcheck."""
+    x = torch.randn(2, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n), requires_grad=True)
+    for t in _transforms(n):
+        assert torch.autograd.gradcheck(t, (x,))
+        assert torch.autograd.gradcheck(t.inverse, (x,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", GRAD_SIZES + [6])  # 6: a random-orthogonal (non-Hadamard) base
+def test_hadamard_transform_kernel_gradients_match_the_dense_matrix(device, n, dtype):
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(3, 2, n, generator=gen)
+    dy = torch.randn(3, 2, n, generator=gen)
+    tol = dict(atol=TOL[dtype] * 4, rtol=TOL[dtype])
+    for t in _transforms(n):
+        m = t.matrix(torch.float64)  # forward(x) = x M
+        for fn, mat in ((t, m), (t.inverse, m.T)):
+            xd = x.to(device, dtype, copy=True).requires_grad_(True)
+            y = fn(xd)
+            assert y.dtype == dtype and y.grad_fn is not None
+            y.backward(dy.to(device, dtype))
+            torch.testing.assert_close(y.detach().cpu().float(), (xd.detach().cpu().double() @ mat).float(), **tol)
+            want = dy.to(dtype).double() @ mat.T  # d/dx of x A is dy A^T
+            torch.testing.assert_close(xd.grad.cpu().float(), want.float(), **tol)
+        xf = x.to(device)
+        torch.testing.assert_close(t.inverse(t(xf)), xf, atol=1e-5, rtol=1e-5)
