@@ -206,7 +206,7 @@ class Block:
             d, h = adapter.head_dim, adapter.num_kv_heads
             inv = (1.0 / sm.scale().detach().to(torch.float64)).reshape(h, d)
             compose_value_basis(adapter.attention(self.layer), torch.diag_embed(inv), h, d)
-        dtype = next(iter(self.original.values())).weight.dtype  # the layer's compute dtype (Placement)
+        dtype = next(iter(self.mods.values())).weight.dtype  # the layer's compute dtype (Placement)
         for name, mod in self.mods.items():
             adapter.set_linear(self.layer, name, self._export_linear(name, mod, dtype, hessians))
 
