@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-shot GPU proof for a lent H200 (or any CUDA GPU): build with the machine's own torch,
-# run the CUDA parity tests, run the kernel benchmarks, leave JSON + logs in $OUT.
+# run the CUDA parity tests, every method + BiSup on the GPU, one 7B-shaped layer, the kernel
+# benchmarks; leave JSON + logs in $OUT.
 # Usage (device tool): bash scripts/gpu_check.sh        Budget: well under 8 minutes.
 set -uo pipefail
 OUT=${OUT:-$(pwd)/bench/results/gpu_check_local}
@@ -26,6 +27,13 @@ echo "build took $(( $(date +%s) - t0 )) s"
 step "CUDA parity tests"
 # -k cuda: only the cuda-parametrized cases; the CPU ones already ran in CI.
 timeout 240 $PY -m pytest -q -x tests/python -k "cuda" 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25 || status=1
+
+step "every method + BiSup on the GPU (tiny models of every family, bf16) and real-mode generation"
+timeout 120 $PY scripts/gpu_models.py --device cuda 2>&1 | tee "$OUT/models_cuda.log" | tail -30 || status=1
+
+step "one Llama-2-7B-shaped layer on the GPU: QuaRot+GPTQ and + BiSup (bench/scale.py)"
+timeout 150 $PY bench/scale.py --device cuda --shapes llama2-7b --variants fp32_forward,base,bisup \
+  --json "$OUT/scale_cuda.json" 2>&1 | tee "$OUT/scale_cuda.log" | tail -8 || status=1
 
 step "benchmarks"
 # Each bench writes its own JSON into $OUT and prints a table.
