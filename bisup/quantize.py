@@ -34,7 +34,7 @@ def _token_sequences(items: Sequence) -> Optional[list]:
                 and (item.dim() < 2 or item.shape[0] == 1):
             out.append(item.reshape(-1).to(torch.long))
         elif isinstance(item, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in item):
-            out.append(torch.tensor(item, dtype=torch.long))
+            out.append(torch.tensor(item, dtype=torch.long, device="cpu"))
         else:
             return None
     return out
@@ -64,7 +64,7 @@ def calibration_batches(calib_data, tokenizer, config: QuantConfig) -> torch.Ten
         if tokenizer is None:
             raise ValueError("calib_data is text: pass the model's tokenizer too")
         text = calib_data if isinstance(calib_data, str) else "\n\n".join(calib_data)
-        ids = torch.tensor(tokenizer.encode(text, add_special_tokens=False), dtype=torch.long)
+        ids = torch.tensor(tokenizer.encode(text, add_special_tokens=False), dtype=torch.long, device="cpu")
         return _windows(ids, config, "the calibration text")
     seqs = _token_sequences(calib_data) if isinstance(calib_data, (list, tuple)) and calib_data else None
     if seqs is None:
