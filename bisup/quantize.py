@@ -35,7 +35,7 @@ def _token_sequences(items: Sequence) -> Optional[list]:
                 and (item.dim() < 2 or item.shape[0] == 1):
             out.append(item.reshape(-1).to(torch.long))
         elif isinstance(item, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in item):
-            out.append(torch.tensor(item, dtype=torch.long))
+            out.append(torch.tensor(item, dtype=torch.long, device="cpu"))
         else:
             return None
     return out
@@ -65,7 +65,7 @@ def calibration_batches(calib_data, tokenizer, config: QuantConfig) -> torch.Ten
         if tokenizer is None:
             raise ValueError("calib_data is text: pass the model's tokenizer too")
         text = calib_data if isinstance(calib_data, str) else "\n\n".join(calib_data)
-        ids = torch.tensor(tokenizer.encode(text, add_special_tokens=False), dtype=torch.long)
+        ids = torch.tensor(tokenizer.encode(text, add_special_tokens=False), dtype=torch.long, device="cpu")
         return _windows(ids, config, "the calibration text")
     seqs = _token_sequences(calib_data) if isinstance(calib_data, (list, tuple)) and calib_data else None
     if seqs is None:
@@ -177,7 +177,7 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
     create one when none is passed).
 
     The model stays on its device and in its dtype (e.g. bf16 in CPU RAM): each decoder layer is
-    moved to `device` (default: where the model is), computed in float32 there and written back
+    moved to `device` (default: where it is), computed in float32 there and written back
     (bisup.methods.placement). offload_activations=True keeps calibration activations on the CPU
     between layers. With mode="real" each layer becomes real as soon as it is quantized, so the
     model never holds every layer's fake-quant weights and codes at once.

@@ -47,7 +47,7 @@ def _load_linear(entry: dict, linear: nn.Linear, name: str, tensors, dtype) -> F
     n, k = entry["out_features"], entry["in_features"]
     if (linear.out_features, linear.in_features) != (n, k):
         raise FormatError(f"{name}: saved shape {(n, k)} does not match the model's {(linear.out_features, linear.in_features)}")
-    aq = None if entry["act_quantizer"] is None else ActQuantizer(**entry["act_quantizer"])
+    aq = None if entry["act_quantizer"] is None else ActQuantizer(**entry["act_quantizer"], device="cpu")
     transform = build_transform(entry["input_transform"])
     n_out = entry["n_outliers"]
     outlier_idx = take(tensors, f"{name}.outlier_idx", (n_out,), torch.long) if n_out else None
@@ -91,7 +91,8 @@ def _build_model(path: Path, meta: dict):
         dtype = getattr(torch, meta["dtype"])
     except (ValueError, TypeError, KeyError, AttributeError) as err:
         raise FormatError(f"{path / CONFIG_FILE}: invalid configuration: {err}") from err
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
+    with torch.device("cpu"):  # where load_file puts the tensors; load_quantized moves the model at the end
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
     return model, quant_config, dtype
 
 

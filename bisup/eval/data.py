@@ -72,7 +72,7 @@ def _tokens_from_docs(tokenizer, docs: List[str], n_tokens: int, chunk: int = 64
     for i in range(0, len(docs), chunk):
         ids += _encode(tokenizer, DOC_SEPARATOR.join(docs[i:i + chunk]) + DOC_SEPARATOR)
         if len(ids) >= n_tokens:
-            return torch.tensor(ids[:n_tokens], dtype=torch.long)
+            return torch.tensor(ids[:n_tokens], dtype=torch.long, device="cpu")
     raise ValueError(f"the corpus slice holds only {len(ids)} tokens, {n_tokens} were asked for")
 
 
@@ -91,7 +91,7 @@ def embedded_eval_tokens(tokenizer, n_tokens: int) -> torch.Tensor:
         m *= 2
     if len(ids) < n_tokens:
         raise ValueError(f"the held-out corpus slice holds only {len(ids)} tokens, {n_tokens} were asked for")
-    return torch.tensor(ids[-n_tokens:], dtype=torch.long)
+    return torch.tensor(ids[-n_tokens:], dtype=torch.long, device="cpu")
 
 
 def calibration_batches(tokenizer, n: int = 32, seq_len: int = 512) -> torch.Tensor:
@@ -131,4 +131,4 @@ def eval_tokens(tokenizer, dataset: str = "embedded", n_tokens: int = 8 * 512) -
     ids = _encode(tokenizer, _load_hf_dataset(dataset))
     if len(ids) < n_tokens:
         raise ValueError(f"dataset {dataset!r} holds only {len(ids)} tokens, {n_tokens} were asked for")
-    return torch.tensor(ids[:n_tokens], dtype=torch.long)
+    return torch.tensor(ids[:n_tokens], dtype=torch.long, device="cpu")

@@ -50,7 +50,7 @@ def system_prompt_ids(tokenizer, system_prompt: Union[str, torch.Tensor, list, N
         text = default_system_prompt(tokenizer) if system_prompt == "default" else system_prompt
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
     else:
-        ids = torch.as_tensor(system_prompt, dtype=torch.long)
+        ids = torch.as_tensor(system_prompt, dtype=torch.long, device="cpu")  # as a tokenizer returns them
     ids = ids.reshape(1, -1)
     if ids.shape[1] == 0:
         raise ValueError("the system prompt is empty")
@@ -80,7 +80,7 @@ def window_nll(model, tokens: torch.Tensor, seq_len: int = 512, max_windows: Opt
     pkv = None
     if p and prompt_kv != "low-bit":
         pkv = compute_prompt_kv(model, system_ids.to(device), fp_model if prompt_kv == "fp-model" else None)
-    out = torch.empty(n_windows, seq_len - 1)
+    out = torch.empty(n_windows, seq_len - 1, device="cpu")  # filled with .cpu() rows
     for w in tqdm(range(n_windows), desc="perplexity", disable=not progress, leave=False):
         ids = tokens[w * seq_len:(w + 1) * seq_len].to(device)[None]
         context = nullcontext()

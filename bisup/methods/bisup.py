@@ -81,11 +81,11 @@ def _col_absmax(mods: List[LearnableLinear]) -> torch.Tensor:
     return torch.stack([m.weight.abs().amax(0) for m in mods]).amax(0)
 
 
-def _gqa_expand(adapter) -> torch.Tensor:
+def _gqa_expand(adapter, device) -> torch.Tensor:
     """o_proj input channel -> v_proj output channel (query head h reads kv head h // group)."""
     d, group = adapter.head_dim, adapter.num_heads // adapter.num_kv_heads
-    heads = torch.arange(adapter.num_heads) // group
-    return (heads[:, None] * d + torch.arange(d)[None, :]).reshape(-1)
+    heads = torch.arange(adapter.num_heads, device=device) // group
+    return (heads[:, None] * d + torch.arange(d, device=device)[None, :]).reshape(-1)
 
 
 class Block:
@@ -122,13 +122,13 @@ class Block:
         for key, readers in (("attn", (Q, K, V)), ("mlp", (GATE, UP))):
             amax = self._stat(stats, readers[0])
             init = smooth_init(amax, _col_absmax([m[r] for r in readers]), alpha) if amax is not None \
-                else torch.ones(m[readers[0]].in_features)
+                else torch.ones(m[readers[0]].in_features, device=dev)
             sm = Smoothing(init.to(dev))
             self.smoothers[key] = sm
             for r in readers:
                 m[r].in_smooth, m[r].divide_input = sm, True
         # v -> o (per kv channel; o's columns expanded over the query heads of each kv head)
-        expand = _gqa_expand(self.adapter).to(dev)
+        expand = _gqa_expand(self.adapter, dev)
         amax = self._stat(stats, O)
         n_v = m[V].out_features
         if amax is not None:
@@ -188,7 +188,7 @@ class Block:
 
     def penalty(self, bc: BiSupConfig) -> torch.Tensor:
         pens = [s.penalty(bc.smooth_range) for s in self.smoothers.values()]
-        return torch.stack(pens).sum() if pens else torch.zeros(())
+        return torch.stack(pens).sum() if pens else torch.zeros((), device=next(iter(self.mods.values())).weight.device)
 
     # ---------------------------------------------------------------- export
     @torch.no_grad()
@@ -215,7 +215,7 @@ class Block:
         wc, w, b, clip = mod.export()
         outlier_idx = mod.outlier_idx
         aq = act_quantizer(config.replace(a_clip=clip) if config.quantizes_activations else config,
-                           None if outlier_idx is None else outlier_idx.cpu())
+                           outlier_idx, device=w.device)
         transform = self.transforms.get(name)
         if hessians is not None and wc is not None:  # GPTQ codes under the learned clipping
             lo, hi = mod.clip_bounds(w)
@@ -290,12 +290,12 @@ def train_block(block: Block, inputs, bc: BiSupConfig, train_chunks: List[int], 
     if not groups or bc.epochs == 0 or not train_chunks:
         return log
     opts = _optimizers(groups, bc)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)  # the order is the same on every device
     norms = {c: inputs.targets[c].square().mean().clamp(min=1e-12) for c in train_chunks}
     steps = tqdm(total=bc.epochs * len(train_chunks), desc=desc, disable=not progress, leave=False)
     with torch.enable_grad():
         for epoch in range(bc.epochs):
-            order = [train_chunks[i] for i in torch.randperm(len(train_chunks), generator=gen).tolist()]
+            order = [train_chunks[i] for i in torch.randperm(len(train_chunks), generator=gen, device="cpu").tolist()]
             total = 0.0
             for c in order:
                 out = _out(block.layer(inputs.hidden[c], **inputs.kwargs[c]))

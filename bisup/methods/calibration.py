@@ -256,7 +256,7 @@ def iterate_layers(
     input the weight will read once an online transform is installed; QuaRot's Hadamard before
     down_proj), cheaper than transforming a K x K Hessian afterwards.
 
-    placement (default: the model's device): while yielded, the layer sits on placement.compute
+    placement (default: each layer where it is): while yielded, the layer sits on placement.compute(layer)
     with float32 parameters, and inputs (hidden, kwargs, targets) are float32 tensors there; when the
     caller asks for the next layer, this one goes back to its device and dtype (Placement.layer).
     """
@@ -276,12 +276,13 @@ def iterate_layers(
         layers = adapter.layers()
         for index in tqdm(range(len(layers)), desc=desc, disable=not progress):
             with placement.layer(layers[index]) as layer:
-                kwargs = [placement.to_compute(kw) for kw in layer_kwargs[index]]
-                inputs = LayerInputs([placement.to_compute(h) for h in hidden], kwargs)
+                dev = placement.compute(layer)
+                kwargs = [placement.to_compute(kw, dev) for kw in layer_kwargs[index]]
+                inputs = LayerInputs([placement.to_compute(h, dev) for h in hidden], kwargs)
                 del hidden
                 if fp_hidden is not None:  # before the hooks: statistics come from the quantized stream only
                     with full_precision(layer):  # no KV quantization either
-                        fp_in = LayerInputs([placement.to_compute(h) for h in fp_hidden], kwargs)
+                        fp_in = LayerInputs([placement.to_compute(h, dev) for h in fp_hidden], kwargs)
                         inputs.targets = fp_in.run(layer)
                     del fp_in, fp_hidden
                 hooks = _StatsHooks(adapter, layer, names, kinds, stat_transforms)

@@ -49,12 +49,13 @@ class Method:
     bisup_base: Optional[BiSupBase] = None  # how BiSup wraps this method (QuantConfig.bisup); None: it cannot
 
 
-def act_quantizer(config: QuantConfig, outlier_idx: Optional[torch.Tensor] = None) -> Optional[ActQuantizer]:
-    """Per-token activation quantizer of config (None when activations stay in floating point)."""
+def act_quantizer(config: QuantConfig, outlier_idx: Optional[torch.Tensor] = None,
+                  device=None) -> Optional[ActQuantizer]:
+    """Per-token activation quantizer of config on `device` (None when activations stay in floating point)."""
     if not config.quantizes_activations:
         return None
     return ActQuantizer(config.a_bits, config.a_group_size, config.a_sym, config.a_clip,
-                        outlier_idx=outlier_idx, outlier_bits=config.atom_outlier_bits)
+                        outlier_idx=outlier_idx, outlier_bits=config.atom_outlier_bits, device=device)
 
 
 def fake_quant_linear(linear, config: QuantConfig, outlier_idx: Optional[torch.Tensor] = None,
@@ -63,7 +64,8 @@ def fake_quant_linear(linear, config: QuantConfig, outlier_idx: Optional[torch.T
     """A FakeQuantLinear for `linear` with config's weight and activation settings (RTN weights
     unless `weight`, an already quantized-dequantized weight, is given)."""
     return FakeQuantLinear(linear, config.w_bits, config.w_group_size, config.w_sym, config.w_clip,
-                           act_quantizer=act_quantizer(config, outlier_idx), input_transform=input_transform,
+                           act_quantizer=act_quantizer(config, outlier_idx, linear.weight.device),
+                           input_transform=input_transform,
                            outlier_idx=outlier_idx, outlier_bits=config.atom_outlier_bits, weight=weight,
                            w_clip_search=config.w_clip_search)
 

@@ -49,7 +49,8 @@ def _cast_parameters(module: nn.Module, dtype: torch.dtype) -> None:
 
 @dataclass(frozen=True)
 class Placement:
-    """device: where layers compute (None: the CPU); offload_activations: keep the calibration
+    """device: where layers compute (None: where each layer is, e.g. a model spread over devices by
+    accelerate's device_map; nothing moves); offload_activations: keep the calibration
     activations between layers on the CPU (for a compute device with little memory); finish: called
     with each quantized layer once it is back home (quantize_model's mode="real": the layer's linears
     become QuantLinears right away, so a large model never holds every layer in fake-quant form)."""
@@ -61,27 +62,22 @@ class Placement:
     @classmethod
     def for_model(cls, model: nn.Module, device: DeviceLike = None, offload_activations: bool = False,
                   finish: Optional[Callable[[nn.Module], None]] = None) -> "Placement":
-        """device None: the model's own device (nothing moves, layers still compute in float32)."""
-        dev = module_device(model) if device is None else torch.device(device)
-        if dev.type == "cuda" and dev.index is None:
+        """device None: each layer computes where it is (nothing moves; layers still compute in float32)."""
+        dev = None if device is None else torch.device(device)
+        if dev is not None and dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         return cls(dev, offload_activations, finish)
 
-    @property
-    def compute(self) -> torch.device:
-        return self.device if self.device is not None else torch.device("cpu")
-
-    @property
-    def activations(self) -> torch.device:
-        """Where calibration activations are held between layers."""
-        return torch.device("cpu") if self.offload_activations else self.compute
+    def compute(self, module: nn.Module) -> torch.device:
+        """Where `module` computes: self.device, else where it is."""
+        return self.device if self.device is not None else module_device(module)
 
     @contextlib.contextmanager
     def layer(self, layer: nn.Module, finish: bool = True, cast: bool = True) -> Iterator[nn.Module]:
         """The layer on the compute device with float32 parameters (cast=False: in their own dtype); back
         home (device, dtype) on exit, then self.finish(layer) unless finish=False (or the block raised)."""
         home, dtype = module_device(layer), module_dtype(layer)
-        layer.to(self.compute)
+        layer.to(self.compute(layer))
         if cast:
             _cast_parameters(layer, COMPUTE_DTYPE)
         try:
@@ -92,13 +88,15 @@ class Placement:
         if finish and self.finish is not None:
             self.finish(layer)
 
-    def to_compute(self, value: Any) -> Any:
-        """Tensors (also inside tuples, lists and dicts) on the compute device, floating ones in float32."""
-        return _map_tensors(value, lambda t: t.to(self.compute, COMPUTE_DTYPE if t.is_floating_point() else t.dtype))
+    @staticmethod
+    def to_compute(value: Any, device: torch.device) -> Any:
+        """Tensors (also inside tuples, lists and dicts) on `device`, floating ones in float32."""
+        return _map_tensors(value, lambda t: t.to(device, COMPUTE_DTYPE if t.is_floating_point() else t.dtype))
 
     def hold(self, t: torch.Tensor) -> torch.Tensor:
-        """A calibration activation as held between layers (float32, on self.activations)."""
-        return t.to(self.activations, COMPUTE_DTYPE)
+        """A calibration activation as held between layers: float32, on the CPU with offload_activations,
+        else where it is."""
+        return t.to("cpu" if self.offload_activations else t.device, COMPUTE_DTYPE)
 
 
 def _map_tensors(value: Any, fn) -> Any:

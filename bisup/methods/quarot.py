@@ -48,19 +48,18 @@ def rotate_model(model: nn.Module, adapter, config: QuantConfig, placement: Opti
     """Steps 1, 2 and 4 in place (the model still computes the same function), one decoder layer at a
     time on placement's compute device; embeddings and lm_head in chunks of rows there."""
     placement = placement or Placement.for_model(model)
-    dev = placement.compute
     hidden, head_dim = adapter.hidden_size, adapter.head_dim
     if adapter.tied_embeddings:
         fuse.untie_lm_head(model, adapter.lm_head(), adapter.embeddings())
     q = fuse.random_hadamard_transform(hidden, config.rotation_seed)  # q(x) = x @ Q, Q = random_hadamard(hidden, seed)
     h_head = hadamard_matrix(head_dim, torch.float64)
 
-    fuse.rotate_embedding(adapter.embeddings(), q, dev)
+    fuse.rotate_embedding(adapter.embeddings(), q, placement.compute(adapter.embeddings()))
     for layer in adapter.layers():
         with placement.layer(layer, finish=False, cast=False):  # folds compute in fuse.work_dtype
             _rotate_layer(adapter, layer, q, h_head)
     fuse.fold_norm_into(adapter.final_norm(), [adapter.lm_head()], adapter.norm_offset)
-    fuse.rotate_input(adapter.lm_head(), q, dev)
+    fuse.rotate_input(adapter.lm_head(), q, placement.compute(adapter.lm_head()))
 
 
 def _rotate_layer(adapter, layer: nn.Module, q: fuse.HadamardTransform, h_head: torch.Tensor) -> None:

@@ -46,12 +46,12 @@ def tiny_model(family: str, seed: int = 0, num_layers: int = 2, dtype: torch.dty
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, num_layers), dtype=dtype, attn_implementation="sdpa")
     if randomize_norms:
-        gen = torch.Generator().manual_seed(seed + 1)
+        gen = torch.Generator(device="cpu").manual_seed(seed + 1)
         with torch.no_grad():
             for name, module in model.named_modules():
                 if type(module).__name__.endswith("RMSNorm"):
                     w = module.weight
-                    w.copy_(w + 0.2 * torch.randn(w.shape, generator=gen).to(w.dtype))
+                    w.copy_(w + 0.2 * torch.randn(w.shape, generator=gen, device="cpu").to(w.device, w.dtype))
     return model.eval()
 
 
@@ -61,7 +61,8 @@ def tiny_models(seed: int = 0) -> Dict[str, torch.nn.Module]:
 
 def random_tokens(n: int, seq_len: int, seed: int = 0, vocab: int = TINY_VOCAB) -> torch.Tensor:
     """LongTensor [n, seq_len] of token ids (calibration / eval data for tiny models)."""
-    return torch.randint(0, vocab, (n, seq_len), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, vocab, (n, seq_len), generator=torch.Generator(device="cpu").manual_seed(seed),
+                         device="cpu")
 
 
 def tiny_tokenizer():
@@ -91,7 +92,7 @@ class ByteTokenizer:
 
     def __call__(self, text: str, return_tensors=None, add_special_tokens: bool = False):
         ids = self.encode(text)
-        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+        return {"input_ids": torch.tensor([ids], device="cpu") if return_tensors == "pt" else ids}
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")

@@ -151,7 +151,7 @@ def compose_value_basis(module: nn.Module, transform: torch.Tensor, kv_heads: in
     """Records that the module's values were transformed once more, V[h] -> V[h] @ transform[h].
 
     transform: [head_dim, head_dim] (the same for every head) or [kv_heads, head_dim, head_dim]."""
-    t = transform.to(torch.float64)
+    t = transform.to(_device_of(module), torch.float64)  # the buffer lives with the module
     t = t.expand(kv_heads, head_dim, head_dim) if t.dim() == 2 else t
     if t.shape != (kv_heads, head_dim, head_dim):
         raise ValueError(f"compose_value_basis: transform must be [{head_dim}, {head_dim}] or "

@@ -40,12 +40,12 @@ class ActQuantizer(nn.Module):
     """Per-token fake quantization of the last dim (groups of group_size; -1 = whole token)."""
 
     def __init__(self, bits: int, group_size: int = -1, sym: bool = True, clip: Union[float, torch.Tensor] = 1.0,
-                 outlier_idx: Optional[Sequence[int]] = None, outlier_bits: int = 8):
+                 outlier_idx: Optional[Sequence[int]] = None, outlier_bits: int = 8, device=None):
         super().__init__()
         self.bits, self.group_size, self.sym, self.clip = bits, group_size, sym, clip
         self.outlier_bits = outlier_bits
-        idx = as_index(outlier_idx)
-        self.register_buffer("outlier_idx", idx if idx is not None else torch.empty(0, dtype=torch.long))
+        idx = as_index(outlier_idx, device)
+        self.register_buffer("outlier_idx", idx if idx is not None else torch.empty(0, dtype=torch.long, device=device))
 
     @property
     def enabled(self) -> bool:

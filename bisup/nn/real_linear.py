@@ -69,5 +69,6 @@ def real_to_fake(module: nn.Module, dtype: torch.dtype, w_clip: float = 1.0) -> 
     transform; w_clip only records the clip ratio the codes were made with."""
     q, transform = split_real(module)
     wc = weight_codes(q)
-    aq = ActQuantizer(q.a_bits, q.group_size, True, q.a_clip, outlier_idx=wc.outlier_idx, outlier_bits=8)
+    aq = ActQuantizer(q.a_bits, q.group_size, True, q.a_clip, outlier_idx=wc.outlier_idx, outlier_bits=8,
+                      device=q.w_q.device)
     return FakeQuantLinear.from_codes(wc, q.in_features, q.bias, aq, transform, w_clip, dtype)

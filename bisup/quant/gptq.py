@@ -52,21 +52,22 @@ def normal_group_index(k: int, group_size: int, outlier_idx: IndexLike = None) -
     """(group id of every input channel, G): normal channels (outlier_idx removed, original order) in
     runs of group_size (-1: one group), G groups; outlier channels get id G (one past the last)."""
     outliers = _as_index(outlier_idx, k)
-    is_outlier = torch.zeros(k, dtype=torch.bool)
+    is_outlier = torch.zeros(k, dtype=torch.bool, device="cpu")
     is_outlier[outliers] = True
     n_normal = k - int(is_outlier.sum())
     g = n_normal if group_size == -1 else group_size
-    gid = torch.empty(k, dtype=torch.long)
-    gid[~is_outlier] = torch.arange(n_normal) // max(g, 1)
+    gid = torch.empty(k, dtype=torch.long, device="cpu")
+    gid[~is_outlier] = torch.arange(n_normal, device="cpu") // max(g, 1)
     n_groups = -(-n_normal // g) if n_normal > 0 else 0
     gid[is_outlier] = n_groups
     return gid, n_groups
 
 
 def _as_index(idx: IndexLike, k: int) -> torch.Tensor:
+    # index bookkeeping stays on the CPU; what the weight's device needs is moved there where used
     if idx is None:
-        return torch.zeros(0, dtype=torch.long)
-    t = torch.as_tensor(idx, dtype=torch.long).flatten().cpu()
+        return torch.zeros(0, dtype=torch.long, device="cpu")
+    t = torch.as_tensor(idx, dtype=torch.long, device="cpu").flatten()
     if t.numel() and (t.min() < 0 or t.max() >= k):
         raise ValueError(f"outlier_idx must lie in [0, {k}), got values in [{int(t.min())}, {int(t.max())}]")
     if t.unique().numel() != t.numel():
@@ -145,8 +146,8 @@ def gptq_plan(hessian: torch.Tensor, group_size: int, damp: float = 0.01, act_or
         normal = normal[torch.argsort(diag[normal], descending=True, stable=True)]
         kept = kept[torch.argsort(diag[kept], descending=True, stable=True)]
     perm = torch.cat([normal, kept])
-    pos_of = torch.empty(k, dtype=torch.long)
-    pos_of[perm] = torch.arange(k)
+    pos_of = torch.empty(k, dtype=torch.long, device="cpu")
+    pos_of[perm] = torch.arange(k, device="cpu")
     members = [pos_of[gid == g].to(dev) for g in range(n_groups + int(outliers.numel() > 0))]
     del h  # (a view or the one copy) the factor is made from `hessian` in the processing order
     u = inverse_hessian_cholesky(hessian.detach().to(dev), damp, perm.to(dev), dead.to(dev))

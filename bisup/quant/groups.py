@@ -75,7 +75,7 @@ def expand_groups(t: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
     """Per-group values [..., G] -> per-element [..., K] (the groups of quantize_ragged)."""
     g = effective_group(k, group_size)
     sizes = [g] * (k // g) + ([k % g] if k % g else [])
-    return torch.repeat_interleave(t, torch.tensor(sizes, device=t.device), dim=-1)
+    return torch.repeat_interleave(t, torch.tensor(sizes, device=t.device), dim=-1, output_size=k)  # no device sync
 
 
 def dequantize_ragged(codes, scales, zeros, group_size) -> torch.Tensor:
@@ -102,9 +102,11 @@ def complement(idx: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def as_index(idx, device=None) -> Optional[torch.Tensor]:
-    """A 1-D LongTensor copy of idx (None stays None); duplicates are an error."""
+    """A 1-D LongTensor copy of idx on `device` (default: idx's own, for a tensor); duplicates are an error."""
     if idx is None:
         return None
+    if device is None and isinstance(idx, torch.Tensor):  # not the ambient default device
+        device = idx.device
     t = torch.as_tensor(idx, dtype=torch.long, device=device).flatten().clone()  # own copy (no shared storage)
     if t.unique().numel() != t.numel():
         raise ValueError("outlier_idx must not contain duplicates")

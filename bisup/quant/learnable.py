@@ -184,12 +184,15 @@ class LearnableLinear(nn.Module):
         n_g = num_groups(km, w_group_size)
         self.w_clip_start = min(w_clip, weight_clip_init, MAX_TRAINABLE_CLIP) if learn_weight_clip else w_clip
         init = logit(self.w_clip_start)
-        self.w_hi = nn.Parameter(torch.full((self.out_features, n_g), init), requires_grad=learn_weight_clip)
-        self.w_lo = nn.Parameter(torch.full((self.out_features, n_g), init), requires_grad=learn_weight_clip)
+        self.w_hi = nn.Parameter(torch.full((self.out_features, n_g), init, device=weight.device),
+                                 requires_grad=learn_weight_clip)
+        self.w_lo = nn.Parameter(torch.full((self.out_features, n_g), init, device=weight.device),
+                                 requires_grad=learn_weight_clip)
         self.w_round = nn.Parameter(torch.zeros(self.out_features, km, device=weight.device)) \
             if learn_rounding and w_bits < OFF_BITS else None
         self.fixed_a_clip = float(a_clip)
-        self.a_logit = nn.Parameter(torch.tensor(logit(min(a_clip, MAX_TRAINABLE_CLIP))), requires_grad=learn_act_clip) \
+        self.a_logit = nn.Parameter(torch.tensor(logit(min(a_clip, MAX_TRAINABLE_CLIP)), device=weight.device),
+                                   requires_grad=learn_act_clip) \
             if learn_act_clip and a_bits < OFF_BITS else None
         self.in_smooth: Optional[Smoothing] = None
         self.divide_input = False

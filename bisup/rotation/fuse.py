@@ -81,7 +81,7 @@ def rotate_embedding(emb: nn.Embedding, rot: Rotation, device=None) -> None:
 @torch.no_grad()
 def rotate_heads_output(linear: nn.Module, h: torch.Tensor, head_dim: int) -> None:
     """Per head j (rows j*d:(j+1)*d of W): v_j' = v_j H, i.e. W_j' = H^T W_j, b_j' = b_j H."""
-    h64 = h.to(torch.float64)
+    h64 = h.to(linear.weight.device, torch.float64)
     w = linear.weight.detach().to(torch.float64)
     n_out, k = w.shape
     w = (h64.T @ w.reshape(n_out // head_dim, head_dim, k)).reshape(n_out, k)
@@ -96,7 +96,7 @@ def rotate_heads_input(linear: nn.Module, h: torch.Tensor, head_dim: int) -> Non
     """Per head j (columns j*d:(j+1)*d of W): reads a_j H, so W_j' = W_j H."""
     w = linear.weight.detach().to(torch.float64)
     n_out, k = w.shape
-    w = (w.reshape(n_out, k // head_dim, head_dim) @ h.to(torch.float64)).reshape(n_out, k)
+    w = (w.reshape(n_out, k // head_dim, head_dim) @ h.to(w.device, torch.float64)).reshape(n_out, k)
     _set(linear.weight, w)
 
 
@@ -174,11 +174,11 @@ class HadamardTransform(nn.Module):
     @classmethod
     def from_config(cls, cfg: dict) -> "HadamardTransform":
         signs = cfg.get("signs")
-        return cls(int(cfg["n"]), None if signs is None else torch.tensor(signs, dtype=torch.float32))
+        return cls(int(cfg["n"]), None if signs is None else torch.tensor(signs, dtype=torch.float32, device="cpu"))
 
-    def matrix(self, dtype=torch.float64) -> torch.Tensor:
-        """The dense n x n matrix M with forward(x) = x @ M (tests and small orders only: n^2 entries)."""
-        return self.forward(torch.eye(self.n, dtype=dtype))
+    def matrix(self, dtype=torch.float64, device="cpu") -> torch.Tensor:
+        """The dense n x n matrix M with forward(x) = x @ M, on `device` (tests and small orders only)."""
+        return self.forward(torch.eye(self.n, dtype=dtype, device=device))
 
     def _rotate(self, x: torch.Tensor, transpose: bool) -> torch.Tensor:
         if x.shape[-1] != self.n:

@@ -246,10 +246,10 @@ def hadamard_factors(n: int) -> Tuple[int, int, bool]:
 
 def random_orthogonal(n: int, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
     """Haar-random orthogonal matrix: QR of a seeded Gaussian with the sign of R's diagonal fixed."""
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randn(n, n, generator=g, dtype=torch.float64)
+    g = torch.Generator(device="cpu").manual_seed(seed)  # seeded on the CPU: the same matrix on every device
+    a = torch.randn(n, n, generator=g, dtype=torch.float64, device="cpu")
     q, r = torch.linalg.qr(a)
-    q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(n, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones_like(torch.diagonal(r)))
     return q.to(dtype).contiguous()
 
 
@@ -289,8 +289,8 @@ def hadamard_matrix(n: int, dtype=torch.float32, device=None) -> torch.Tensor:
 
 def random_signs(n: int, seed: int = 0) -> torch.Tensor:
     """Seeded +-1 vector (float32)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 2, (n,), generator=g).to(torch.float32) * 2 - 1
+    g = torch.Generator(device="cpu").manual_seed(seed)  # seeded on the CPU: the same signs on every device
+    return torch.randint(0, 2, (n,), generator=g, device="cpu").to(torch.float32) * 2 - 1
 
 
 def random_hadamard(n: int, seed: int = 0, dtype=torch.float32, device=None) -> torch.Tensor:

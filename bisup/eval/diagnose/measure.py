@@ -245,9 +245,9 @@ def _measure_model(fp_model: nn.Module, model: nn.Module, name: str, windows: to
         # horizontal suppression: the first p tokens a full-precision system prompt
         for p in prompt_lens:
             h, logits = _with_fp_prompt(model, qa, ids, p)
-            err = torch.full((T,), float("nan"), dtype=torch.float64)
+            err = torch.full((T,), float("nan"), dtype=torch.float64, device="cpu")  # H.Mean keeps CPU sums
             err[p:] = H.token_rel_error(h, rc.outputs[-1][:, p:])
-            dnll = torch.full((T - 1,), float("nan"), dtype=torch.float64)
+            dnll = torch.full((T - 1,), float("nan"), dtype=torch.float64, device="cpu")
             dnll[p:] = H.token_nll(logits, ids[:, p:]) - fp_nll[p:]
             prompt[p][0].add(err)
             prompt[p][1].add(dnll)
@@ -276,8 +276,8 @@ def _model_result(name, model, ref_what, ref_nll_diff, acc, loc, pos_err, pos_dn
     rows.sort(key=lambda r: -r["output_error"])
     prompt_summary = {}
     for key, c in curves.items():
-        tail_d = torch.tensor(c["nll_increase"][p_max:], dtype=torch.float64)
-        tail_e = torch.tensor(c["error"][p_max:], dtype=torch.float64)
+        tail_d = torch.tensor(c["nll_increase"][p_max:], dtype=torch.float64, device="cpu")
+        tail_e = torch.tensor(c["error"][p_max:], dtype=torch.float64, device="cpu")
         prompt_summary[key] = {"nll_increase": float(tail_d.nanmean()), "error": float(tail_e.nanmean())}
     return {
         "name": name,
