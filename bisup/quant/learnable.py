@@ -12,15 +12,31 @@
   readers (x / s into the readers, W * s in their input columns), with a soft penalty keeping
   |log s| <= range (no hard clamp).
 - `LowRank`: a rank-r branch delta = scale * A @ B added to the latent weight BEFORE quantization
-  (merged): A from the SVD of the weight's quantization error, B = init * sqrt(S) V^T (0: the
-  training starts exactly at the base method's model and learns in the error's leading subspace).
+  (merged): A from a truncated (randomized) SVD of the weight's quantization error, B = init * sqrt(S) V^T
+  (0: the training starts exactly at the base method's model and learns in the error's leading subspace).
 - `LearnableLinear`: a decoder linear computing
       y = act_quant(T(x / s_in)) @ Q_lwc( T_w((W + delta) * s_in[cols] / s_out[rows]) )^T + b / s_out
   where T is an optional orthogonal input transform x -> x M (QuaRot's online Hadamard before
   down_proj: the fast transform, differentiable, O(K log K) per row; W M is T applied to W's rows)
-  and the activation clip is sigmoid(c) per linear.
+  and the activation clip is sigmoid(c) per linear. While gradients are on, the weight path
+  (W_eff and its fake quantization) is recomputed in backward instead of kept (see Memory).
   `export()` returns the WeightCodes and the folded bias of exactly the weight that the ordinary
   FakeQuantLinear will hold.
+
+Memory: what training one decoder layer holds beyond the model itself, in bytes per weight of its
+linears [N, K] (defaults: learned rounding with AdamW, group size g, rank r; fp32 state):
+    latent weight W                      0   the linear's own storage (bf16/fp16/fp32), read as fp32
+    rounding offsets                     4   parameter [N, K]
+      their gradient                     4   from backward to the step (freed right after it)
+      their AdamW moments                8   0 with BiSupConfig.rounding_optimizer="signsgd"
+    clip logits (2 per group)         32/g   parameter, gradient, 2 moments (0.25 at g = 128)
+    low-rank A [N, r], B [r, K]   16r(N+K)/(NK)  parameter, gradient, 2 moments (0.04 at r = 8, 4096 x 11008)
+    Q(W_eff) kept by F.linear            4   from a linear's forward to its backward (for the input gradient)
+    other weight-path intermediates      0   recomputed in backward: ~25-30 bytes per weight of ONE linear
+                                             at a time (kept, they would be 25-29 of every linear)
+so ~16-20 bytes per weight of the layer at the peak of a step (offsets, moments, then gradients as
+Q(W_eff) is released) plus the recompute of its largest linear, plus activations. Smoothing scales,
+activation clips and biases are per channel.
 """
 from __future__ import annotations
 
