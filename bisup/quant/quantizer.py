@@ -91,6 +91,9 @@ def group_params(
     return s, z
 
 
+_SEARCH_CHUNK = 1 << 16  # values of one chunk of rows in mse_clip (fits in L2 with its temporaries)
+
+
 def clip_grid(clip: float, steps: int = 20, low: float = 0.5) -> Tuple[float, ...]:
     """Candidate clip ratios of the weight clip search: clip * (1 - i (1 - low) / steps), i = 0..steps."""
     return tuple(clip * (1.0 - i * (1.0 - low) / steps) for i in range(steps + 1))
@@ -107,16 +110,27 @@ def mse_clip(xg: torch.Tensor, bits: int, sym: bool, clips: Tuple[float, ...],
     """
     xf = xg.detach().to(torch.float32)
     qmin, qmax = qrange(bits, sym)
-    best_err = best = None
-    for c in clips:
-        s, z = group_params(xf, bits, sym, c, scale_dtype=scale_dtype)
-        err = ((torch.clamp(torch.round(xf / s) + z, qmin, qmax) - z) * s - xf).square().sum(-1, keepdim=True)
-        if best is None:
-            best_err, best = err, torch.full_like(err, c)
-        else:
-            take = err < best_err
-            best_err, best = torch.where(take, err, best_err), torch.where(take, torch.full_like(err, c), best)
-    return best
+    flat = xf.reshape(-1, *xf.shape[-2:])  # [rows, G, g]
+    out = torch.empty(*flat.shape[:-1], 1, dtype=torch.float32, device=xf.device)
+    rows = max(1, _SEARCH_CHUNK // max(1, flat[0].numel()))
+    for r0 in range(0, flat.shape[0], rows):  # a cache-sized chunk through every candidate, in place
+        x = flat[r0:r0 + rows]
+        best_err = best = None
+        for c in clips:
+            s, z = group_params(x, bits, sym, c, scale_dtype=scale_dtype)
+            q = torch.div(x, s).round_()
+            if not sym:  # (symmetric zeros are 0: adding and subtracting them changes nothing)
+                q.add_(z).clamp_(qmin, qmax).sub_(z)
+            else:
+                q.clamp_(qmin, qmax)
+            err = q.mul_(s).sub_(x).square_().sum(-1, keepdim=True)
+            if best is None:
+                best_err, best = err, torch.full_like(err, c)
+            else:
+                take = err < best_err
+                best_err, best = torch.where(take, err, best_err), torch.where(take, torch.full_like(err, c), best)
+        out[r0:r0 + rows] = best
+    return out.reshape(*xf.shape[:-1], 1)
 
 
 def quantize_groups(
