@@ -132,7 +132,7 @@ def _model_limits(config: QuantConfig, model: nn.Module) -> list:
     return out
 
 
-def _act_clip(fq: FakeQuantLinear, config: QuantConfig) -> float:
+def act_clip_of(fq: FakeQuantLinear, config: QuantConfig) -> float:
     """The linear's own activation clip ratio (BiSup learns one per linear), else config.a_clip."""
     aq = fq.act_quantizer
     if aq is None:
@@ -147,7 +147,7 @@ def layer_to_real(adapter, layer: nn.Module, config: QuantConfig) -> None:
     for name in adapter.linear_names():
         fq = adapter.get_linear(layer, name)
         if isinstance(fq, FakeQuantLinear):
-            adapter.set_linear(layer, name, fake_to_real(fq, config.a_bits, _act_clip(fq, config)))
+            adapter.set_linear(layer, name, fake_to_real(fq, config.a_bits, act_clip_of(fq, config)))
 
 
 def to_real(model: nn.Module, adapter, config: QuantConfig) -> None:

@@ -1,6 +1,7 @@
 """load_quantized: a checkpoint directory (layout: format.py) -> a model in fake or real mode."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Dict, Optional, Union
 
@@ -80,6 +81,14 @@ def _load_wrappers(model: nn.Module, wrappers: Dict[str, dict]) -> None:
         setattr(parent, attr, wrapper_cls(inner, build_transform(entry["rotation"])))
 
 
+def _no_init_weights():
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # another transformers layout: initialise as usual
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
 def _build_model(path: Path, meta: dict):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -91,7 +100,9 @@ def _build_model(path: Path, meta: dict):
         dtype = getattr(torch, meta["dtype"])
     except (ValueError, TypeError, KeyError, AttributeError) as err:
         raise FormatError(f"{path / CONFIG_FILE}: invalid configuration: {err}") from err
-    with torch.device("cpu"):  # where load_file puts the tensors; load_quantized moves the model at the end
+    # on the CPU, where load_file puts the tensors (load_quantized moves the model at the end), without
+    # the random init every parameter is overwritten anyway (minutes for a 7B)
+    with torch.device("cpu"), _no_init_weights():
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
     return model, quant_config, dtype
 
@@ -116,7 +127,8 @@ def load_quantized(path: Union[str, Path], device="cpu", return_tokenizer: bool 
 
     mode: "fake" or "real" to run the saved codes in that mode whichever mode saved them; None: as saved.
     """
-    from bisup.quantize import to_real
+    from bisup.nn.real_linear import fake_to_real
+    from bisup.quantize import act_clip_of, check_real, to_real
 
     if mode not in (None, "fake", "real"):
         raise ValueError(f"load_quantized: mode={mode!r}, expected None (as saved), 'fake' or 'real'")
@@ -127,6 +139,11 @@ def load_quantized(path: Union[str, Path], device="cpu", return_tokenizer: bool 
     except (SafetensorError, OSError, ValueError) as err:
         raise FormatError(f"{path / TENSOR_FILE} is missing or corrupted: {err}") from err
     model, quant_config, dtype = _build_model(path, meta)
+    if mode is not None and mode != quant_config.mode:
+        quant_config = quant_config.replace(mode=mode)
+    real = quant_config.mode == "real"
+    if real:
+        check_real(quant_config, model)
     adapter = get_adapter(model)
     layers = adapter.layers()
     for name, entry in meta["linears"].items():
@@ -136,7 +153,12 @@ def load_quantized(path: Union[str, Path], device="cpu", return_tokenizer: bool 
             linear = adapter.get_linear(layer, rest)
         except (ValueError, IndexError, KeyError, AttributeError) as err:
             raise FormatError(f"{CONFIG_FILE}: linear {name!r} does not exist in this {model.config.model_type} model") from err
-        adapter.set_linear(layer, rest, _load_linear(entry, linear, name, tensors, dtype))
+        module = _load_linear(entry, linear, name, tensors, dtype)
+        if real and isinstance(module, FakeQuantLinear):  # packed at once: the model never holds every
+            own = [k for k in tensors if k.startswith(name + ".")]  # fake weight; its other state first
+            module.load_state_dict({k[len(name) + 1:]: tensors.pop(k) for k in own}, strict=False)
+            module = fake_to_real(module, quant_config.a_bits, act_clip_of(module, quant_config))
+        adapter.set_linear(layer, rest, module)
     _load_wrappers(model, meta.get("wrappers", {}))
     for i, layer in enumerate(layers):
         if value_basis_key(i) in tensors:
@@ -150,10 +172,8 @@ def load_quantized(path: Union[str, Path], device="cpu", return_tokenizer: bool 
     model.load_state_dict(tensors, strict=False)
     if meta["tied_embeddings"]:
         model.lm_head.weight = adapter.embeddings().weight
-    if mode is not None and mode != quant_config.mode:
-        quant_config = quant_config.replace(mode=mode)
-    if quant_config.mode == "real":
-        to_real(model, adapter, quant_config)
+    if real:
+        to_real(model, adapter, quant_config)  # the KV cache (the linears are real already)
     model.bisup_config = quant_config
     model = model.to(device).eval()
     if not return_tokenizer:

@@ -7,7 +7,8 @@ it stands for (WeightCodes), so save_quantized exports the codes exactly and the
 the very same weight.
 
 Inference (no gradient) with symmetric weights and activations in the same groups runs the integer
-GEMM's arithmetic in PyTorch (`integer_linear`, the semantics of bisup.ops.gemm in docs/formats.md):
+GEMM's arithmetic: on the CPU the QuantLinear twin itself (the C++ GEMM) where it takes the layout,
+else in PyTorch (`integer_linear`, the semantics of bisup.ops.gemm in docs/formats.md):
 exact integer dots per group, each scaled by sa*sw and added in fp32 in group order, then the INT8
 outlier segment, then the bias. So fake mode computes what the kernels compute, bit for bit, and
 not a float matmul of dequantized operands (a different rounding that a later quantizer can turn
@@ -284,6 +285,10 @@ class FakeQuantLinear(nn.Module):
 
         aq = self.act_quantizer
         if x.device.type != "cpu" or not _has_kernel(x.device) or aq.bits not in (3, 4) or self.w_bits not in (3, 4):
+            return None
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return None
+        if self.outlier_idx.numel() and self.outlier_bits != 8:  # the kernel's outlier segment is INT8
             return None
         try:
             return split_real(fake_to_real(self, aq.bits, float(aq.clip)))[0]  # forward applied the transform

@@ -83,6 +83,20 @@ def test_fake_linear_equals_quant_linear_bit_for_bit(dtype, k, n, w_bits, a_bits
         assert _rel(float_path, y_real) < 1e-5
 
 
+def test_outliers_below_8_bits_take_integer_linear_not_the_int8_kernel():
+    """The CPU kernel's outlier segment is INT8: a 4-bit outlier layout (fake mode only) runs integer_linear."""
+    gen = torch.Generator().manual_seed(7)
+    lin = nn.Linear(96, 24)
+    idx = torch.arange(0, 96, 6)
+    aq = ActQuantizer(4, 32, True, 1.0, outlier_idx=idx, outlier_bits=4)
+    fq = FakeQuantLinear(lin, 4, 32, True, 1.0, act_quantizer=aq, outlier_idx=idx, outlier_bits=4)
+    x = torch.randn(5, 96, generator=gen)
+    with torch.no_grad():
+        want = integer_linear(x, GemmWeight(fq.weight_codes(), 96, x.device), 4, 1.0, fq.bias)
+        assert fq._cpu_kernel_twin(x) is None
+        assert torch.equal(fq(x), want)
+
+
 def test_training_keeps_the_differentiable_float_path():
     gen = torch.Generator().manual_seed(0)
     lin = nn.Linear(64, 16)
