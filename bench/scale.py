@@ -11,7 +11,8 @@ achieved rate, plus per-column GPTQ launch overhead: a PROJECTION until a GPU ru
 
   python bench/scale.py [--shapes llama2-7b,llama3-8b,qwen2.5-7b,llama2-70b] [--layers 1]
                         [--tokens 4x512] [--device cpu] [--json bench/results/scale_cpu.json]
-  python bench/scale.py --e2e   # 32-layer Llama-2-7B-shaped bf16 model: quantize, save, reload (real), one forward
+  python bench/scale.py --e2e   # 32-layer Llama-2-7B-shaped bf16 model: quantize, save; reload (real), one forward
+  python bench/scale.py --e2e-reload DIR   # only the reload + forward of a saved checkpoint
 """
 from __future__ import annotations
 
@@ -155,7 +156,9 @@ def run_subprocess(args: List[str]) -> dict:
 # ------------------------------------------------------------------------------------------------
 # end to end: a 32-layer 7B-shaped model on this machine
 # ------------------------------------------------------------------------------------------------
-def run_e2e(n_seq: int, seq_len: int, device: str) -> dict:
+def run_e2e(n_seq: int, seq_len: int, device: str, keep: Path = None) -> dict:
+    """Build, quantize (mode="real", layer by layer) and save the 32-layer model in this process; reload
+    it in real mode and run one forward in a fresh process (its own peak RSS, as a user's)."""
     import bisup
 
     shape = SHAPES["llama2-7b"]
@@ -169,26 +172,35 @@ def run_e2e(n_seq: int, seq_len: int, device: str) -> dict:
     t = time.perf_counter()
     bisup.quantize_model(model, cfg, calib_data=tokens, device=device, progress=True)
     steps["quantize_s"] = time.perf_counter() - t
-    out_dir = Path(tempfile.mkdtemp(prefix="bisup-7b-"))
+    out_dir = keep or Path(tempfile.mkdtemp(prefix="bisup-7b-"))
     try:
         t = time.perf_counter()
         bisup.save_quantized(model, out_dir)
         steps["save_s"] = time.perf_counter() - t
         size = sum(f.stat().st_size for f in out_dir.iterdir())
+        peak_quantize = status_mb("VmHWM")
         del model
-        t = time.perf_counter()
-        model = bisup.load_quantized(out_dir, mode="real")
-        steps["load_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        with torch.no_grad():
-            logits = model(input_ids=tokens[:1, :128].to(next(model.parameters()).device)).logits
-        steps["forward_128_s"] = time.perf_counter() - t
-        finite = bool(torch.isfinite(logits).all())
+        reload = run_subprocess(["--e2e-reload", str(out_dir), "--device", device])
     finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
-    return dict(shape="llama2-7b", layers=shape["layers"], config=cfg.to_dict(), **steps,
-                total_s=sum(steps.values()), checkpoint_gb=size / 1e9, logits_finite=finite,
-                rss_after_model_mb=rss_model, peak_rss_mb=status_mb("VmHWM"))
+        if keep is None:
+            shutil.rmtree(out_dir, ignore_errors=True)
+    return dict(shape="llama2-7b", layers=shape["layers"], config=cfg.to_dict(), **steps, checkpoint_gb=size / 1e9,
+                rss_after_model_mb=rss_model, peak_rss_mb=peak_quantize, reload=reload)
+
+
+def run_reload(path: str, device: str) -> dict:
+    """load_quantized(mode="real") and one forward of 128 tokens, in this (fresh) process."""
+    import bisup
+
+    t = time.perf_counter()
+    model = bisup.load_quantized(path, mode="real", device=device)
+    load_s = time.perf_counter() - t
+    ids = torch.randint(0, model.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(2))
+    t = time.perf_counter()
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(device)).logits
+    return dict(load_s=load_s, forward_128_s=time.perf_counter() - t, logits_finite=bool(torch.isfinite(logits).all()),
+                peak_rss_mb=status_mb("VmHWM"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,9 +222,14 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None)
     ap.add_argument("--e2e", action="store_true", help="the 32-layer Llama-2-7B-shaped end-to-end run")
+    ap.add_argument("--e2e-keep", default=None, help="with --e2e: save the checkpoint here and keep it")
+    ap.add_argument("--e2e-reload", default=None, help="reload this checkpoint (real mode) and run one forward")
     ap.add_argument("--job", default=None, help=argparse.SUPPRESS)  # SHAPE:VARIANT, run in this process
     args = ap.parse_args()
     n_seq, seq_len = (int(v) for v in args.tokens.split("x"))
+    if args.e2e_reload:
+        print(json.dumps(run_reload(args.e2e_reload, args.device)))
+        return
     if args.job:
         shape, variant = args.job.split(":")
         print(json.dumps(run_job(shape, variant, args.layers, n_seq, seq_len, args.epochs, args.device)))
@@ -223,7 +240,7 @@ def main() -> None:
                 h100_assumptions=dict(fp32_flops=H100_FLOPS, bytes_per_s=H100_BYTES_S, gptq_column_s=GPTQ_COLUMN_S,
                                       bisup_weight_passes_per_step=BISUP_WEIGHT_PASSES))
     if args.e2e:
-        res = run_e2e(n_seq, seq_len, args.device)
+        res = run_e2e(n_seq, seq_len, args.device, Path(args.e2e_keep) if args.e2e_keep else None)
         print(json.dumps(res, indent=1))
         write_json(args.json, dict(meta, e2e=res))
         return
