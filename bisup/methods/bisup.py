@@ -192,7 +192,7 @@ class Block:
 
     # ---------------------------------------------------------------- export
     @torch.no_grad()
-    def export(self, hessians: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    def export(self, hessians: Optional[Dict[str, InputStats]] = None) -> None:
         """Replace the LearnableLinears by ordinary FakeQuantLinears; fold the reader smoothing into the norms."""
         adapter, config = self.adapter, self.config
         off = adapter.norm_offset
@@ -229,8 +229,7 @@ class Block:
             shell.weight.data = w.to(dtype)
             if b is not None:
                 shell.bias.data = b.to(dtype)
-            st = InputStats(mod.in_features, hessian_sum=hessians[name], tokens=1)
-            fq = gptq_linear(shell, st, config.replace(w_clip=1.0, w_clip_search=False), outlier_idx)  # learned clip
+            fq = gptq_linear(shell, hessians[name], config.replace(w_clip=1.0, w_clip_search=False), outlier_idx)  # learned clip
             fq.act_quantizer, fq.input_transform = aq, transform
             return fq
         if wc is None:  # weights stay in floating point
@@ -315,19 +314,11 @@ def train_block(block: Block, inputs, bc: BiSupConfig, train_chunks: List[int], 
     return log
 
 
-def _input_hessians(block: Block, inputs) -> Dict[str, torch.Tensor]:
-    """Sum of x^T x of the input every trained linear's weight multiplies, over all chunks."""
-    sums: Dict[str, torch.Tensor] = {}
-
-    def recorder(name):
-        def rec(x):
-            xf = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-            h = (xf.T @ xf).to(torch.float64)
-            sums[name] = h if name not in sums else sums[name].add_(h)
-        return rec
-
+def _input_hessians(block: Block, inputs) -> Dict[str, InputStats]:
+    """InputStats (Hessian) of the input every trained linear's weight multiplies, over all chunks."""
+    sums = {name: InputStats(m.in_features) for name, m in block.mods.items()}
     for name, m in block.mods.items():
-        m.record = recorder(name)
+        m.record = sums[name].add_hessian
     try:
         with torch.no_grad():
             for h, kw in zip(inputs.hidden, inputs.kwargs):

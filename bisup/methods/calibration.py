@@ -58,6 +58,16 @@ class InputStats:
     sq_sum: Optional[torch.Tensor] = None
     tokens: int = 0
 
+    def add_hessian(self, x: torch.Tensor) -> None:
+        """Accumulate x^T x of tokens x [..., K] into hessian_sum, in float32 (a 70B down_proj's
+        K = 28672 Hessian is 3.3 GB so, 6.6 GB in float64), and count them."""
+        xf = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        self.tokens += xf.shape[0]
+        if self.hessian_sum is None:
+            self.hessian_sum = xf.T @ xf
+        else:
+            self.hessian_sum.addmm_(xf.T, xf)
+
     def hessian(self) -> torch.Tensor:
         """Mean X^T X over tokens, float32 [K, K] (GPTQ is invariant to the scale)."""
         if self.hessian_sum is None:
@@ -206,13 +216,10 @@ class _StatsHooks:
 
     def _accumulate(self, st: InputStats, x: torch.Tensor) -> None:
         xf = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-        st.tokens += xf.shape[0]
         if "hessian" in self.kinds:
-            # float32 (a 70B down_proj's K = 28672 Hessian is 3.3 GB so, 6.6 GB in float64)
-            if st.hessian_sum is None:
-                st.hessian_sum = xf.T @ xf
-            else:
-                st.hessian_sum.addmm_(xf.T, xf)
+            st.add_hessian(xf)
+        else:
+            st.tokens += xf.shape[0]
         if "channel" in self.kinds:
             amax = xf.abs().amax(dim=0)
             sq = xf.square().sum(dim=0, dtype=torch.float64)

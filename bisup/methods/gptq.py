@@ -33,7 +33,8 @@ def gptq_linear(linear: nn.Linear, stats: Optional[InputStats], config: QuantCon
     if plan is None:
         plan = layer_plan(stats, config, outlier_idx, linear.weight.device)
     res = gptq_quantize(linear.weight, None, config.w_bits, config.w_group_size, sym=config.w_sym,
-                        clip=config.w_clip, block_size=config.gptq_block_size, outlier_idx=outlier_idx,
+                        clip=config.w_clip, damp=config.gptq_damp, act_order=config.gptq_act_order,
+                        block_size=config.gptq_block_size, outlier_idx=outlier_idx,
                         outlier_bits=config.atom_outlier_bits, clip_search=config.w_clip_search, plan=plan)
     fq = fake_quant_linear(linear, config, outlier_idx, weight=res.weight)
     fq.set_weight(res.weight, scales=res.scales, zeros=None if config.w_sym else res.zeros,
@@ -42,8 +43,10 @@ def gptq_linear(linear: nn.Linear, stats: Optional[InputStats], config: QuantCon
 
 
 def layer_plan(stats: InputStats, config: QuantConfig, outlier_idx: Optional[torch.Tensor], device) -> GPTQPlan:
-    """The GPTQ plan (order + inverse-Hessian factor) of one linear input under config."""
-    return gptq_plan(stats.hessian(), config.w_group_size, config.gptq_damp, config.gptq_act_order, outlier_idx,
+    """The GPTQ plan (order + inverse-Hessian factor) of one linear input under config (from the
+    Hessian's sum itself: GPTQ is invariant to its scale, and a K x K copy less matters at 70B)."""
+    hessian = stats.hessian_sum if stats.hessian_sum is not None else stats.hessian()  # (the latter raises)
+    return gptq_plan(hessian, config.w_group_size, config.gptq_damp, config.gptq_act_order, outlier_idx,
                      device)
 
 

@@ -76,14 +76,18 @@ class Placement:
     def layer(self, layer: nn.Module, finish: bool = True, cast: bool = True) -> Iterator[nn.Module]:
         """The layer on the compute device with float32 parameters (cast=False: in their own dtype); back
         home (device, dtype) on exit, then self.finish(layer) unless finish=False (or the block raised)."""
-        home, dtype = module_device(layer), module_dtype(layer)
-        layer.to(self.compute(layer))
-        if cast:
-            _cast_parameters(layer, COMPUTE_DTYPE)
+        home, main_dtype = module_device(layer), module_dtype(layer)
+        dtypes = {name: p.dtype for name, p in layer.named_parameters()}  # each back to its own dtype
         try:
+            layer.to(self.compute(layer))
+            if cast:
+                _cast_parameters(layer, COMPUTE_DTYPE)
             yield layer
         finally:
-            _cast_parameters(layer, dtype)
+            for name, p in layer.named_parameters():  # parameters new to the layer: the layer's dtype
+                dtype = dtypes.get(name, main_dtype)
+                if p.is_floating_point() and p.dtype != dtype:
+                    p.data = p.data.to(dtype)
             layer.to(home)
         if finish and self.finish is not None:
             self.finish(layer)

@@ -117,6 +117,8 @@ class GPTQPlan(NamedTuple):
 
     k: int
     group_size: int
+    damp: float
+    act_order: bool
     outliers: torch.Tensor
     n_groups: int
     perm: torch.Tensor
@@ -141,8 +143,8 @@ def gptq_plan(hessian: torch.Tensor, group_size: int, damp: float = 0.01, act_or
     is_outlier = gid == n_groups
     normal = torch.nonzero(~is_outlier).flatten()
     kept = torch.nonzero(is_outlier).flatten()
-    if act_order:
-        diag = h.cpu()
+    if act_order:  # dead channels count as H[i, i] = 1 (their value in the factor)
+        diag = torch.where(dead, torch.ones_like(h.cpu()), h.cpu())
         normal = normal[torch.argsort(diag[normal], descending=True, stable=True)]
         kept = kept[torch.argsort(diag[kept], descending=True, stable=True)]
     perm = torch.cat([normal, kept])
@@ -151,7 +153,7 @@ def gptq_plan(hessian: torch.Tensor, group_size: int, damp: float = 0.01, act_or
     members = [pos_of[gid == g].to(dev) for g in range(n_groups + int(outliers.numel() > 0))]
     del h  # (a view or the one copy) the factor is made from `hessian` in the processing order
     u = inverse_hessian_cholesky(hessian.detach().to(dev), damp, perm.to(dev), dead.to(dev))
-    return GPTQPlan(k, group_size, outliers, n_groups, perm, pos_of, gid[perm], members, u, dead)
+    return GPTQPlan(k, group_size, damp, act_order, outliers, n_groups, perm, pos_of, gid[perm], members, u, dead)
 
 
 @torch.no_grad()
@@ -192,17 +194,17 @@ def gptq_quantize(
     dev = weight.device
     if plan is None:
         plan = gptq_plan(hessian, group_size, damp, act_order, outlier_idx, dev)
-    elif plan.k != k or plan.group_size != group_size or not torch.equal(plan.outliers, _as_index(outlier_idx, k)):
-        raise ValueError("gptq_quantize: the plan was made for another shape, group size or outlier set")
+    elif (plan.k, plan.group_size, plan.damp, plan.act_order) != (k, group_size, damp, act_order) \
+            or not torch.equal(plan.outliers, _as_index(outlier_idx, k)):
+        raise ValueError("gptq_quantize: the plan was made for another shape, group size, damping, order or outlier set")
     n_groups, members, gid_perm, u = plan.n_groups, plan.members, plan.gid_perm, plan.u.to(dev)
     has_outliers = plan.outliers.numel() > 0
 
     # Transposed layout: row p of wt is the weight column processed at position p, so every per-column
     # step below reads and writes contiguous memory (the column loop is latency-bound, K steps).
-    w = weight.detach().to(torch.float32).clone()
-    w[:, plan.dead.to(dev)] = 0.0
-    wt = w[:, plan.perm.to(dev)].T.contiguous()
-    del w
+    perm = plan.perm.to(dev)
+    wt = weight.detach().T.index_select(0, perm).to(torch.float32)  # one [K, N] copy
+    wt[plan.dead.to(dev)[perm]] = 0.0
     scales = torch.ones(len(members), n, dtype=torch.float32, device=dev)
     zeros = torch.zeros(len(members), n, dtype=torch.float32, device=dev)
     ready = [False] * len(members)

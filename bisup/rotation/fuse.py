@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 import bisup.reference as reference
 from bisup.rotation.hadamard import hadamard_base, random_signs
@@ -135,6 +136,7 @@ class _HadamardFunction(torch.autograd.Function):
         return _signed_hadamard(x, base_t if transpose else base, signs, transpose, _kernel_hadamard)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         base, base_t = ctx.bases
         back = not ctx.transpose
