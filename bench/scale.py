@@ -17,6 +17,8 @@ achieved rate, plus per-column GPTQ launch overhead: a PROJECTION until a GPU ru
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -281,8 +283,20 @@ def main() -> None:
     cols = ["shape", "fwd_gflop", "fp32_forward_s", "base_s", "base_x_fwd", "base_peak_gb", "bisup_s", "bisup_x_base",
             "bisup_peak_gb", "model_base_h_here", "model_bisup_defaults_h_here", "h100_base_min_projected",
             "h100_bisup_min_projected"]
-    print_table(rows, [c for c in cols if any(c in r for r in rows)])
+    table = io.StringIO()
+    with contextlib.redirect_stdout(table):
+        print_table(rows, [c for c in cols if any(c in r for r in rows)])
+    print(table.getvalue())
     write_json(args.json, dict(meta, rows=rows))
+    if args.json:  # the table beside the JSON, with what produced it
+        Path(args.json).with_suffix(".md").write_text(
+            f"# bench/scale.py ({meta['device']}, commit {meta['commit']}, {args.tokens} calibration tokens, "
+            f"BiSup {args.epochs} epoch(s) measured)\n\n```\n{table.getvalue()}```\n\n"
+            "Columns: seconds per layer (`*_s`), peak RSS of the job's process (`*_peak_gb`), `base_x_fwd` = "
+            "QuaRot+GPTQ / plain fp32 forward, `bisup_x_base` = + BiSup / QuaRot+GPTQ; `model_*_h_here` = the full "
+            "model on this machine (measured per layer x layers; BiSup at the library defaults, 32 x 512 tokens and "
+            "4 epochs, scaled from this run by FLOPs); `h100_*_min_projected` = PROJECTIONS from FLOP counts "
+            f"(assumptions: {meta['h100_assumptions']}), not measurements.\n")
 
 
 if __name__ == "__main__":
