@@ -1,6 +1,7 @@
 """Model-level GPU check (scripts/gpu_check.sh): every method and BiSup on the tiny models of every
-family with the model on the GPU (bf16), then real-mode generation; prints one line per case and
-exits non-zero if any failed. Also runs on the CPU (`--device cpu`) as a dry run."""
+family with the model on the GPU (bf16), then real-mode generation; and the large-model path (model in
+CPU RAM, layers computed on the GPU, activations offloaded) against the all-GPU run. Prints one line
+per case and exits non-zero if any failed. Also runs on the CPU (`--device cpu`) as a dry run."""
 from __future__ import annotations
 
 import argparse
@@ -45,6 +46,23 @@ def run_case(family: str, name: str, device: str) -> str:
     return f"fake + real ok, generated {tuple(out.shape)}"
 
 
+def offload_case(device: str) -> str:
+    """The large-model path: the model in CPU RAM (bf16), each layer computed on `device`
+    (quantize_model(device=..., offload_activations=True)); same logits as the model run wholly there."""
+    cfg = CASES["quarot"]
+    calib, ids = random_tokens(4, 64, seed=1), random_tokens(1, 12, seed=2)
+    on_device = tiny_model("llama", dtype=torch.bfloat16).to(device)
+    bisup.quantize_model(on_device, cfg, calib_data=calib, progress=False)
+    offloaded = tiny_model("llama", dtype=torch.bfloat16)
+    bisup.quantize_model(offloaded, cfg, calib_data=calib, progress=False, device=device, offload_activations=True)
+    assert all(p.device.type == "cpu" for p in offloaded.parameters())
+    with torch.no_grad():
+        a, b = on_device(ids.to(device)).logits.float(), offloaded.to(device)(ids.to(device)).logits.float()
+    rel = float((a - b).norm() / a.norm())
+    assert rel < 1e-2, rel
+    return f"offloaded == on-device (relative difference {rel:.2e})"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
@@ -59,6 +77,13 @@ def main() -> int:
                 failed += 1
                 msg = "FAILED\n" + traceback.format_exc(limit=6)
             print(f"{family:7s} {name:13s} {time.perf_counter() - t0:6.1f}s  {msg}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        msg = offload_case(args.device)
+    except Exception:
+        failed += 1
+        msg = "FAILED\n" + traceback.format_exc(limit=6)
+    print(f"llama   offload       {time.perf_counter() - t0:6.1f}s  {msg}", flush=True)
     print(f"{failed} failed")
     return 1 if failed else 0
 
