@@ -194,7 +194,7 @@ class Block:
     @torch.no_grad()
     def export(self, hessians: Optional[Dict[str, InputStats]] = None) -> None:
         """Replace the LearnableLinears by ordinary FakeQuantLinears; fold the reader smoothing into the norms."""
-        adapter, config = self.adapter, self.config
+        adapter = self.adapter
         off = adapter.norm_offset
         for key, norm in (("attn", adapter.attn_norm(self.layer)), ("mlp", adapter.mlp_norm(self.layer))):
             sm = self.smoothers.get(key)

@@ -306,7 +306,7 @@ def iterate_layers(
                 inputs.stats = hooks.stats
                 yield index, layer, inputs
                 if sequential:
-                    outputs = [placement.hold(o) for o in inputs.run(adapter.layers()[index])]
+                    outputs = [placement.hold(o) for o in inputs.run(layer)]
                 if targets:
                     fp_hidden = [placement.hold(t) for t in inputs.targets]
                 layer_kwargs[index] = []  # this layer's kwargs are no longer needed

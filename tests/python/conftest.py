@@ -13,6 +13,16 @@ def device(request):
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread: modules of many tiny tensor ops run ~10x faster so on a busy 2-core box
+    (a second thread only spins). Use with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def gen():
     """A seeded generator so every test's random data is reproducible."""
     return torch.Generator().manual_seed(0)

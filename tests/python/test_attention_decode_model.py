@@ -205,15 +205,7 @@ def prefill_model(q, kp, vp, kq, vq, *, bits, group, scale=None, causal=True, se
     return out.masked_fill(allowed.logical_not().all(-1, True), 0), allowed
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The model makes many tiny tensor ops: one intra-op thread is ~10x faster on a busy CI box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # many tiny tensor ops
 DECODE_CASES = [c for c in ATTENTION_CASES if c[2] <= K_FUSED_MAX_TQ and c[0] + c[1] > 0]
 # SM counts: 1 (few splits), H200, and enough to give every tile its own split.
 SMS = (1, 132, 100_000)

@@ -34,7 +34,8 @@ METHODS = {
     # smoothing its penalty is a constant
     "bisup-gptq": dict(method="gptq", bisup=BiSupConfig(epochs=1, batch_size=2, rank=2, rounding=False, smooth=False)),
 }
-pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(autouse=True)
@@ -48,15 +49,6 @@ def sliding_window_layers_on_the_cpu(monkeypatch):
             init(self, *args, **kwargs)
 
     monkeypatch.setattr(DynamicSlidingWindowLayer, "__init__", on_cpu)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds overhead (and spins when the cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class _NoMixedDevices(TorchFunctionMode):
