@@ -30,6 +30,8 @@ applied BEFORE M, in the intermediate basis: up rows / s, down weight (W diag(s)
 unchanged; this folds exactly (x diag(1/s) M (W diag(s) M)^T = x W^T), at the price that the
 smoothed activation is then mixed by M before it is quantized. Its initial scales are 1 under QuaRot
 (SmoothQuant statistics of the pre-Hadamard activations say nothing about the quantized ones).
+The same holds for the norm readers of a model whose QuaRot rotates them online after their norms
+(Gemma3, methods/quarot.py): their scales sit before the online Q and fold into the kept norm weights.
 
 Low-rank compensation is MERGED: delta = lowrank_scale * A @ B joins the latent weight before the
 (learned-clip) quantizer, so the checkpoint format and the kernels are unchanged. A side branch
@@ -120,8 +122,9 @@ class Block:
     def _add_smoothing(self, stats, alpha: float) -> None:
         m, dev = self.mods, next(iter(self.mods.values())).weight.device
         for key, readers in (("attn", (Q, K, V)), ("mlp", (GATE, UP))):
-            amax = self._stat(stats, readers[0])
-            init = smooth_init(amax, _col_absmax([m[r] for r in readers]), alpha) if amax is not None \
+            amax = self._stat(stats, readers[0])  # (not under an online transform: see up -> down)
+            init = smooth_init(amax, _col_absmax([m[r] for r in readers]), alpha) \
+                if amax is not None and readers[0] not in self.transforms \
                 else torch.ones(m[readers[0]].in_features, device=dev)
             sm = Smoothing(init.to(dev))
             self.smoothers[key] = sm

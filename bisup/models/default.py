@@ -49,26 +49,26 @@ def is_available() -> bool:
     return importlib.util.find_spec(PACKAGE) is not None and importlib.util.find_spec("gguf") is not None
 
 
-def convert_default_model(target: Path) -> None:
-    """GGUF -> plain fp32 LlamaForCausalLM + tokenizer under `target`, written atomically."""
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+def convert_gguf(src: Path, target: Path, model_class, install_hint: str) -> None:
+    """A GGUF file -> plain fp32 `model_class` checkpoint + tokenizer under `target`, written atomically.
+
+    Not from_pretrained(gguf_file=...): that needs `accelerate`, and transformers refuses to
+    save_pretrained a GGUF-loaded model; a plain model built from the GGUF's config (without its
+    quantization_config) is filled with the dequantized tensors instead."""
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    src = gguf_path()
     if importlib.util.find_spec("gguf") is None:
-        raise ModuleNotFoundError(f"converting the default model needs the `gguf` package: {INSTALL_HINT}")
-    # A plain model built from the GGUF's config, filled with its dequantized tensors. (Not
-    # from_pretrained(gguf_file=...): that needs `accelerate`, and transformers refuses to
-    # save_pretrained a GGUF-loaded model.)
+        raise ModuleNotFoundError(f"converting {src.name} needs the `gguf` package: {install_hint}")
     config = AutoConfig.from_pretrained(str(src.parent), gguf_file=src.name)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    plain = LlamaForCausalLM(config).to(torch.float32)
+    plain = model_class(config).to(torch.float32)
     tensors = load_gguf_checkpoint(str(src), return_tensors=True, model_to_load=plain)["tensors"]
     missing, unexpected = plain.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
-        raise RuntimeError(f"default model conversion: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(f"conversion of {src.name}: missing {missing}, unexpected {unexpected}")
     tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
     plain.tie_weights()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -84,6 +84,13 @@ def convert_default_model(target: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def convert_default_model(target: Path) -> None:
+    """The packaged GGUF -> plain fp32 LlamaForCausalLM + tokenizer under `target`."""
+    from transformers import LlamaForCausalLM
+
+    convert_gguf(gguf_path(), target, LlamaForCausalLM, INSTALL_HINT)
 
 
 def load_default_model(dtype: torch.dtype = torch.float32, device="cpu") -> Tuple[torch.nn.Module, object]:

@@ -39,10 +39,15 @@ def tiny_config(family: str, num_layers: int = 2):
     raise ValueError(f"unknown tiny family {family!r}; expected one of {list(FAMILIES)}")
 
 
+GEMMA3_MASSIVE_CHANNEL = 5  # the tiny Gemma3's massive residual channel (gemma3_statistics)
+MASSIVE_VALUE = 150.0  # its value in the residual stream (the other channels: ~1)
+
+
 def tiny_model(family: str, seed: int = 0, num_layers: int = 2, dtype: torch.dtype = torch.float32,
                randomize_norms: bool = True):
     """A random-init model in eval mode. randomize_norms perturbs every RMSNorm weight, so that tests
-    of norm folding / rotation cannot pass by accident with all-ones (or all-zeros for Gemma) norms."""
+    of norm folding / rotation cannot pass by accident with all-ones (or all-zeros for Gemma) norms;
+    for gemma3 it gives the norms the statistics of a trained Gemma3 instead (gemma3_statistics)."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, num_layers), dtype=dtype, attn_implementation="sdpa")
     if randomize_norms:
@@ -52,7 +57,55 @@ def tiny_model(family: str, seed: int = 0, num_layers: int = 2, dtype: torch.dty
                 if type(module).__name__.endswith("RMSNorm"):
                     w = module.weight
                     w.copy_(w + 0.2 * torch.randn(w.shape, generator=gen, device="cpu").to(w.device, w.dtype))
+            if family == "gemma3":
+                gemma3_statistics(model, gen)
     return model.eval()
+
+
+@torch.no_grad()
+def gemma3_statistics(model, gen: torch.Generator, channel: int = GEMMA3_MASSIVE_CHANNEL) -> None:
+    """Give a random-init Gemma3 the statistics of the trained gemma-3-270m that matter to a quantizer
+    (measured on its weights and activations, scales 1 + w; docs/architecture.md, "Gemma3"), which
+    random norms near 1 hide:
+    - every token's residual stream holds one massive channel, ~99% of its energy after
+      normalisation (the real model: channel 400, then 163, 85-95%). The real model writes it
+      through huge post-norm scales (153 to 1649 on that channel); here the embedding carries it as
+      a constant column (a stable channel, as in the real model, whose value a random block would
+      otherwise flip from token to token; constant over the vocabulary, so the tied head's logits
+      do not change) and the post norms leave it alone;
+    - the pre-feedforward norm zeroes that channel (1 + w = 0 exactly, w = -1) and the input norm
+      damps it (~1.5 against a mean of ~15): the readers never see it;
+    - the input norms' other scales are large and spread (mean ~15, up to ~60), the pre-feedforward
+      ones ~6, the post norms ~1-5, the q/k norms ~2, the final norm ~25 (0 on the massive channel).
+    A method that quantizes the normalised stream BEFORE these scales (QuaRot folding them into the
+    readers and rotating) spreads the massive channel over every weight's quantization error; on
+    random norms near 1 it would not."""
+    def scales(norm, mean: float, std: float, low: float = 0.05) -> torch.Tensor:
+        w = norm.weight
+        s = (mean + std * torch.randn(w.shape, generator=gen, device="cpu")).abs().clamp(min=low)
+        return s
+
+    def set_scales(norm, s: torch.Tensor) -> None:
+        norm.weight.copy_((s - 1.0).to(norm.weight.device, norm.weight.dtype))
+
+    for layer in model.model.layers:
+        s = scales(layer.input_layernorm, 15.0, 8.0, low=1.0)
+        s[channel] = 1.5
+        set_scales(layer.input_layernorm, s)
+        s = scales(layer.pre_feedforward_layernorm, 6.0, 2.0)
+        s[channel] = 0.0
+        set_scales(layer.pre_feedforward_layernorm, s)
+        for norm in (layer.post_attention_layernorm, layer.post_feedforward_layernorm):
+            s = scales(norm, 1.0, 2.0)
+            s[channel] = 0.0
+            set_scales(norm, s)
+        for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+            set_scales(norm, scales(norm, 2.0, 0.8))
+    emb = model.model.embed_tokens.weight
+    emb[:, channel] = MASSIVE_VALUE / float(model.model.embed_tokens.embed_scale)
+    s = scales(model.model.norm, 25.0, 20.0)
+    s[channel] = 0.0  # (the real model: 0.19) no constant offset on the logits, so raw-logit errors stay meaningful
+    set_scales(model.model.norm, s)
 
 
 def tiny_models(seed: int = 0) -> Dict[str, torch.nn.Module]:
