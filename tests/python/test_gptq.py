@@ -187,6 +187,42 @@ def test_lower_output_error_than_rtn_on_tiny_model_layer():
             assert e_gptq < 0.95 * e_rtn, (name, float(e_gptq), float(e_rtn))
 
 
+def test_column_steps_run_on_one_thread(gen, monkeypatch):
+    """The latency-bound column loop runs with one intra-op thread (gptq._one_thread: on 2 shared cores
+    a layer's GPTQ took 32 s with 2 threads, 0.6 s with 1); the caller's thread count comes back, also
+    after an error, and the result is the same as with any thread count."""
+    import bisup.quant.gptq as gptq_mod
+
+    w, x = torch.randn(24, 64, generator=gen), torch.randn(256, 64, generator=gen)
+    h = x.T @ x
+    seen = []
+    real = gptq_mod.group_params
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        want = gptq_quantize(w, h, 4, 16)
+        monkeypatch.setattr(gptq_mod, "group_params", spy)
+        got = gptq_quantize(w, h, 4, 16)
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+        assert torch.equal(got.weight, want.weight) and torch.equal(got.codes, want.codes)
+
+        def boom(*args, **kwargs):
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(gptq_mod, "group_params", boom)
+        with pytest.raises(RuntimeError, match="boom"):
+            gptq_quantize(w, h, 4, 16)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_errors():
     w = torch.randn(4, 8)
     with pytest.raises(ValueError, match=r"hessian must be \[K, K\]"):
