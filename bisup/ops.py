@@ -205,15 +205,18 @@ def attention(
     softmax_scale: Optional[float] = None,
     causal: bool = True,
     seq_lens: Optional[torch.Tensor] = None,
+    window: int = 0,
 ) -> torch.Tensor:
     """Attention over concat(prompt K/V [B, Hkv, P, D] in q's dtype, dequant(packed K/V [B, Hkv, S, ...])).
 
     q [B, Hq, Tq, D] -> [B, Hq, Tq, D]. GQA (Hq multiple of Hkv); causal masking aligned to the end
-    of the logical sequence (query i sees keys j <= P + len - Tq + i); seq_lens [B]: valid length of
-    the quantized segment per batch entry. Rows that see no key are zero. See bisup/reference.py.
+    of the logical sequence (query i sits at position P + len - Tq + i and sees keys j <= that);
+    seq_lens [B]: valid length of the quantized segment per batch entry; window > 0: sliding-window
+    attention, query at position i sees keys j > i - window only (both segments). Rows that see no
+    key are zero. See bisup/reference.py.
     """
     return _ops.attention(q, k_prompt, v_prompt, k_q, k_scale, k_zero, v_q, v_scale, v_zero,
-                          kv_bits, group_size, softmax_scale, causal, seq_lens)
+                          kv_bits, group_size, softmax_scale, causal, seq_lens, window)
 
 
 @torch.library.register_fake("bisup::kv_quantize")
@@ -235,5 +238,7 @@ def _(q, scale, zero, bits, group_size, out_dtype):
 
 @torch.library.register_fake("bisup::attention")
 def _(q, k_prompt, v_prompt, k_q, k_scale, k_zero, v_q, v_scale, v_zero, kv_bits, group_size=-1,
-      softmax_scale=None, causal=True, seq_lens=None):
+      softmax_scale=None, causal=True, seq_lens=None, window=0):
+    if window < 0:
+        raise ValueError(f"bisup::attention: window must be >= 0 (0: no sliding window), got {window}")
     return torch.empty_like(q)

@@ -170,19 +170,26 @@ def kv_dequantize(
 
 def attention_mask(
     batch: int, tq: int, prompt_len: int, quant_len: int, causal: bool,
-    seq_lens: Optional[torch.Tensor] = None, device=None,
+    seq_lens: Optional[torch.Tensor] = None, device=None, window: int = 0,
 ) -> torch.Tensor:
     """Bool [B, Tq, L] (True = attend) of bisup.ops.attention: key j of batch b is valid when
-    j < P + seq_lens[b]; with causal, query i sees j <= P + seq_lens[b] - Tq + i (queries aligned
-    to the END of the logical sequence)."""
+    j < P + seq_lens[b]; query i sits at logical position a_i = P + seq_lens[b] - Tq + i (queries
+    aligned to the END of the logical sequence); with causal it sees j <= a_i; with window > 0
+    (sliding-window attention, e.g. Gemma3's local layers) only j > a_i - window, the FP prompt
+    segment included: a query `window` or more positions past the prompt's last token no longer sees
+    the prompt (as in the unquantized model; the cache keeps it, masked)."""
+    if window < 0:
+        raise ValueError(f"attention: window must be >= 0 (0: no sliding window), got {window}")
     total = prompt_len + quant_len
     lens = torch.full((batch,), quant_len, dtype=torch.int64, device=device) if seq_lens is None else seq_lens.to(device, torch.int64)
     lens = (lens + prompt_len).view(batch, 1, 1)
     j = torch.arange(total, device=device).view(1, 1, total)
     allowed = (j < lens).expand(batch, tq, total)
+    at_pos = lens - tq + torch.arange(tq, device=device).view(1, tq, 1)
     if causal:
-        i = torch.arange(tq, device=device).view(1, tq, 1)
-        allowed = allowed & (j <= lens - tq + i)
+        allowed = allowed & (j <= at_pos)
+    if window > 0:
+        allowed = allowed & (j > at_pos - window)
     return allowed
 
 
@@ -202,6 +209,7 @@ def attention(
     softmax_scale: Optional[float] = None,
     causal: bool = True,
     seq_lens: Optional[torch.Tensor] = None,
+    window: int = 0,
 ) -> torch.Tensor:
     """softmax(q K^T * scale) V over K/V = concat(prompt segment, dequant(quantized segment)).
 
@@ -218,7 +226,7 @@ def attention(
     v = v.repeat_interleave(hq // hkv, dim=1)
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
     scores = torch.matmul(q.double(), k.transpose(-1, -2)) * scale  # [B, Hq, Tq, L]
-    allowed = attention_mask(b, tq, p, s, causal, seq_lens, q.device).unsqueeze(1)
+    allowed = attention_mask(b, tq, p, s, causal, seq_lens, q.device, window).unsqueeze(1)
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key -> 0
     return torch.matmul(probs, v).to(q.dtype)

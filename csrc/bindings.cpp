@@ -17,7 +17,7 @@ TORCH_LIBRARY(bisup, m) {
   // KV cache quantization and mixed-precision attention
   m.def("kv_quantize(Tensor x, int bits, int group_size=-1) -> (Tensor, Tensor, Tensor)");
   m.def("kv_dequantize(Tensor q, Tensor scale, Tensor zero, int bits, int group_size, ScalarType out_dtype) -> Tensor");
-  m.def("attention(Tensor q, Tensor k_prompt, Tensor v_prompt, Tensor k_q, Tensor k_scale, Tensor k_zero, Tensor v_q, Tensor v_scale, Tensor v_zero, int kv_bits, int group_size=-1, float? softmax_scale=None, bool causal=True, Tensor? seq_lens=None) -> Tensor");
+  m.def("attention(Tensor q, Tensor k_prompt, Tensor v_prompt, Tensor k_q, Tensor k_scale, Tensor k_zero, Tensor v_q, Tensor v_scale, Tensor v_zero, int kv_bits, int group_size=-1, float? softmax_scale=None, bool causal=True, Tensor? seq_lens=None, int window=0) -> Tensor");
   // hadamard transform
   m.def("hadamard(Tensor x, Tensor? base=None) -> Tensor");
   // W4A4 / W3A3 group-scaled GEMM

@@ -158,7 +158,7 @@ AttentionDims check_attention_args(const at::Tensor& q, const at::Tensor& k_prom
                                    const at::Tensor& k_q, const at::Tensor& k_scale, const at::Tensor& k_zero,
                                    const at::Tensor& v_q, const at::Tensor& v_scale, const at::Tensor& v_zero,
                                    int64_t kv_bits, int64_t group_size, std::optional<double> softmax_scale,
-                                   const std::optional<at::Tensor>& seq_lens) {
+                                   const std::optional<at::Tensor>& seq_lens, int64_t window) {
   BISUP_CHECK_FLOAT(q);
   BISUP_CHECK_DIM(q, 4);
   BISUP_CHECK_DIM(k_prompt, 4);
@@ -184,6 +184,8 @@ AttentionDims check_attention_args(const at::Tensor& q, const at::Tensor& k_prom
   a.p = k_prompt.size(2);
   a.s = k_q.size(2);
   a.bits = kv_bits;
+  TORCH_CHECK(window >= 0, "bisup: attention window must be >= 0 (0: no sliding window), got ", window);
+  a.window = window;
   TORCH_CHECK(k_prompt.size(0) == a.b && k_prompt.size(3) == a.d, "bisup: k_prompt must be [B=", a.b,
               ", Hkv, P, D=", a.d, "], got ", k_prompt.sizes());
   TORCH_CHECK(v_prompt.sizes() == k_prompt.sizes(), "bisup: v_prompt must have k_prompt's shape ",

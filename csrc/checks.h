@@ -79,13 +79,14 @@ int64_t check_kv_dequantize_args(const at::Tensor& q, const at::Tensor& scale, c
 
 struct AttentionDims {
   int64_t b, hq, hkv, tq, d, p, s, bits, group;
+  int64_t window;  // 0: none; else a query at logical position i sees keys j > i - window
   double scale;
 };
 AttentionDims check_attention_args(const at::Tensor& q, const at::Tensor& k_prompt, const at::Tensor& v_prompt,
                                    const at::Tensor& k_q, const at::Tensor& k_scale, const at::Tensor& k_zero,
                                    const at::Tensor& v_q, const at::Tensor& v_scale, const at::Tensor& v_zero,
                                    int64_t kv_bits, int64_t group_size, std::optional<double> softmax_scale,
-                                   const std::optional<at::Tensor>& seq_lens);
+                                   const std::optional<at::Tensor>& seq_lens, int64_t window);
 
 struct GemmDims {
   int64_t m, n, k, group, groups, ko;  // ko = 0: no outlier segment

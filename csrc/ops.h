@@ -40,11 +40,12 @@ at::Tensor kv_dequantize_cpu(const at::Tensor& q, const at::Tensor& scale, const
 
 // ---- mixed-precision attention (attention.cpp / attention.cu) ----
 // Attention over concat(prompt K/V in q's dtype, dequant(quantized K/V)); bisup/reference.py.
+// window > 0: sliding-window attention, a query at logical position i sees keys j > i - window.
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_prompt, const at::Tensor& v_prompt,
                          const at::Tensor& k_q, const at::Tensor& k_scale, const at::Tensor& k_zero,
                          const at::Tensor& v_q, const at::Tensor& v_scale, const at::Tensor& v_zero, int64_t kv_bits,
                          int64_t group_size, std::optional<double> softmax_scale, bool causal,
-                         const std::optional<at::Tensor>& seq_lens);
+                         const std::optional<at::Tensor>& seq_lens, int64_t window);
 #ifdef BISUP_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_quantize_cuda(const at::Tensor& x, int64_t bits,
                                                                 int64_t group_size);
@@ -54,7 +55,7 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_prompt, const
                           const at::Tensor& k_q, const at::Tensor& k_scale, const at::Tensor& k_zero,
                           const at::Tensor& v_q, const at::Tensor& v_scale, const at::Tensor& v_zero, int64_t kv_bits,
                           int64_t group_size, std::optional<double> softmax_scale, bool causal,
-                          const std::optional<at::Tensor>& seq_lens);
+                          const std::optional<at::Tensor>& seq_lens, int64_t window);
 #endif
 
 #ifdef BISUP_WITH_CUDA

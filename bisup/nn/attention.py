@@ -192,22 +192,29 @@ def fake_quant_kv(x: torch.Tensor, spec: KVQuantSpec) -> torch.Tensor:
     return q if p == 0 else torch.cat([x[:, :, :p], q], dim=2)
 
 
-def _plain_causal(mask: Optional[torch.Tensor], tq: int, total: int) -> bool:
-    """Whether a mask from the SDPA mask function is exactly the op's end-aligned causal mask."""
+def _plain_causal(mask: Optional[torch.Tensor], tq: int, total: int, window: int = 0) -> bool:
+    """Whether a mask from the SDPA mask function is exactly the op's end-aligned causal mask (with
+    that sliding window)."""
     if mask is None:
-        return True
+        return window <= 0 or window >= total  # (a window over every key masks nothing)
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[-2:] != (tq, total):
         return False
     global _last_mask
-    if _last_mask is not None and _last_mask[0] is mask and _last_mask[1] == (mask._version, tq, total):
-        return _last_mask[2]  # every layer of one forward gets the same mask object
-    want = reference.attention_mask(1, tq, total, 0, causal=True, device=mask.device)
+    key = (mask._version, tq, total, window)
+    if _last_mask is not None and _last_mask[0] is mask and _last_mask[1] == key:
+        return _last_mask[2]  # every layer of one kind in one forward gets the same mask object
+    want = reference.attention_mask(1, tq, total, 0, causal=True, device=mask.device, window=window)
     ok = bool(torch.equal(mask, want.unsqueeze(1).expand_as(mask)))
-    _last_mask = (mask, (mask._version, tq, total), ok)
+    _last_mask = (mask, key, ok)
     return ok
 
 
-_last_mask = None  # (mask, (version, tq, total), verdict) of the last mask checked
+_last_mask = None  # (mask, (version, tq, total, window), verdict) of the last mask checked
+
+
+def _window(kwargs: dict) -> int:
+    """The sliding window transformers passes to a local layer's attention (Gemma3), 0 for none."""
+    return int(kwargs.get("sliding_window") or 0)
 
 
 def _mixed_precision_layer(module: nn.Module, state: Optional[AttentionQuantState]) -> Optional[MixedPrecisionKVLayer]:
@@ -223,10 +230,9 @@ def _fused_ok(query: torch.Tensor, attention_mask, total: int, dropout: float, k
     return (
         dropout == 0.0
         and kwargs.get("softcap") is None
-        and kwargs.get("sliding_window") is None
         and kwargs.get("s_aux") is None
         and (query.device.type != "cuda" or query.shape[-1] in _CUDA_HEAD_DIMS)
-        and _plain_causal(attention_mask, query.shape[2], total)
+        and _plain_causal(attention_mask, query.shape[2], total, _window(kwargs))
     )
 
 
@@ -251,7 +257,8 @@ def _kernel_fake_attention(query, key, value, attention_mask, spec: KVQuantSpec,
     kq = ops.kv_quantize(key[:, :, p:].contiguous(), spec.bits, spec.group_size)
     vq = ops.kv_quantize(value[:, :, p:].contiguous(), spec.bits, spec.group_size)
     out = ops.attention(query.contiguous(), key[:, :, :p].contiguous(), value[:, :, :p].to(key.dtype).contiguous(),
-                        *kq, *vq, kv_bits=spec.bits, group_size=spec.group_size, softmax_scale=scaling, causal=True)
+                        *kq, *vq, kv_bits=spec.bits, group_size=spec.group_size, softmax_scale=scaling, causal=True,
+                        window=_window(kwargs))
     return out.transpose(1, 2).contiguous()
 
 
@@ -293,6 +300,7 @@ def bisup_attention_forward(
         group_size=layer.attention_group_size,
         softmax_scale=scaling,
         causal=True,
+        window=_window(kwargs),
     )
     return out.transpose(1, 2).contiguous(), None
 

@@ -192,6 +192,17 @@ class MixedPrecisionKVLayer(DynamicLayer):
         raise NotImplementedError("MixedPrecisionKVCache does not support offloading")
 
 
+# Sliding-window layers keep every token like the others (no eviction): bisup attention applies the
+# window as a mask (bisup.ops.attention's `window`, which transformers passes to those layers), over
+# the FP prompt segment too, so a query `window` or more tokens past the system prompt no longer
+# sees it -- what the unquantized model computes. The memory of a sliding layer is that of a full one.
+# (Fake mode decodes with transformers' own sliding cache, which evicts tokens past the window; its
+# KV quantization counts prompt positions from the first token it is handed, so with prompt_len > 0
+# a fake-mode decode past the window keeps the first prompt_len *kept* tokens unquantized, where real
+# mode, the exact one, quantizes them. Forward passes and prompt_len = 0 agree bit for bit.)
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
 def _kv_pairs(prompt_kv) -> List[tuple]:
     """(key, value) per layer of a transformers Cache or of a sequence of pairs."""
     if isinstance(prompt_kv, Cache):
@@ -207,7 +218,7 @@ class MixedPrecisionKVCache(Cache):
         kv_bits: 3, 4 or 8 for the quantized segment; 16 keeps everything at full precision.
         group_size: quantization group along head_dim (-1: one group per head).
         config: the model config (optional): builds one layer per decoder layer up front and
-            rejects sliding-window / non-attention layer types, which this cache does not handle.
+            rejects layer types other than full and sliding-window attention.
         rotations: optional key rotation per layer ([D, D] or None), see the module doc.
     """
 
@@ -228,9 +239,10 @@ class MixedPrecisionKVCache(Cache):
             return
         text = config.get_text_config(decoder=True)
         types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
-        unsupported = sorted(set(types) - {"full_attention"})
+        unsupported = sorted(set(types) - set(LAYER_TYPES))
         if unsupported:
-            raise ValueError(f"MixedPrecisionKVCache supports full-attention layers only, the config has {unsupported}")
+            raise ValueError(f"MixedPrecisionKVCache supports {list(LAYER_TYPES)} layers, the config also has "
+                             f"{unsupported}")
         super().__init__(layers=[self._new_layer(i) for i in range(text.num_hidden_layers)])
 
     @classmethod
@@ -242,6 +254,11 @@ class MixedPrecisionKVCache(Cache):
         pairs = _kv_pairs(prompt_kv)
         if not pairs:
             raise ValueError("from_prompt_kv: no layers given")
+        lengths = sorted({k.shape[2] for k, _ in pairs})
+        if len(lengths) > 1:  # e.g. a transformers sliding-window cache layer that evicted prompt tokens
+            raise ValueError(f"from_prompt_kv: every layer must hold the whole prompt, got lengths {lengths} "
+                             "(a sliding-window cache drops tokens beyond its window: compute the prompt KV "
+                             "with a cache that keeps every token, or use a prompt shorter than the window)")
         cache = cls(pairs[0][0].shape[2], kv_bits, group_size, config, rotations)
         if config is None:
             cache.layers.extend(cache._new_layer(i) for i in range(len(pairs)))

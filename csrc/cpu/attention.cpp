@@ -1,6 +1,7 @@
 // CPU twin of bisup.ops.attention: softmax attention over a logical KV sequence made of a
 // full-precision prompt segment followed by a quantized segment, with GQA, end-aligned causal
-// masking and per-batch lengths. Semantics: bisup/reference.py.
+// masking, per-batch lengths and an optional sliding window (a query at logical position i sees
+// keys j > i - window, the prompt segment included). Semantics: bisup/reference.py.
 //
 // Streaming (flash-decoding style): a work item is one (batch, kv head), a block of its query
 // rows (GQA group x Tq) and a range of its keys. Keys are read once per item, a row at a time:
@@ -136,11 +137,11 @@ struct RowState {
 };
 
 // Keys [j0, j1) against `rows` query rows q (fp32, [rows, D], storage order); row r sees keys
-// j < visible[r].
+// first[r] <= j < visible[r].
 // The hot loop of the op; cloned per ISA (runtime dispatch, one build).
 __attribute__((target_clones("avx512f", "avx2", "default"))) void attend_keys(
-    const KvRows& k, const KvRows& v, const int64_t* pos, const float* q, int64_t rows, const int64_t* visible,
-    int64_t j0, int64_t j1, float scale, RowState& st) {
+    const KvRows& k, const KvRows& v, const int64_t* pos, const float* q, int64_t rows, const int64_t* first,
+    const int64_t* visible, int64_t j0, int64_t j1, float scale, RowState& st) {
   const int64_t d = k.d;
   std::vector<float> krow(d), vrow(d), p(rows * kKeyBlock);
   for (int64_t jb = j0; jb < j1; jb += kKeyBlock) {
@@ -148,7 +149,8 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void attend_keys(
     for (int64_t jj = 0; jj < nk; ++jj) {
       fetch_row(k, pos, jb + jj, krow.data());
       for (int64_t r = 0; r < rows; ++r)
-        p[r * kKeyBlock + jj] = jb + jj < visible[r] ? dot(q + r * d, krow.data(), d) * scale : kNegInf;
+        p[r * kKeyBlock + jj] =
+            jb + jj >= first[r] && jb + jj < visible[r] ? dot(q + r * d, krow.data(), d) * scale : kNegInf;
     }
     bool any = false;
     for (int64_t r = 0; r < rows; ++r) {
@@ -196,7 +198,8 @@ void attention_rows(const AttentionDims& a, const T* q, const T* kp, const T* vp
                                                                                             : Dtype::kBFloat16;
   // Split-K only when the (batch, kv head, row block) items cannot keep every thread busy.
   const int64_t items0 = pairs * row_blocks;
-  const int64_t max_len = a.p + a.s;
+  // Keys one row block may see: all of them, or with a window at most window + Tq - 1.
+  const int64_t max_len = a.window > 0 ? std::min(a.p + a.s, a.window + a.tq - 1) : a.p + a.s;
   const int64_t splits = std::max<int64_t>(
       1, std::min((2 * at::get_num_threads() + items0 - 1) / items0, max_len / kMinSplitKeys));
   // Partial states of split items: [item][kRowBlock] (m, l) and [item][kRowBlock][D] (acc).
@@ -219,27 +222,30 @@ void attention_rows(const AttentionDims& a, const T* q, const T* kp, const T* vp
   at::parallel_for(0, items0 * splits, 1, [&](int64_t begin, int64_t end) {
     RowState st;
     std::vector<float> qf(kRowBlock * d);
-    int64_t visible[kRowBlock];
+    int64_t first[kRowBlock], visible[kRowBlock];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t split = item % splits, rb = (item / splits) % row_blocks, bh = item / splits / row_blocks;
       const int64_t b = bh / a.hkv;
       const int64_t len = a.p + lens[b];  // valid logical length of this batch entry
       const int64_t r0 = rb * kRowBlock, rows = std::min(kRowBlock, rows_all - r0);
-      int64_t reach = 0;  // keys [0, reach) are visible to some row of the block
+      int64_t start = len, reach = 0;  // keys [start, reach) are visible to some row of the block
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t t = (r0 + r) % a.tq;
-        visible[r] = causal ? std::min(len, len - a.tq + t + 1) : len;  // end-aligned causal mask
+        const int64_t t = (r0 + r) % a.tq, at_pos = len - a.tq + t;  // the row's logical position
+        visible[r] = causal ? std::min(len, at_pos + 1) : len;  // end-aligned causal mask
+        first[r] = a.window > 0 ? std::max<int64_t>(0, at_pos - a.window + 1) : 0;  // sliding window
+        start = std::min(start, first[r]);
         reach = std::max(reach, visible[r]);
         const T* qr = q + (out_row(bh, r0 + r) - out);
         for (int64_t i = 0; i < d; ++i) qf[r * d + pos[i]] = static_cast<float>(qr[i]);
       }
-      const int64_t j0 = reach * split / splits, j1 = reach * (split + 1) / splits;
+      const int64_t span = std::max<int64_t>(reach - start, 0);
+      const int64_t j0 = start + span * split / splits, j1 = start + span * (split + 1) / splits;
       const KvRows k{kp + bh * a.p * d, dt, a.p, kq + bh * a.s * row_bytes, ks + bh * a.s * groups,
                      kz + bh * a.s * groups, d, a.group, row_bytes, bits};
       const KvRows v{vp + bh * a.p * d, dt, a.p, vq + bh * a.s * row_bytes, vs + bh * a.s * groups,
                      vz + bh * a.s * groups, d, a.group, row_bytes, bits};
       st.reset(rows, d);
-      attend_keys(k, v, pos.data(), qf.data(), rows, visible, j0, j1, scale, st);
+      attend_keys(k, v, pos.data(), qf.data(), rows, first, visible, j0, j1, scale, st);
       if (splits == 1) {
         for (int64_t r = 0; r < rows; ++r) write_row(out_row(bh, r0 + r), st.m[r], st.l[r], st.acc.data() + r * d);
       } else {
@@ -282,9 +288,9 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k_prompt, const 
                          const at::Tensor& k_q, const at::Tensor& k_scale, const at::Tensor& k_zero,
                          const at::Tensor& v_q, const at::Tensor& v_scale, const at::Tensor& v_zero, int64_t kv_bits,
                          int64_t group_size, std::optional<double> softmax_scale, bool causal,
-                         const std::optional<at::Tensor>& seq_lens) {
+                         const std::optional<at::Tensor>& seq_lens, int64_t window) {
   const AttentionDims a = check_attention_args(q, k_prompt, v_prompt, k_q, k_scale, k_zero, v_q, v_scale, v_zero,
-                                               kv_bits, group_size, softmax_scale, seq_lens);
+                                               kv_bits, group_size, softmax_scale, seq_lens, window);
   auto out = at::empty_like(q);
   if (out.numel() == 0) return out;
   const at::Tensor lens = seq_lens.has_value() ? seq_lens->to(at::kLong).contiguous()

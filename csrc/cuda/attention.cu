@@ -1,5 +1,7 @@
 // CUDA bisup.ops.attention: attention over concat(prompt K/V, dequant(quantized K/V)).
 //
+// A sliding window (window > 0: a query at logical position i sees keys j > i - window) masks
+// both segments alike; the decode kernels split only the keys a row block may see.
 // Tq <= kFusedMaxTq (decode, short speculative chunks): the fused flash-decoding kernels of
 // attention_decode.cuh -- split over the KV length, online softmax across the FP16 prompt segment
 // and the quantized segment, dequantization in shared memory only, then a combine kernel.
@@ -64,13 +66,15 @@ at::Tensor attention_decode(const AttentionDims& a, const at::Tensor& q, const a
   int device = q.get_device(), sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int64_t total = a.p + a.s;
+  // Keys one block may see: all of them, or with a window at most window + Tq - 1 (from its first).
+  const int64_t span = a.window > 0 ? std::min(total, a.window + a.tq - 1) : total;
   const int64_t row_tiles = ceil_div((a.hq / a.hkv) * a.tq, kv::kMaxRows);
-  const int64_t tiles = std::max<int64_t>(ceil_div(total, kv::kTile), 1);
+  const int64_t tiles = std::max<int64_t>(ceil_div(span, kv::kTile), 1);
   const int64_t base_blocks = a.b * a.hkv * row_tiles;
   const int64_t want =
       std::clamp<int64_t>(ceil_div(kSplitWaves * sms, base_blocks), 1, std::min<int64_t>(tiles, kMaxSplits));
   const int64_t split_len = ceil_div(tiles, want) * kv::kTile;
-  const int64_t splits = std::max<int64_t>(ceil_div(total, split_len), 1);
+  const int64_t splits = std::max<int64_t>(ceil_div(span, split_len), 1);
   TORCH_CHECK(a.b * a.hkv <= kMaxGridYZ, "bisup: batch * kv_heads must be <= ", kMaxGridYZ,
               " for the CUDA attention (gridDim.y), got ", a.b * a.hkv);
 
@@ -100,6 +104,7 @@ at::Tensor attention_decode(const AttentionDims& a, const at::Tensor& q, const a
   p.groups = int(a.d / a.group);
   p.group = int(a.group);
   p.split_len = int(split_len);
+  p.window = a.window >= total ? 0 : int(a.window);  // a window over every key is no window
   p.scale = static_cast<float>(a.scale);
   p.causal = causal;
 
@@ -137,7 +142,9 @@ at::Tensor attention_prefill(const AttentionDims& a, const at::Tensor& q, const 
   const at::Tensor lens = (seq_lens.has_value() ? seq_lens->to(at::kLong) : at::full({a.b}, a.s, opts)).view({a.b, 1, 1, 1}) + a.p;
   const at::Tensor j = at::arange(a.p + a.s, opts).view({1, 1, 1, -1});
   at::Tensor allowed = j < lens;  // [B, 1, 1, L]
-  if (causal) allowed = allowed & (j <= lens - a.tq + at::arange(a.tq, opts).view({1, 1, -1, 1}));
+  const at::Tensor at_pos = lens - a.tq + at::arange(a.tq, opts).view({1, 1, -1, 1});  // queries' positions
+  if (causal) allowed = allowed & (j <= at_pos);
+  if (a.window > 0) allowed = allowed & (j > at_pos - a.window);
   allowed = allowed.expand({a.b, 1, a.tq, a.p + a.s});
   auto out = at::scaled_dot_product_attention(q, k, v, allowed, 0.0, false, a.scale);
   // Rows that see no key: SDPA gives NaN there, the op's contract is zeros.
@@ -150,10 +157,10 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k_prompt, const
                           const at::Tensor& k_q, const at::Tensor& k_scale, const at::Tensor& k_zero,
                           const at::Tensor& v_q, const at::Tensor& v_scale, const at::Tensor& v_zero, int64_t kv_bits,
                           int64_t group_size, std::optional<double> softmax_scale, bool causal,
-                          const std::optional<at::Tensor>& seq_lens) {
+                          const std::optional<at::Tensor>& seq_lens, int64_t window) {
   BISUP_CHECK_CUDA(q);
   const AttentionDims a = check_attention_args(q, k_prompt, v_prompt, k_q, k_scale, k_zero, v_q, v_scale, v_zero,
-                                               kv_bits, group_size, softmax_scale, seq_lens);
+                                               kv_bits, group_size, softmax_scale, seq_lens, window);
   const c10::cuda::CUDAGuard guard(q.device());
   if (q.numel() == 0 || a.p + a.s == 0) return at::zeros_like(q);  // no keys: zero rows
   if (a.tq <= kFusedMaxTq) {

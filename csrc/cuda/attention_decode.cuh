@@ -1,7 +1,8 @@
 // Flash-decoding kernels of bisup.ops.attention (few query rows, long KV).
 //
 // Grid (split, batch * kv_head, row_tile). A block owns one KV head, a contiguous range of
-// logical key positions (its split) and up to kMaxRows query rows of that head's GQA group
+// logical key positions (its split of the keys its rows may see: [first, visible) over its rows,
+// first > 0 only under a sliding window) and up to kMaxRows query rows of that head's GQA group
 // (row = g * Tq + t, query head = kv_head * (Hq/Hkv) + g). It walks its range in tiles of
 // kTile keys: the block loads the tile into shared memory as fp32 -- prompt rows converted,
 // quantized rows dequantized on the fly (never written back to global memory) -- then each warp
@@ -37,6 +38,7 @@ struct DecodeParams {
   float* part_o;        // [splits, B * Hq * Tq, D]
   float* part_lse;      // [splits, B * Hq * Tq]
   int b, hq, hkv, tq, p, s, groups, group, split_len;
+  int window;  // 0: none; else a query at logical position i sees keys j > i - window
   float scale;
   bool causal;
 };
@@ -99,19 +101,21 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
     qs[i] = to_float(q[((int64_t(b) * p.hq + hq) * p.tq + t) * D + i % D]) * p.scale;
   }
 
-  // visible[k]: number of leading keys row k may see (end-aligned causal mask).
-  int visible[kRowsPerWarp];
-  int block_visible = 0;
+  // Row k sees keys first[k] <= j < visible[k] (end-aligned causal mask, sliding window).
+  int first[kRowsPerWarp], visible[kRowsPerWarp];
+  int block_first = len, block_visible = 0;
   for (int r = 0; r < nrows; ++r) {
-    const int t = (row0 + r) % p.tq;
-    block_visible = max(block_visible, p.causal ? min(len, len - p.tq + t + 1) : len);
+    const int at = len - p.tq + (row0 + r) % p.tq;  // the row's logical position
+    block_visible = max(block_visible, p.causal ? min(len, at + 1) : len);
+    block_first = min(block_first, p.window > 0 ? max(0, at - p.window + 1) : 0);
   }
 #pragma unroll
   for (int k = 0; k < kRowsPerWarp; ++k) {
-    const int t = (row0 + warp + kWarps * k) % p.tq;
-    visible[k] = p.causal ? min(len, len - p.tq + t + 1) : len;
+    const int at = len - p.tq + (row0 + warp + kWarps * k) % p.tq;
+    visible[k] = p.causal ? min(len, at + 1) : len;
+    first[k] = p.window > 0 ? max(0, at - p.window + 1) : 0;
   }
-  const int begin = split * p.split_len;
+  const int begin = block_first + split * p.split_len;
   const int end = min(begin + p.split_len, block_visible);
 
   float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][D / 32];
@@ -134,7 +138,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
       if (r >= nrows) break;  // warp-uniform
       const int pos = t0 + lane;
       float s = -INFINITY;
-      if (lane < n && pos < visible[k]) {
+      if (lane < n && pos >= first[k] && pos < visible[k]) {
         const float4* qr = reinterpret_cast<const float4*>(qs + r * D);
         const float4* kr = reinterpret_cast<const float4*>(ks + lane * (D + kKeyPad));
         float dot = 0.f;

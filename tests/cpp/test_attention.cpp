@@ -21,7 +21,7 @@ TEST(Attention, OnePromptKeyReturnsItsValue) {
   auto k = at::randn({1, 1, 1, kD});
   auto v = at::arange(kD, at::kFloat).view({1, 1, 1, kD});
   Empty e;
-  auto out = bisup::attention_cpu(q, k, v, e.q, e.s, e.z, e.q, e.s, e.z, 4, -1, std::nullopt, true, std::nullopt);
+  auto out = bisup::attention_cpu(q, k, v, e.q, e.s, e.z, e.q, e.s, e.z, 4, -1, std::nullopt, true, std::nullopt, 0);
   EXPECT_TRUE(at::allclose(out, v.expand({1, 2, 1, kD})));
 }
 
@@ -33,7 +33,7 @@ TEST(Attention, TwoKeysWeightedOneToThree) {
   k[0][0][1][0] = std::log(3.f);
   auto v = at::cat({at::full({1, 1, 1, kD}, 1.f), at::full({1, 1, 1, kD}, 5.f)}, 2);
   Empty e;
-  auto out = bisup::attention_cpu(q, k, v, e.q, e.s, e.z, e.q, e.s, e.z, 4, -1, 1.0, true, std::nullopt);
+  auto out = bisup::attention_cpu(q, k, v, e.q, e.s, e.z, e.q, e.s, e.z, 4, -1, 1.0, true, std::nullopt, 0);
   EXPECT_TRUE(at::allclose(out, at::full({1, 1, 1, kD}, 4.f)));  // 1/4 * 1 + 3/4 * 5
 }
 
@@ -49,16 +49,16 @@ TEST(Attention, QuantizedKeysAndEndAlignedCausalMask) {
   kq[0][0][0][0] = 0x01;  // element 0 in the low nibble
   auto vq = at::full({1, 1, 1, kD / 2}, 0x55, at::kByte);
   auto one = at::ones({1, 1, 1, 1}, at::kHalf), zero = zeros({1, 1, 1, 1}, at::kHalf);
-  auto out = bisup::attention_cpu(q, kp, vp, kq, one, zero, vq, one, zero, 4, -1, std::log(3.0), true, std::nullopt);
+  auto out = bisup::attention_cpu(q, kp, vp, kq, one, zero, vq, one, zero, 4, -1, std::log(3.0), true, std::nullopt, 0);
   // Tq = 2, L = 2: query 0 sees key 0 only, query 1 sees keys 0 and 1.
   EXPECT_TRUE(at::allclose(out[0][0][0], at::full({kD}, 1.f)));
   EXPECT_TRUE(at::allclose(out[0][0][1], at::full({kD}, 4.f)));
   // Without the causal mask both queries see both keys.
-  auto full = bisup::attention_cpu(q, kp, vp, kq, one, zero, vq, one, zero, 4, -1, std::log(3.0), false, std::nullopt);
+  auto full = bisup::attention_cpu(q, kp, vp, kq, one, zero, vq, one, zero, 4, -1, std::log(3.0), false, std::nullopt, 0);
   EXPECT_TRUE(at::allclose(full[0][0][0], at::full({kD}, 4.f)));
   // seq_lens = 0: the quantized key is padding, so both queries see only the prompt key.
   auto lens = zeros({1}, at::kLong);
-  auto padded = bisup::attention_cpu(q, kp, vp, kq, one, zero, vq, one, zero, 4, -1, std::log(3.0), true, lens);
+  auto padded = bisup::attention_cpu(q, kp, vp, kq, one, zero, vq, one, zero, 4, -1, std::log(3.0), true, lens, 0);
   EXPECT_TRUE(at::allclose(padded[0][0][1], at::full({kD}, 1.f)));
   EXPECT_TRUE(at::allclose(padded[0][0][0], at::zeros({kD})));  // query 0 now sees nothing
 }
@@ -66,8 +66,27 @@ TEST(Attention, QuantizedKeysAndEndAlignedCausalMask) {
 TEST(Attention, RejectsMismatchedHeads) {
   Empty e;
   EXPECT_THROW(bisup::attention_cpu(at::randn({1, 3, 1, kD}), at::randn({1, 2, 1, kD}), at::randn({1, 2, 1, kD}),
-                                    e.q, e.s, e.z, e.q, e.s, e.z, 4, -1, std::nullopt, true, std::nullopt),
+                                    e.q, e.s, e.z, e.q, e.s, e.z, 4, -1, std::nullopt, true, std::nullopt, 0),
                c10::Error);
+  auto q = at::randn({1, 1, 1, kD}), k = at::randn({1, 1, 1, kD});
+  EXPECT_THROW(bisup::attention_cpu(q, k, k, e.q, e.s, e.z, e.q, e.s, e.z, 4, -1, std::nullopt, true, std::nullopt, -1),
+               c10::Error);  // a negative window
+}
+
+TEST(Attention, SlidingWindowMasksThePromptToo) {
+  // Three prompt keys (all zero: equal scores) with values 1, 2, 4 and three queries at positions 0, 1, 2.
+  // Window 2: query i sees keys i - 1 and i (the prompt segment is masked like any other key).
+  auto q = at::randn({1, 1, 3, kD});
+  auto k = zeros({1, 1, 3, kD});
+  auto v = at::cat({at::full({1, 1, 1, kD}, 1.f), at::full({1, 1, 1, kD}, 2.f), at::full({1, 1, 1, kD}, 4.f)}, 2);
+  Empty e;
+  auto out = bisup::attention_cpu(q, k, v, e.q, e.s, e.z, e.q, e.s, e.z, 4, -1, std::nullopt, true, std::nullopt, 2);
+  EXPECT_TRUE(at::allclose(out[0][0][0], at::full({kD}, 1.f)));
+  EXPECT_TRUE(at::allclose(out[0][0][1], at::full({kD}, 1.5f)));
+  EXPECT_TRUE(at::allclose(out[0][0][2], at::full({kD}, 3.f)));
+  // Window 1: each query sees itself only.
+  auto own = bisup::attention_cpu(q, k, v, e.q, e.s, e.z, e.q, e.s, e.z, 4, -1, std::nullopt, true, std::nullopt, 1);
+  EXPECT_TRUE(at::allclose(own, v));
 }
 
 TEST(KvQuantize, EightBitCodesOfARamp) {

@@ -57,6 +57,20 @@ ATTENTION_CASES = [
     (37, 40, 1, 4, 2, 256, True, False, 8, 32, torch.float16),
     (5, 70, 16, 2, 2, 256, True, True, 4, -1, torch.float32),  # largest fused Tq on CUDA
 ]
+# Sliding-window cases (P, S, Tq, Hq, Hkv, D, causal, ragged, bits, group, dtype, window): windows
+# inside the prompt segment, across the segment boundary, under ragged lengths, of 1, wider than the
+# sequence, not a multiple of any tile; long ones that split the keys.
+WINDOW_CASES = [
+    (37, 255, 1, 8, 2, 128, True, False, 4, -1, torch.float32, 20),
+    (37, 255, 5, 6, 2, 64, True, True, 4, 32, torch.float32, 40),   # the prompt slid out of the window
+    (37, 20, 16, 4, 1, 64, True, False, 8, 16, torch.float16, 45),  # the window starts inside the prompt
+    (1, 37, 64, 4, 4, 64, True, True, 3, -1, torch.float32, 9),
+    (5, 70, 16, 2, 2, 256, True, True, 4, -1, torch.bfloat16, 1),    # each query sees itself only
+    (0, 40, 3, 4, 2, 64, False, True, 4, 32, torch.float32, 7),      # window without the causal mask
+    (37, 40, 1, 4, 2, 256, True, False, 8, 32, torch.float16, 1000),  # wider than everything: no effect
+    (3, 700, 2, 4, 1, 64, True, True, 4, 32, torch.float32, 333),    # split-K within the window
+    (300, 500, 1, 8, 1, 128, True, False, 4, -1, torch.float32, 512),
+]
 ATTENTION_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 

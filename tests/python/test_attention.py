@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from _helpers import ATTENTION_CASES as CASES, ATTENTION_TOL as TOL, attention_inputs as _inputs
+from _helpers import ATTENTION_CASES as CASES, ATTENTION_TOL as TOL, WINDOW_CASES, attention_inputs as _inputs
 from bisup import ops, reference
 
 
@@ -36,6 +36,38 @@ def test_attention_matches_reference(device, gen, p, s, tq, hq, hkv, d, causal, 
     # rows that see no key are exactly zero
     blind = ~reference.attention_mask(q.shape[0], tq, p, s, causal, seq_lens).any(-1)  # [B, Tq]
     assert bool((got.cpu()[blind.unsqueeze(1).expand(-1, hq, -1)] == 0).all())
+
+
+@pytest.mark.parametrize("p,s,tq,hq,hkv,d,causal,ragged,bits,group,dtype,window", WINDOW_CASES)
+def test_attention_sliding_window_matches_reference(device, gen, p, s, tq, hq, hkv, d, causal, ragged, bits, group,
+                                                    dtype, window):
+    """window > 0: a query at logical position i sees keys j > i - window, in the FP prompt segment and
+    the quantized segment alike (Gemma3's local layers)."""
+    q, kp, vp, kq, vq, seq_lens = _inputs(p, s, tq, hq, hkv, d, ragged, bits, group, dtype, gen)
+    kwargs = dict(kv_bits=bits, group_size=group, causal=causal, seq_lens=seq_lens)
+    want = reference.attention(q, kp, vp, *kq, *vq, window=window, **kwargs)
+    full = reference.attention(q, kp, vp, *kq, *vq, **kwargs)
+    mask = reference.attention_mask(q.shape[0], tq, p, s, causal, seq_lens, window=window)
+    narrower = not bool(mask.equal(reference.attention_mask(q.shape[0], tq, p, s, causal, seq_lens)))
+    assert narrower == (window < p + s), "the case's window must change the mask unless it covers every key"
+    assert narrower == (not torch.equal(want, full))
+    _poison_cuda_allocator(device)
+    on = lambda t: t.to(device)  # noqa: E731
+    got = ops.attention(*map(on, (q, kp, vp, *kq, *vq)), kv_bits=bits, group_size=group, causal=causal,
+                        seq_lens=None if seq_lens is None else on(seq_lens), window=window)
+    assert got.dtype == dtype and not got.isnan().any()
+    torch.testing.assert_close(got.cpu().float(), want.float(), rtol=TOL[dtype], atol=TOL[dtype])
+    blind = ~mask.any(-1)
+    assert bool((got.cpu()[blind.unsqueeze(1).expand(-1, hq, -1)] == 0).all())
+
+
+def test_attention_window_mask_by_hand():
+    """P = 2 prompt keys, S = 3 quantized keys, Tq = 2 (logical positions 3, 4), window 3: query 3
+    sees keys 1..3 (one prompt key), query 4 sees keys 2..4 (the prompt has slid out)."""
+    m = reference.attention_mask(1, 2, 2, 3, True, window=3)[0]
+    assert m.tolist() == [[False, True, True, True, False], [False, False, True, True, True]]
+    with pytest.raises(ValueError, match="window must be >= 0"):
+        reference.attention_mask(1, 2, 2, 3, True, window=-1)
 
 
 @pytest.mark.parametrize("p,s,tq,bits,group,dtype", [
@@ -90,6 +122,8 @@ def test_attention_errors(device, gen):
         ops.attention(q, kp.transpose(2, 3).contiguous().transpose(2, 3), vp, *kq, *vq, kv_bits=4)
     with pytest.raises(RuntimeError, match="float16, bfloat16 or float32"):
         ops.attention(q.double(), kp.double(), vp.double(), *kq, *vq, kv_bits=4)
+    with pytest.raises(RuntimeError, match=r"window must be >= 0 \(0: no sliding window\), got -2"):
+        ops.attention(q, kp, vp, *kq, *vq, kv_bits=4, window=-2)
     if device.type == "cuda":
         with pytest.raises(RuntimeError, match="every tensor on q's device"):
             ops.attention(q, kp.cpu(), vp, *kq, *vq, kv_bits=4)

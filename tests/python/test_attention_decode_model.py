@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import _kernel_constants as kc
-from _helpers import ATTENTION_CASES, ATTENTION_TOL as TOL, attention_inputs
+from _helpers import ATTENTION_CASES, ATTENTION_TOL as TOL, WINDOW_CASES, attention_inputs
 from bisup import ops, reference
 
 _SOURCES = ("pack_format.h", "cuda/cuda_utils.cuh", "cuda/attention_decode.cuh", "cuda/attention.cu")
@@ -36,16 +36,17 @@ def cdiv(a, b):
     return (a + b - 1) // b
 
 
-def launch_shape(b, hq, hkv, tq, p, s, sms):
-    """attention_decode's host math -> (splits, split_len, row_tiles)."""
+def launch_shape(b, hq, hkv, tq, p, s, sms, window=0):
+    """attention_decode's host math -> (splits, split_len, row_tiles, the kernel's window)."""
     total = p + s
+    span = min(total, window + tq - 1) if window > 0 else total
     row_tiles = cdiv((hq // hkv) * tq, K_MAX_ROWS)
-    tiles = max(cdiv(total, K_TILE), 1)
+    tiles = max(cdiv(span, K_TILE), 1)
     base_blocks = b * hkv * row_tiles
     want = min(max(cdiv(K_SPLIT_WAVES * sms, base_blocks), 1), min(tiles, K_MAX_SPLITS))
     split_len = cdiv(tiles, want) * K_TILE
-    splits = max(cdiv(total, split_len), 1)
-    return splits, split_len, row_tiles
+    splits = max(cdiv(span, split_len), 1)
+    return splits, split_len, row_tiles, 0 if window >= total else window
 
 
 def decode_smem_bytes(d):
@@ -106,7 +107,7 @@ def _warp_sum(v):
     return v[:, 0]
 
 
-def decode_model(q, kp, vp, kq, vq, *, bits, group, scale=None, causal=True, seq_lens=None, sms=132):
+def decode_model(q, kp, vp, kq, vq, *, bits, group, scale=None, causal=True, seq_lens=None, sms=132, window=0):
     """The CUDA decode path, modelled on the CPU. Returns (out in q's dtype, stats dict)."""
     (k_q, k_s, k_z), (v_q, v_s, v_z) = kq, vq
     b_, hq_, tq_, d = q.shape
@@ -114,7 +115,7 @@ def decode_model(q, kp, vp, kq, vq, *, bits, group, scale=None, causal=True, seq
     s_ = k_q.shape[2]
     group = d if group == -1 else group
     scale = torch.tensor(d ** -0.5 if scale is None else scale, dtype=torch.float64).float()
-    splits, split_len, row_tiles = launch_shape(b_, hq_, hkv_, tq_, p_, s_, sms)
+    splits, split_len, row_tiles, window = launch_shape(b_, hq_, hkv_, tq_, p_, s_, sms, window)
     gqa, rows_total = hq_ // hkv_, b_ * hq_ * tq_
     assert splits <= 2**31 - 1 and b_ * hkv_ <= K_MAX_GRID_YZ and row_tiles <= K_MAX_GRID_YZ  # grid limits
     part_o = torch.full((splits, rows_total, d), float("nan"))
@@ -137,10 +138,11 @@ def decode_model(q, kp, vp, kq, vq, *, bits, group, scale=None, causal=True, seq
                 hq, t = hkv * gqa + gr // tq_, gr % tq_
                 orows = (b * hq_ + hq) * tq_ + t
                 qs = qf[orows] * scale  # [nrows, D], pre-scaled like qs in shared memory
-                visible = (torch.minimum(torch.tensor(length), length - tq_ + t + 1) if causal
-                           else torch.full((nrows,), length))
-                block_visible = int(visible.max())
-                begin = split * split_len
+                at = length - tq_ + t  # the rows' logical positions
+                visible = torch.minimum(torch.tensor(length), at + 1) if causal else torch.full((nrows,), length)
+                first = (at - window + 1).clamp(min=0) if window > 0 else torch.zeros(nrows, dtype=torch.long)
+                block_visible, block_first = int(visible.max()), min(int(first.min()), length)
+                begin = block_first + split * split_len
                 end = min(begin + split_len, block_visible)
                 m = torch.full((nrows,), float("-inf"))
                 l_ = torch.zeros(nrows)
@@ -154,7 +156,7 @@ def decode_model(q, kp, vp, kq, vq, *, bits, group, scale=None, causal=True, seq
                     ks[:stop - t0], vs[:stop - t0] = k_all[b, hkv, t0:stop], v_all[b, hkv, t0:stop]
                     n = min(K_TILE, end - t0)
                     pos = t0 + LANES
-                    valid = (LANES < n)[None, :] & (pos[None, :] < visible[:, None])
+                    valid = (LANES < n)[None, :] & (pos[None, :] >= first[:, None]) & (pos[None, :] < visible[:, None])
                     s = torch.where(valid, _dot_f32(qs, ks), torch.tensor(float("-inf")))
                     m_new = torch.maximum(m, s.max(1).values)  # warp_max
                     live = m_new != float("-inf")  # the others `continue`: their state is untouched
@@ -187,7 +189,7 @@ def decode_model(q, kp, vp, kq, vq, *, bits, group, scale=None, causal=True, seq
     return out.view(q.shape).to(q.dtype), {"splits": splits, "split_len": split_len, "empty_splits": empty_splits}
 
 
-def prefill_model(q, kp, vp, kq, vq, *, bits, group, scale=None, causal=True, seq_lens=None):
+def prefill_model(q, kp, vp, kq, vq, *, bits, group, scale=None, causal=True, seq_lens=None, window=0):
     """attention_prefill's tensor ops on the CPU: dequantize, cat, GQA repeat, mask, SDPA, zero blind rows."""
     b, hq, tq, d = q.shape
     hkv, p = kp.shape[1], kp.shape[2]
@@ -197,8 +199,11 @@ def prefill_model(q, kp, vp, kq, vq, *, bits, group, scale=None, causal=True, se
     lens = (torch.full((b,), s) if seq_lens is None else seq_lens.long()).view(b, 1, 1, 1) + p
     j = torch.arange(p + s).view(1, 1, 1, -1)
     allowed = j < lens
+    at_pos = lens - tq + torch.arange(tq).view(1, 1, -1, 1)
     if causal:
-        allowed = allowed & (j <= lens - tq + torch.arange(tq).view(1, 1, -1, 1))
+        allowed = allowed & (j <= at_pos)
+    if window > 0:
+        allowed = allowed & (j > at_pos - window)
     allowed = allowed.expand(b, 1, tq, p + s)
     scale = d ** -0.5 if scale is None else scale
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
@@ -224,6 +229,30 @@ def test_decode_model_matches_reference(gen, p, s, tq, hq, hkv, d, causal, ragge
         torch.testing.assert_close(got.float(), want.float(), rtol=TOL[dtype], atol=TOL[dtype])
         assert bool((got[blind.unsqueeze(1).expand(-1, hq, -1)] == 0).all())
     assert max(seen_splits) == cdiv(p + s, K_TILE)  # the last SM count gives one split per tile
+
+
+@pytest.mark.parametrize("p,s,tq,hq,hkv,d,causal,ragged,bits,group,dtype,window",
+                         [c for c in WINDOW_CASES if c[2] <= K_FUSED_MAX_TQ])
+def test_decode_model_sliding_window_matches_reference(gen, p, s, tq, hq, hkv, d, causal, ragged, bits, group, dtype,
+                                                       window):
+    """The window: each block splits only the keys its rows may see (from its first visible key), and
+    masks keys before each row's first."""
+    q, kp, vp, kq, vq, seq_lens = attention_inputs(p, s, tq, hq, hkv, d, ragged, bits, group, dtype, gen)
+    kw = dict(bits=bits, group=group, causal=causal, seq_lens=seq_lens, window=window)
+    want = reference.attention(q, kp, vp, *kq, *vq, kv_bits=bits, group_size=group, causal=causal, seq_lens=seq_lens,
+                               window=window)
+    for sms in SMS:
+        got, st = decode_model(q, kp, vp, kq, vq, sms=sms, **kw)
+        torch.testing.assert_close(got.float(), want.float(), rtol=TOL[dtype], atol=TOL[dtype])
+        if 0 < window < p + s:  # the splits cover the window's keys, not the whole sequence
+            assert st["splits"] <= cdiv(window + tq - 1, K_TILE)
+
+
+def test_prefill_model_sliding_window(gen):
+    q, kp, vp, kq, vq, seq_lens = attention_inputs(37, 40, 24, 4, 2, 64, True, 4, 32, torch.float32, gen)
+    got, _ = prefill_model(q, kp, vp, kq, vq, bits=4, group=32, seq_lens=seq_lens, window=30)
+    want = reference.attention(q, kp, vp, *kq, *vq, kv_bits=4, group_size=32, seq_lens=seq_lens, window=30)
+    torch.testing.assert_close(got, want, rtol=TOL[torch.float32], atol=TOL[torch.float32])
 
 
 def test_decode_model_edges(gen):
@@ -284,7 +313,7 @@ def test_launch_shapes_and_shared_memory():
     for b, hq, hkv, tq, p, s in [(1, 32, 8, 1, 256, 32768 - 256), (16, 32, 8, 1, 256, 1024 - 256),
                                  (2, 8, 2, 16, 37, 255), (1, 4, 4, 1, 1, 0), (2, 64, 1, 16, 0, 5)]:
         for sms in SMS:
-            splits, split_len, row_tiles = launch_shape(b, hq, hkv, tq, p, s, sms)
+            splits, split_len, row_tiles, _ = launch_shape(b, hq, hkv, tq, p, s, sms)
             total = p + s
             assert split_len % K_TILE == 0 and 1 <= splits <= K_MAX_SPLITS
             assert splits * split_len >= total > (splits - 1) * split_len

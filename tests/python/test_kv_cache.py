@@ -202,7 +202,10 @@ def test_cache_errors():
         MixedPrecisionKVCache(group_size=12)
     cfg = LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, num_key_value_heads=1)
     cfg.layer_types = ["full_attention", "sliding_attention"]
-    with pytest.raises(ValueError, match="full-attention layers only"):
+    assert len(MixedPrecisionKVCache(config=cfg).layers) == 2  # sliding layers: the window is a mask
+    cfg.layer_types = ["full_attention", "chunked_attention"]
+    with pytest.raises(ValueError, match=r"supports \['full_attention', 'sliding_attention'\] layers, the config "
+                                         r"also has \['chunked_attention'\]"):
         MixedPrecisionKVCache(config=cfg)
     with pytest.raises(ValueError, match="found no attention module"):
         enable_bisup_attention(torch.nn.Linear(2, 2))
