@@ -99,7 +99,8 @@ def main(argv=None) -> int:
     path.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
     lines = [f"# gemma-3-270m, {args.windows} x {args.seq_len} held-out tokens of the embedded corpus",
              "", f"Calibration {out['calibration']} (calibration split); commit {out['commit'][:10]}; {out['device']}.",
-             "Written by bench/gemma3_real.py (full configs in the JSON).", "",
+             "Written by bench/gemma3_real.py (full configs in the JSON). Quantize seconds: wall time on",
+             "2 CPU cores shared with other jobs, indicative only.", "",
              "| row | perplexity | x FP | quantize (s) |", "|---|---|---|---|"]
     for r in results:
         ratio = f"{r['perplexity'] / fp:.2f}" if fp else "-"
