@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-from bisup.quant.formats import OFF_BITS
+from bisup.quant.formats import ACT_CONVENTIONS, OFF_BITS
 
 MODES = ("fake", "real")
 
@@ -159,6 +159,10 @@ class QuantConfig:
     w_clip_search: bool = False
     a_clip: float = 1.0
     kv_clip: float = 1.0
+    # how activations are quantized (formats.ACT_CONVENTIONS): "bisup" (bisup's kernels) or
+    # "compressed-tensors" (what vLLM computes when serving an export: calibrate and BiSup-train with
+    # the engine's own quantizer; symmetric, a_clip 1, no Atom outliers, fake mode only)
+    a_convention: str = "bisup"
     # method and execution
     method: str = "rtn"
     mode: str = "fake"
@@ -193,6 +197,7 @@ class QuantConfig:
         for name in ("w_sym", "a_sym", "kv_sym", "w_clip_search", "gptq_act_order", "gptq", "online_hadamard", "rotate_kv"):
             _check_bool(name, getattr(self, name))
         _check_choice("method", self.method, _method_names())
+        _check_choice("a_convention", self.a_convention, ACT_CONVENTIONS)
         _check_choice("mode", self.mode, MODES)
         if not isinstance(self.gptq_damp, (int, float)) or isinstance(self.gptq_damp, bool) or self.gptq_damp < 0:
             raise ValueError(f"QuantConfig.gptq_damp={self.gptq_damp!r}: expected a float >= 0")
@@ -209,6 +214,23 @@ class QuantConfig:
             self.bisup = BiSupConfig.from_dict(self.bisup)
         if self.bisup is not None and not isinstance(self.bisup, BiSupConfig):
             raise ValueError(f"QuantConfig.bisup={self.bisup!r}: expected None, a BiSupConfig or its dict")
+        if self.a_convention != "bisup" and self.quantizes_activations:
+            self._check_engine_activations()
+
+    def _check_engine_activations(self) -> None:
+        """What an engine's activation quantizer (a_convention) cannot be asked for."""
+        wrong = []
+        if not self.a_sym:
+            wrong.append("a_sym=False (the engine's activations are symmetric)")
+        if self.a_clip != 1.0:
+            wrong.append(f"a_clip={self.a_clip} (the engine does not clip activations: use 1.0)")
+        if self.bisup is not None and self.bisup.act_clip:
+            wrong.append("bisup.act_clip=True (a learned activation clip: the engine has none; set act_clip=False)")
+        if self.method == "atom" and self.atom_outliers != 0:
+            wrong.append("method='atom' with outlier channels (INT8 outlier channels have no compressed-tensors "
+                         "form; atom_outliers=0, or another method)")
+        if wrong:
+            raise ValueError(f"QuantConfig.a_convention={self.a_convention!r}: " + "; ".join(wrong))
 
     # ------------------------------------------------------------------ derived values
     def outlier_count(self, hidden_size: int) -> int:

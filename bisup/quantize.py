@@ -89,6 +89,9 @@ def _describe(x) -> str:
 def check_real(config: QuantConfig, model: Optional[nn.Module] = None) -> None:
     """NotImplementedError saying why config (on model) cannot run on the real kernels."""
     unsupported = []
+    if config.a_convention != "bisup" and config.quantizes_activations:
+        unsupported.append(f"a_convention={config.a_convention!r} is an engine's activation quantizer, not bisup's "
+                           "kernels' (export the model: bisup.export)")
     if config.w_bits not in GEMM_BITS or config.a_bits not in GEMM_BITS:
         unsupported.append(f"w_bits/a_bits must be {' or '.join(map(str, GEMM_BITS))} (got {config.w_bits}/{config.a_bits})")
     if not (config.w_sym and config.a_sym):

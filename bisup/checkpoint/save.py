@@ -40,7 +40,7 @@ def _linear_entry(fq: FakeQuantLinear, tensors: Dict[str, torch.Tensor], name: s
     return entry
 
 
-def _as_fake(module: nn.Module, name: str, dtype: torch.dtype, config: QuantConfig) -> Optional[FakeQuantLinear]:
+def fake_form(module: nn.Module, name: str, dtype: torch.dtype, config: QuantConfig) -> Optional[FakeQuantLinear]:
     """The FakeQuantLinear form of a quantized decoder linear (None for a plain nn.Linear)."""
     from bisup.nn.real_linear import is_real, real_to_fake
 
@@ -64,7 +64,7 @@ def _wrapper_entries(model: nn.Module) -> Dict[str, dict]:
     return out
 
 
-def _atomic_write_dir(path: Path, write) -> None:
+def atomic_write_dir(path: Path, write) -> None:
     """Run write(tmp_dir), then move tmp_dir to path (replacing an existing directory)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp.", dir=path.parent))
@@ -95,7 +95,7 @@ def save_quantized(model: nn.Module, path: Union[str, Path], tokenizer=None) -> 
     skip = set()
     state = model.state_dict()
     for name, module in adapter.named_linears():
-        fq = _as_fake(module, name, dtype, config)
+        fq = fake_form(module, name, dtype, config)
         if fq is None:
             continue  # left in floating point: saved with the state dict
         linears[name] = _linear_entry(fq, tensors, name)
@@ -133,5 +133,5 @@ def save_quantized(model: nn.Module, path: Union[str, Path], tokenizer=None) -> 
             tokenizer.save_pretrained(str(tmp))
 
     path = Path(path)
-    _atomic_write_dir(path, write)
+    atomic_write_dir(path, write)
     return path

@@ -170,6 +170,25 @@ def fake_quantize(
     return ((q - z) * s).reshape(x.shape).to(x.dtype)
 
 
+def engine_fake_quantize(x: torch.Tensor, bits: int, group_size: int = -1) -> torch.Tensor:
+    """The activation quantizer of a compressed-tensors engine (formats.ACT_CONVENTIONS): dynamic,
+    symmetric, per group of the last dim (-1: per token), computed in x's dtype:
+
+        s = max|x| / ((2^b - 1) / 2)   (0 -> the dtype's eps),   q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1)
+
+    returns q * s in x's shape and dtype. The last dim must be a multiple of the group (the engines
+    refuse a shorter last group). Differentiable: STE through the rounding, the scale through max|x|.
+    """
+    if bits >= 16:
+        return x
+    xg = to_groups(x, group_size)
+    qmin, qmax = qrange(bits, True)
+    s = xg.abs().amax(dim=-1, keepdim=True) / ((qmax - qmin) / 2)
+    s = torch.where(s == 0, torch.full_like(s, torch.finfo(s.dtype).eps), s)
+    q = torch.clamp(round_ste(xg / s), qmin, qmax)
+    return (q * s).reshape(x.shape)
+
+
 def fake_quantize_per_tensor(x: torch.Tensor, bits: int, sym: bool = True, clip_ratio: ClipLike = 1.0) -> torch.Tensor:
     """One scale for the whole tensor."""
     if bits >= 16:
