@@ -274,3 +274,26 @@ def test_cli_export(tmp_path, capsys):
     full_kv = _quantized("qwen3", "rtn", 4)  # what the served model computes: KV in floating point
     ids = random_tokens(1, 12, seed=5)
     assert torch.equal(_logits(client, ids), _logits(full_kv, ids))
+
+
+def test_engine_convention_checkpoint_round_trip(tmp_path):
+    """save_quantized keeps the activation convention; real mode (bisup's kernels) refuses it."""
+    model = _quantized("llama", "quarot", 4)
+    bisup.save_quantized(model, tmp_path / "q")
+    loaded = bisup.load_quantized(tmp_path / "q")
+    assert loaded.model.layers[0].mlp.down_proj.act_quantizer.convention == ENGINE
+    ids = random_tokens(1, 12, seed=6)
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+    with pytest.raises(NotImplementedError, match="an engine's activation quantizer"):
+        bisup.load_quantized(tmp_path / "q", mode="real")
+
+
+def test_transform_type_names_sylvester_matrices_hadamard():
+    """Engines run "hadamard" as a fast Sylvester transform (vLLM's hadacore), so only a matrix equal to
+    Sylvester's may carry that name; any other +-1 matrix is "random-hadamard" (a stored matrix)."""
+    from bisup.exporters.compressed_tensors import _pm1_matrix, _transform_type
+    from bisup.rotation.fuse import HadamardTransform, random_hadamard_transform
+
+    assert _transform_type(_pm1_matrix(HadamardTransform(64), {})) == "hadamard"
+    assert _transform_type(_pm1_matrix(random_hadamard_transform(64, seed=1), {})) == "random-hadamard"
+    assert _transform_type(_pm1_matrix(HadamardTransform(96), {})) == "random-hadamard"

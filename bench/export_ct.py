@@ -1,0 +1,108 @@
+"""Export to compressed-tensors on the embedded default (SmolLM2-135M): for each row, quantize (the
+calibration split), measure bisup's perplexity (fake mode), export, load the export with transformers +
+compressed-tensors (bisup.exporters.client) and measure its perplexity on the same held-out windows
+(8 x 512, bisup.eval.perplexity's protocol). KV stays in floating point: the format carries no KV4.
+
+    python bench/export_ct.py [--rows quarot_w4a16,quarot_w4a4,quarot_w4a4_bisup,quarot_w4a4_bisup_conv]
+                              [--out bench/results/export_ct]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import bisup
+from bisup.config import BiSupConfig, QuantConfig
+from bisup.eval import perplexity
+from bisup.exporters.client import load_compressed_tensors
+from bisup.models.default import load_default_model
+from bisup.provenance import git_commit
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cpu_info, print_table, write_json  # noqa: E402
+
+ENGINE = "compressed-tensors"
+BASE = dict(method="quarot", gptq=True, w_bits=4, w_group_size=64, a_group_size=64, kv_bits=16)
+ROWS = {
+    "quarot_w4a16": (dict(BASE, a_bits=16), ()),
+    "quarot_w4a4": (dict(BASE, a_bits=4, a_convention=ENGINE), ()),
+    "quarot_w4a4_bisup": (dict(BASE, a_bits=4, a_convention=ENGINE, bisup=BiSupConfig(act_clip=False)), ()),
+    # calibrated with bisup's own activation quantizer (clip 0.9, as the BiSup table), served with the engine's
+    "quarot_w4a4_bisup_conv": (dict(BASE, a_bits=4, a_clip=0.9), ("act_quantizer",)),
+}
+
+
+def label(config: QuantConfig, drop) -> str:
+    """The row's name, made from the config that ran."""
+    name = config.method.replace("quarot", "QuaRot").replace("gptq", "GPTQ").replace("rtn", "RTN")
+    name += "+GPTQ" if config.gptq and config.method != "gptq" else ""
+    name += " + BiSup" if config.bisup is not None else ""
+    a = f"A{config.a_bits}" if config.quantizes_activations else "A16"
+    name += f" W{config.w_bits}{a} g{config.w_group_size}"
+    if config.quantizes_activations:
+        name += f" ({config.a_convention} activations" + (f", clip {config.a_clip:g}" if config.a_clip != 1 else "")
+        name += ", served with the engine's" if "act_quantizer" in drop else ""
+        name += ")"
+    return name
+
+
+def run_row(key: str, windows: int, seq_len: int) -> dict:
+    fields, drop = ROWS[key]
+    config = QuantConfig(**fields)
+    model, tok = load_default_model()
+    t = time.perf_counter()
+    bisup.quantize_model(model, config, tokenizer=tok)
+    quant_s = time.perf_counter() - t
+    ppl_bisup = perplexity(model, tok, "embedded", seq_len, windows)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        bisup.export(model, tmp, tokenizer=tok, drop=drop)
+        export_s = time.perf_counter() - t
+        size = sum(f.stat().st_size for f in Path(tmp).iterdir())
+        del model
+        client = load_compressed_tensors(tmp)
+        ppl_client = perplexity(client, tok, "embedded", seq_len, windows)
+    return dict(key=key, label=label(config, drop), config=config.to_dict(), drop=list(drop), quantize_s=quant_s,
+                export_s=export_s, export_bytes=size, ppl_bisup=ppl_bisup, ppl_client=ppl_client,
+                gap_pct=100.0 * (ppl_client - ppl_bisup) / ppl_bisup)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--out", default="bench/results/export_ct")
+    args = ap.parse_args()
+    keys = [k for k in args.rows.split(",") if k]
+    unknown = sorted(set(keys) - set(ROWS))
+    if unknown:
+        raise SystemExit(f"--rows: unknown {unknown}; expected from {list(ROWS)}")
+    model, tok = load_default_model()
+    ppl_fp = perplexity(model, tok, "embedded", args.seq_len, args.windows)
+    del model
+    rows = [run_row(k, args.windows, args.seq_len) for k in keys]
+    meta = dict(commit=git_commit(), cpu=cpu_info()[0], torch=torch.__version__, windows=args.windows,
+                seq_len=args.seq_len, ppl_fp=ppl_fp, client="transformers + compressed-tensors (bisup.exporters.client)")
+    columns = ["label", "ppl_bisup", "ppl_client", "gap_pct", "quantize_s", "export_s"]
+    print(f"FP perplexity {ppl_fp:.3f} ({args.windows} x {args.seq_len})")
+    print_table(rows, columns)
+    write_json(args.out + ".json", dict(meta=meta, rows=rows))
+    lines = [f"# bisup export -> compressed-tensors, SmolLM2-135M (commit {meta['commit']}, {meta['cpu']})", "",
+             f"Perplexity on {args.windows} x {args.seq_len} held-out tokens of the embedded corpus; FP {ppl_fp:.2f}. "
+             "bisup: fake mode; client: the export loaded by transformers + compressed-tensors. KV in floating point.",
+             "", "| row | bisup | client | gap | quantize s | export MiB |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['label']} | {r['ppl_bisup']:.3f} | {r['ppl_client']:.3f} | {r['gap_pct']:+.2f}% | "
+              f"{r['quantize_s']:.0f} | {r['export_bytes'] / 2**20:.1f} |" for r in rows]
+    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}.md")
+
+
+if __name__ == "__main__":
+    main()
