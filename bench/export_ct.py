@@ -39,17 +39,8 @@ ROWS = {
 
 
 def label(config: QuantConfig, drop) -> str:
-    """The row's name, made from the config that ran."""
-    name = config.method.replace("quarot", "QuaRot").replace("gptq", "GPTQ").replace("rtn", "RTN")
-    name += "+GPTQ" if config.gptq and config.method != "gptq" else ""
-    name += " + BiSup" if config.bisup is not None else ""
-    a = f"A{config.a_bits}" if config.quantizes_activations else "A16"
-    name += f" W{config.w_bits}{a} g{config.w_group_size}"
-    if config.quantizes_activations:
-        name += f" ({config.a_convention} activations" + (f", clip {config.a_clip:g}" if config.a_clip != 1 else "")
-        name += ", served with the engine's" if "act_quantizer" in drop else ""
-        name += ")"
-    return name
+    """The row's name, made from the config that ran and what the export left out."""
+    return config.label() + (" served with the engine's activation quantizer" if "act_quantizer" in drop else "")
 
 
 def run_row(key: str, windows: int, seq_len: int) -> dict:

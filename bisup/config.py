@@ -251,6 +251,45 @@ class QuantConfig:
     def quantizes_kv(self) -> bool:
         return self.kv_bits < OFF_BITS
 
+    @property
+    def weight_rounding(self) -> str:
+        """What makes the weight codes: "learned" (BiSup's rounding space; it replaces GPTQ), "gptq",
+        "rtn", or "none" (weights in floating point)."""
+        from bisup.methods import get_method  # the methods import this module: look them up at call time
+
+        if not self.quantizes_weights:
+            return "none"
+        if self.bisup is not None and self.bisup.rounding:
+            return "learned"
+        return "gptq" if get_method(self.method).bisup_base.gptq(self) else "rtn"
+
+    def label(self) -> str:
+        """A row label made from what this config runs, e.g. "QuaRot+GPTQ W4A4 g64 KV4" or
+        "QuaRot + BiSup (learned rounding) W4A4 g64 KV4"."""
+        names = {"rtn": "RTN", "gptq": "GPTQ", "atom": "Atom", "quarot": "QuaRot"}
+        out = names.get(self.method, self.method)
+        rounding = self.weight_rounding
+        if self.method in ("atom", "quarot") and rounding in ("gptq", "rtn"):
+            out += "+" + names[rounding]
+        if self.bisup is not None:
+            on = [name for name in BiSupConfig.SPACES if getattr(self.bisup, name)]
+            spaces = "" if on == [n for n in BiSupConfig.SPACES if getattr(BiSupConfig(), n)] else \
+                f"[{', '.join(on) or 'nothing'}]"
+            out += f" + BiSup{spaces}" + (" (learned rounding)" if rounding == "learned" and not spaces else "")
+        group = lambda g: "per-channel" if g == -1 else f"g{g}"  # noqa: E731
+        out += f" W{self.w_bits}A{self.a_bits}" if self.quantizes_activations else f" W{self.w_bits}A16"
+        out += f" {group(self.w_group_size)}"
+        if self.quantizes_activations and self.a_group_size != self.w_group_size:
+            out += f"/a {group(self.a_group_size)}"
+        if self.quantizes_kv:
+            out += f" KV{self.kv_bits}" + (f" (FP16 prompt {self.prompt_len})" if self.prompt_len else "")
+        notes = []
+        if self.quantizes_activations and self.a_convention != "bisup":
+            notes.append(f"{self.a_convention} activations")
+        if self.quantizes_activations and self.a_clip != 1.0:
+            notes.append(f"a_clip {self.a_clip:g}")
+        return out + (f" ({', '.join(notes)})" if notes else "")
+
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
