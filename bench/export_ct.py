@@ -3,8 +3,7 @@ calibration split), measure bisup's perplexity (fake mode), export, load the exp
 compressed-tensors (bisup.exporters.client) and measure its perplexity on the same held-out windows
 (8 x 512, bisup.eval.perplexity's protocol). KV stays in floating point: the format carries no KV4.
 
-    python bench/export_ct.py [--rows quarot_w4a16,quarot_w4a4,quarot_w4a4_bisup,quarot_w4a4_bisup_conv]
-                              [--out bench/results/export_ct]
+    python bench/export_ct.py [--rows quarot_w4a16,quarot_w4a4,...] [--out bench/results/export_ct]
 """
 from __future__ import annotations
 
@@ -35,6 +34,9 @@ ROWS = {
     "quarot_w4a4_bisup": (dict(BASE, a_bits=4, a_convention=ENGINE, bisup=BiSupConfig(act_clip=False)), ()),
     # calibrated with bisup's own activation quantizer (clip 0.9, as the BiSup table), served with the engine's
     "quarot_w4a4_bisup_conv": (dict(BASE, a_bits=4, a_clip=0.9), ("act_quantizer",)),
+    # other random rotations: how far the rounding of two Hadamard algorithms moves a W4A4 model
+    "quarot_w4a4_seed1": (dict(BASE, a_bits=4, a_convention=ENGINE, rotation_seed=1), ()),
+    "quarot_w4a4_seed2": (dict(BASE, a_bits=4, a_convention=ENGINE, rotation_seed=2), ()),
 }
 
 
@@ -51,17 +53,35 @@ def run_row(key: str, windows: int, seq_len: int) -> dict:
     bisup.quantize_model(model, config, tokenizer=tok)
     quant_s = time.perf_counter() - t
     ppl_bisup = perplexity(model, tok, "embedded", seq_len, windows)
+    transforms = {n: m.input_transform for n, m in model.named_modules() if getattr(m, "input_transform", None)}
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         bisup.export(model, tmp, tokenizer=tok, drop=drop)
         export_s = time.perf_counter() - t
         size = sum(f.stat().st_size for f in Path(tmp).iterdir())
-        del model
         client = load_compressed_tensors(tmp)
         ppl_client = perplexity(client, tok, "embedded", seq_len, windows)
+        # the same client with bisup's online transform arithmetic: isolates the fp32 rounding of the
+        # two Hadamard algorithms (everything else is the same computation: tests/python/test_export_ct.py)
+        swapped = _use_bisup_transforms(client, transforms)
+        ppl_same = perplexity(client, tok, "embedded", seq_len, windows) if swapped else ppl_client
     return dict(key=key, label=label(config, drop), config=config.to_dict(), drop=list(drop), quantize_s=quant_s,
                 export_s=export_s, export_bytes=size, ppl_bisup=ppl_bisup, ppl_client=ppl_client,
-                gap_pct=100.0 * (ppl_client - ppl_bisup) / ppl_bisup)
+                gap_pct=100.0 * (ppl_client - ppl_bisup) / ppl_bisup, online_transforms=swapped,
+                ppl_client_bisup_transform=ppl_same, gap_same_transform_pct=100.0 * (ppl_same - ppl_bisup) / ppl_bisup)
+
+
+def _use_bisup_transforms(client, transforms: dict) -> int:
+    """Make the client's online transforms compute as bisup's do ({linear name: HadamardTransform});
+    returns how many it replaced."""
+    from compressed_tensors.transform.factory.hadamard import HadamardTransform as ClientTransform
+
+    count = 0
+    for name, module in client.named_modules():
+        if isinstance(module, ClientTransform):
+            module.forward = transforms[name.rsplit(".", 1)[0]].forward
+            count += 1
+    return count
 
 
 def main() -> None:
@@ -81,16 +101,19 @@ def main() -> None:
     rows = [run_row(k, args.windows, args.seq_len) for k in keys]
     meta = dict(commit=git_commit(), cpu=cpu_info()[0], torch=torch.__version__, windows=args.windows,
                 seq_len=args.seq_len, ppl_fp=ppl_fp, client="transformers + compressed-tensors (bisup.exporters.client)")
-    columns = ["label", "ppl_bisup", "ppl_client", "gap_pct", "quantize_s", "export_s"]
+    columns = ["label", "ppl_bisup", "ppl_client", "gap_pct", "gap_same_transform_pct", "quantize_s", "export_s"]
     print(f"FP perplexity {ppl_fp:.3f} ({args.windows} x {args.seq_len})")
     print_table(rows, columns)
     write_json(args.out + ".json", dict(meta=meta, rows=rows))
     lines = [f"# bisup export -> compressed-tensors, SmolLM2-135M (commit {meta['commit']}, {meta['cpu']})", "",
              f"Perplexity on {args.windows} x {args.seq_len} held-out tokens of the embedded corpus; FP {ppl_fp:.2f}. "
-             "bisup: fake mode; client: the export loaded by transformers + compressed-tensors. KV in floating point.",
-             "", "| row | bisup | client | gap | quantize s | export MiB |", "|---|---|---|---|---|---|"]
+             "bisup: fake mode; client: the export loaded by transformers + compressed-tensors (float32); "
+             "last gap: the client computing the online Hadamard as bisup does. KV in floating point.",
+             "", "| row | bisup | client | gap | gap, bisup's Hadamard arithmetic | quantize s | export MiB |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['label']} | {r['ppl_bisup']:.3f} | {r['ppl_client']:.3f} | {r['gap_pct']:+.2f}% | "
-              f"{r['quantize_s']:.0f} | {r['export_bytes'] / 2**20:.1f} |" for r in rows]
+              f"{r['gap_same_transform_pct']:+.3f}% | {r['quantize_s']:.0f} | {r['export_bytes'] / 2**20:.1f} |"
+              for r in rows]
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}.md")
 

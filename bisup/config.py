@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-from bisup.quant.formats import ACT_CONVENTIONS, OFF_BITS
+from bisup.quant.formats import ACT_CONVENTIONS, BISUP_ACTS, OFF_BITS
 
 MODES = ("fake", "real")
 
@@ -162,7 +162,7 @@ class QuantConfig:
     # how activations are quantized (formats.ACT_CONVENTIONS): "bisup" (bisup's kernels) or
     # "compressed-tensors" (what vLLM computes when serving an export: calibrate and BiSup-train with
     # the engine's own quantizer; symmetric, a_clip 1, no Atom outliers, fake mode only)
-    a_convention: str = "bisup"
+    a_convention: str = BISUP_ACTS
     # method and execution
     method: str = "rtn"
     mode: str = "fake"
@@ -214,7 +214,7 @@ class QuantConfig:
             self.bisup = BiSupConfig.from_dict(self.bisup)
         if self.bisup is not None and not isinstance(self.bisup, BiSupConfig):
             raise ValueError(f"QuantConfig.bisup={self.bisup!r}: expected None, a BiSupConfig or its dict")
-        if self.a_convention != "bisup" and self.quantizes_activations:
+        if self.a_convention != BISUP_ACTS and self.quantizes_activations:
             self._check_engine_activations()
 
     def _check_engine_activations(self) -> None:
@@ -284,7 +284,7 @@ class QuantConfig:
         if self.quantizes_kv:
             out += f" KV{self.kv_bits}" + (f" (FP16 prompt {self.prompt_len})" if self.prompt_len else "")
         notes = []
-        if self.quantizes_activations and self.a_convention != "bisup":
+        if self.quantizes_activations and self.a_convention != BISUP_ACTS:
             notes.append(f"{self.a_convention} activations")
         if self.quantizes_activations and self.a_clip != 1.0:
             notes.append(f"a_clip {self.a_clip:g}")

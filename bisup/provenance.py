@@ -16,6 +16,8 @@ def git_commit(short: bool = False) -> Optional[str]:
         return subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=here).stdout.strip()
 
     try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != here.parent:
+            return None  # bisup installed inside some other repository: its commit is not bisup's
         head = git("rev-parse", *(["--short"] if short else []), "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):

@@ -46,16 +46,11 @@ def vllm_perplexity(export: str, windows: torch.Tensor, dtype: str, tp: int) -> 
 
 
 def client_perplexity(export: str, windows: torch.Tensor) -> float:
+    from bisup.eval.perplexity import perplexity_on_tokens
     from bisup.exporters.client import load_compressed_tensors
 
-    model = load_compressed_tensors(export)
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for w in windows:
-            logits = model(w[None]).logits[0, :-1].float()
-            nll += torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum").item()
-            count += w.numel() - 1
-    return math.exp(nll / count)
+    model = load_compressed_tensors(export)  # float32 on the CPU: the format's reference semantics
+    return perplexity_on_tokens(model, windows.reshape(-1), windows.shape[1], windows.shape[0])
 
 
 def main() -> None:
@@ -72,7 +67,8 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(args.export)
     windows = window_tokens(args, tok).reshape(args.windows, args.seq_len)
-    result = dict(export=args.export, windows=args.windows, seq_len=args.seq_len, dtype=args.dtype,
+    result = dict(export=args.export, windows=args.windows, seq_len=args.seq_len, vllm_dtype=args.dtype,
+                  client="transformers + compressed-tensors, float32, CPU",
                   tensor_parallel_size=args.tensor_parallel_size,
                   ppl_client=client_perplexity(args.export, windows),
                   ppl_vllm=vllm_perplexity(args.export, windows, args.dtype, args.tensor_parallel_size))

@@ -50,18 +50,21 @@ def fake_form(module: nn.Module, name: str, dtype: torch.dtype, config: QuantCon
         return real_to_fake(module, dtype, config.w_clip)
     if isinstance(module, nn.Linear):
         return None
-    raise NotImplementedError(f"save_quantized: cannot save {name}, a {type(module).__name__}")
+    raise NotImplementedError(f"{name}: a {type(module).__name__} is not a linear bisup knows how to write")
+
+
+def output_wrappers(model: nn.Module) -> Dict[str, nn.Module]:
+    """bisup modules that wrap an original module and rotate its output online (QuaRot's RotateAfter on
+    Gemma3's post norms): {path: module}."""
+    return {path: module for path, module in model.named_modules()
+            if type(module).__module__.startswith("bisup.") and isinstance(getattr(module, "inner", None), nn.Module)
+            and hasattr(module, "rotation")}
 
 
 def _wrapper_entries(model: nn.Module) -> Dict[str, dict]:
-    """bisup modules that wrap an original module and rotate its output (QuaRot's RotateAfter on
-    Gemma3's post norms): {path: {"class", "rotation"}}; the wrapped module's tensors are in the state dict."""
-    out = {}
-    for path, module in model.named_modules():
-        if type(module).__module__.startswith("bisup.") and isinstance(getattr(module, "inner", None), nn.Module) \
-                and hasattr(module, "rotation"):
-            out[path] = {"class": class_path(module), "rotation": transform_entry(module.rotation)}
-    return out
+    """{path: {"class", "rotation"}} of output_wrappers; the wrapped module's tensors are in the state dict."""
+    return {path: {"class": class_path(module), "rotation": transform_entry(module.rotation)}
+            for path, module in output_wrappers(model).items()}
 
 
 def atomic_write_dir(path: Path, write) -> None:

@@ -36,15 +36,19 @@ def load_compressed_tensors(path: Union[str, Path], dtype: torch.dtype = torch.f
         hf_logging.set_verbosity(verbosity)
     qc = json.loads((path / "config.json").read_text())["quantization_config"]
     if qc.get("transform_config"):
-        apply_transform_config(model, TransformConfig.model_validate(qc["transform_config"]))
+        config = TransformConfig.model_validate(qc["transform_config"])
+        apply_transform_config(model, config)
         params = dict(model.named_parameters(remove_duplicate=False))
+        # compressed-tensors names each installed transform "<linear>.<scheme>_<location>"
+        suffixes = tuple(f".{scheme}_{args.location}.weight" for scheme, tf in config.config_groups.items()
+                         for args in tf.apply)
         with safe_open(str(path / "model.safetensors"), "pt") as f:
-            names = [k for k in f.keys() if k.rsplit(".", 2)[-2].endswith("_input")]
-            for key in names:
-                if key not in params:
-                    raise KeyError(f"{path}: transform tensor {key!r} has no module after apply_transform_config")
-                with torch.no_grad():
+            keys = [k for k in f.keys() if k.endswith(suffixes)]
+            installed = [k for k in params if k.endswith(suffixes)]
+            if sorted(keys) != sorted(installed):
+                raise KeyError(f"{path}: the checkpoint's transform tensors {sorted(set(keys) ^ set(installed))[:4]} "
+                               "do not match the transforms compressed-tensors installed")
+            with torch.no_grad():
+                for key in keys:
                     params[key].copy_(f.get_tensor(key))
-        if not names:
-            raise KeyError(f"{path}: a transform_config without transform tensors")
     return model.eval()

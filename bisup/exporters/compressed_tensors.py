@@ -17,9 +17,10 @@ The directory is an ordinary Hugging Face model directory of the model's own arc
 
 Weights are exact: dequantization is code * scale in both formats (bisup's fp16 scales are stored in
 the export dtype; float16 and float32 keep them exactly, bfloat16 rounds them). Activations: the
-engine quantizes them dynamically, symmetric, unclipped, per token or per group, with s = max|x| /
-((2^b - 1) / 2) (formats.ACT_CONVENTIONS "compressed-tensors"); a model calibrated with that
-convention (QuantConfig.a_convention) is served as it was tuned. What the format cannot carry is
+format declares dynamic, symmetric, unclipped quantization per token or per group, whose reference
+quantizer is s = max|x| / ((2^b - 1) / 2) (formats.ENGINE_ACTS); a model calibrated with it
+(QuantConfig.a_convention) is what transformers + compressed-tensors runs. vLLM's INT4-activation
+kernels compute a variant of their own (README "Serve with vLLM"). What the format cannot carry is
 refused with its reason (`refusals`), or dropped only when named in `drop` (DROPPABLE).
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
@@ -34,12 +36,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from bisup.checkpoint.save import atomic_write_dir, fake_form, output_wrappers
 from bisup.config import QuantConfig
 from bisup.models.adapters import get_adapter
 from bisup.nn.attention import ROTATION_BUFFER, VALUE_BASIS_BUFFER
 from bisup.nn.fake_quant import FakeQuantLinear
 from bisup.provenance import git_commit
-from bisup.quant.formats import effective_group
+from bisup.quant.formats import ENGINE_ACTS, effective_group
 from bisup.rotation.fuse import HadamardTransform
 from bisup.rotation.hadamard import sylvester
 
@@ -113,9 +116,20 @@ def _linear_refusals(name: str, fq: FakeQuantLinear, drop: Iterable[str], matric
     """Why this decoder linear cannot be exported as is (matrices: _pm1_matrix's cache)."""
     out = []
     aq = fq.act_quantizer
+    t = fq.input_transform
+    if t is not None and not isinstance(t, HadamardTransform):
+        out.append(f"{name}: online input transform {type(t).__name__} has no compressed-tensors form")
+    elif t is not None and _pm1_matrix(t, matrices) is None:
+        out.append(f"{name}: online transform of order {t.n} is orthogonal but not a scaled +-1 Hadamard matrix "
+                   "(an engine loads it in the model dtype, which would round it)")
+    if t is not None and fq.bias is not None:
+        out.append(f"{name}: an online transform on a linear with a bias (vLLM's transform path takes no bias)")
     if not fq.quantized:
         if aq is not None and aq.enabled:
             out.append(f"{name}: floating-point weights with quantized activations (no compressed-tensors scheme)")
+        if t is not None:
+            out.append(f"{name}: floating-point weights behind an online transform (a transform is declared for "
+                       "quantized linears only)")
         return out
     if fq.outlier_idx.numel():
         out.append(f"{name}: {fq.outlier_idx.numel()} INT8 outlier input channels (Atom) have no compressed-tensors form")
@@ -133,23 +147,18 @@ def _linear_refusals(name: str, fq: FakeQuantLinear, drop: Iterable[str], matric
             out.append(f"{name}: asymmetric activations (the engines quantize activations symmetrically)")
         if aq.outlier_idx.numel():
             out.append(f"{name}: activation outlier channels (Atom) have no compressed-tensors form")
-        if aq.convention != FORMAT and "act_quantizer" not in drop:
+        if aq.convention != ENGINE_ACTS and "act_quantizer" not in drop:
             out.append(f"{name}: activations quantized with the {aq.convention!r} convention (clip "
-                       f"{float(aq.clip):g}); the "
-                       f"engine computes its own (calibrate with QuantConfig(a_convention={FORMAT!r}), or pass "
-                       "drop=['act_quantizer'] to serve it with the engine's quantizer anyway)")
-    t = fq.input_transform
-    if t is not None and not isinstance(t, HadamardTransform):
-        out.append(f"{name}: online input transform {type(t).__name__} has no compressed-tensors form")
-    elif t is not None and _pm1_matrix(t, matrices) is None:
-        out.append(f"{name}: online transform of order {t.n} is orthogonal but not a scaled +-1 Hadamard matrix "
-                   "(an engine loads it in the model dtype, which would round it)")
+                       f"{float(aq.clip):g}); the engine computes its own (calibrate with QuantConfig(a_convention="
+                       f"{ENGINE_ACTS!r}), or pass drop=['act_quantizer'] to serve it with the engine's quantizer anyway)")
     return out
 
 
-def refusals(model: nn.Module, drop: Iterable[str] = ()) -> List[str]:
-    """Every reason the model cannot be exported to compressed-tensors (empty: it can)."""
+def refusals(model: nn.Module, drop: Iterable[str] = (), matrices: Optional[dict] = None) -> List[str]:
+    """Every reason the model cannot be exported to compressed-tensors (empty: it can). matrices: a
+    cache of the online transforms' +-1 matrices (export shares its own)."""
     drop = set(drop)
+    matrices = {} if matrices is None else matrices
     config: Optional[QuantConfig] = getattr(model, "bisup_config", None)
     if config is None:
         return ["the model was not quantized by bisup.quantize_model (nothing to export)"]
@@ -159,23 +168,22 @@ def refusals(model: nn.Module, drop: Iterable[str] = ()) -> List[str]:
                    + (f" with a {config.prompt_len}-token FP16 system-prompt segment" if config.prompt_len else "")
                    + ": compressed-tensors' KV schemes are static INT8/FP8, not bisup's dynamic per-token "
                      "low-bit cache (pass drop=['kv_cache'] to serve with the engine's KV cache)")
-    for path, module in model.named_modules():
-        if type(module).__module__.startswith("bisup.") and isinstance(getattr(module, "inner", None), nn.Module):
-            out.append(f"{path}: {type(module).__name__} rotates a norm's output online (QuaRot on Gemma3's post "
-                       "norms); compressed-tensors transforms apply to linears only")
-    adapter = get_adapter(model)
-    matrices = {}
-    for name, module in adapter.named_linears():
+    for path, module in output_wrappers(model).items():
+        out.append(f"{path}: {type(module).__name__} rotates a norm's output online (QuaRot on Gemma3's post "
+                   "norms); compressed-tensors transforms apply to linears only")
+    quantized = 0
+    for name, module in get_adapter(model).named_linears():
         fq = _fake_form(module, name, model)
         if fq is not None:
             out += _linear_refusals(name, fq, drop, matrices)
+            quantized += fq.quantized
+    if not quantized:
+        out.append("no decoder linear has quantized weights (nothing for the format to carry)")
     return out
 
 
 def _fake_form(module: nn.Module, name: str, model: nn.Module) -> Optional[FakeQuantLinear]:
     """The FakeQuantLinear of a decoder linear in either mode (None: a plain nn.Linear)."""
-    from bisup.checkpoint.save import fake_form
-
     return fake_form(module, name, get_adapter(model).embeddings().weight.dtype, model.bisup_config)
 
 
@@ -236,13 +244,12 @@ def export_compressed_tensors(model: nn.Module, out_dir: Union[str, Path], token
     dtype: of every floating-point tensor, weight scales included (default: the embeddings' dtype);
     drop: names from DROPPABLE that the export may leave out (anything else it cannot carry is an
     ExportError naming each reason)."""
-    from bisup.checkpoint.save import atomic_write_dir
-
     drop = list(drop)
     unknown = sorted(set(drop) - set(DROPPABLE))
     if unknown:
         raise ValueError(f"export: drop={unknown} unknown; expected names from {sorted(DROPPABLE)}")
-    problems = refusals(model, drop)
+    matrices: dict = {}
+    problems = refusals(model, drop, matrices)
     if problems:
         raise ExportError(f"cannot export to {FORMAT}: " + "; ".join(problems))
     config: QuantConfig = model.bisup_config
@@ -250,36 +257,45 @@ def export_compressed_tensors(model: nn.Module, out_dir: Union[str, Path], token
     dtype = dtype or adapter.embeddings().weight.dtype
     if not dtype.is_floating_point:
         raise ValueError(f"export: dtype must be a floating-point dtype, got {dtype}")
+    if dtype == torch.bfloat16:
+        warnings.warn("export(dtype=bfloat16): bisup's fp16 weight scales are rounded to bf16 (8 mantissa bits); "
+                      "float16 or float32 keeps them exactly")
+    if tokenizer is None:
+        warnings.warn("export without a tokenizer: engines (vllm serve) need the tokenizer files in the directory")
     tensors: Dict[str, torch.Tensor] = {}
     schemes: Dict[str, List[str]] = {}
     transforms: Dict[str, Tuple[str, str, List[str]]] = {}
-    matrices: dict = {}
-    replaced = []
+    written, quantized = [], set()  # bisup linears (their tensors written here, not from the state dict)
     for name, module in adapter.named_linears():
         fq = _fake_form(module, name, model)
-        if fq is None or not fq.quantized:
-            continue  # floating point: in the state dict, and in `ignore`
-        replaced.append(name)
+        if fq is None:
+            continue  # a plain nn.Linear: in the state dict as is
+        written.append(name)
+        if fq.bias is not None:
+            tensors[f"{name}.bias"] = fq.bias.detach().cpu().to(dtype).contiguous()
+        if not fq.quantized:  # floating point (no transform, no activation quantizer: refusals)
+            tensors[f"{name}.weight"] = fq.weight.detach().cpu().to(dtype).contiguous()
+            continue
+        quantized.add(name)
         wc = fq.weight_codes()
         tensors[f"{name}.weight_packed"] = pack_int32(wc.codes.cpu(), wc.bits)
         tensors[f"{name}.weight_scale"] = wc.scales.cpu().to(dtype).contiguous()
         tensors[f"{name}.weight_shape"] = torch.tensor([fq.out_features, fq.in_features], dtype=torch.int64)
-        if fq.bias is not None:
-            tensors[f"{name}.bias"] = fq.bias.detach().cpu().to(dtype).contiguous()
         key = json.dumps([_weight_args(fq), _input_args(fq)], sort_keys=True)
         schemes.setdefault(key, []).append(name)
-        if fq.input_transform is not None:  # one copy per linear: engines load each layer's own
+        if fq.input_transform is not None:
+            # every linear's own copy: engines create one transform module per layer and load each from
+            # its own key (they may share the storage after loading)
             w = _pm1_matrix(fq.input_transform, matrices)
             tkey = json.dumps(fq.input_transform.to_config())
             scheme, _, names = transforms.setdefault(tkey, (f"bisup_online_{len(transforms)}", _transform_type(w), []))
             names.append(name)
             tensors[f"{name}.{scheme}_input.weight"] = w.to(dtype, copy=True)
-    quantized = set(replaced)
     ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized)
     tied = adapter.tied_embeddings
     bisup_buffers = (ROTATION_BUFFER, VALUE_BASIS_BUFFER)
     for key, value in model.state_dict().items():
-        if any(key.startswith(n + ".") for n in replaced) or key.rsplit(".", 1)[-1] in bisup_buffers:
+        if any(key.startswith(n + ".") for n in written) or key.rsplit(".", 1)[-1] in bisup_buffers:
             continue
         if tied and key == "lm_head.weight":
             continue

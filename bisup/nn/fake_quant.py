@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bisup.quant.codes import WeightCodes, quantize_weight, recover_codes
-from bisup.quant.formats import ACT_CONVENTIONS, OFF_BITS, effective_group
+from bisup.quant.formats import ACT_CONVENTIONS, BISUP_ACTS, OFF_BITS, effective_group
 from bisup.quant.groups import _fast_sym_grouped as fast_sym_grouped
 from bisup.quant.groups import as_index, complement, fake_quant_channels, needs_grad
 from bisup.quant.quantizer import engine_fake_quantize
@@ -47,11 +47,11 @@ class ActQuantizer(nn.Module):
 
     def __init__(self, bits: int, group_size: int = -1, sym: bool = True, clip: Union[float, torch.Tensor] = 1.0,
                  outlier_idx: Optional[Sequence[int]] = None, outlier_bits: int = 8, device=None,
-                 convention: str = "bisup"):
+                 convention: str = BISUP_ACTS):
         super().__init__()
         if convention not in ACT_CONVENTIONS:
             raise ValueError(f"ActQuantizer: convention={convention!r}, expected one of {list(ACT_CONVENTIONS)}")
-        if convention != "bisup" and (not sym or outlier_idx is not None and len(outlier_idx)
+        if convention != BISUP_ACTS and (not sym or outlier_idx is not None and len(outlier_idx)
                                       or not isinstance(clip, (int, float)) or float(clip) != 1.0):
             raise ValueError(f"ActQuantizer: the {convention!r} convention is symmetric, unclipped and has no "
                              f"outlier channels (got sym={sym}, clip={clip}, outliers={outlier_idx is not None})")
@@ -68,7 +68,7 @@ class ActQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        if self.convention != "bisup":
+        if self.convention != BISUP_ACTS:
             return engine_fake_quantize(x, self.bits, self.group_size)
         return fake_quant_channels(x, self.bits, self.group_size, self.sym, self.clip,
                                    self.outlier_idx if self.outlier_idx.numel() else None, self.outlier_bits)
@@ -271,7 +271,7 @@ class FakeQuantLinear(nn.Module):
         aq = self.act_quantizer
         if aq is None or not self.quantized or not (self.w_sym and aq.sym) or aq.bits >= OFF_BITS:
             return None
-        if aq.convention != "bisup":  # an engine's quantizer: a float matmul, as the engine computes
+        if aq.convention != BISUP_ACTS:  # an engine's quantizer: a float matmul, as the engine computes
             return None
         if needs_grad(x, aq.clip) or self.weight.requires_grad:
             return None

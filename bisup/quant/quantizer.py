@@ -22,6 +22,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from bisup.quant.formats import effective_group
+
 ClipLike = Union[float, torch.Tensor]
 FP16_MAX = 65504.0
 
@@ -171,8 +173,8 @@ def fake_quantize(
 
 
 def engine_fake_quantize(x: torch.Tensor, bits: int, group_size: int = -1) -> torch.Tensor:
-    """The activation quantizer of a compressed-tensors engine (formats.ACT_CONVENTIONS): dynamic,
-    symmetric, per group of the last dim (-1: per token), computed in x's dtype:
+    """compressed-tensors' reference activation quantizer (formats.ENGINE_ACTS): dynamic, symmetric,
+    per group of the last dim (-1, or a group at least as long as the row: per token), in x's dtype:
 
         s = max|x| / ((2^b - 1) / 2)   (0 -> the dtype's eps),   q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1)
 
@@ -181,7 +183,7 @@ def engine_fake_quantize(x: torch.Tensor, bits: int, group_size: int = -1) -> to
     """
     if bits >= 16:
         return x
-    xg = to_groups(x, group_size)
+    xg = to_groups(x, effective_group(x.shape[-1], group_size))
     qmin, qmax = qrange(bits, True)
     s = xg.abs().amax(dim=-1, keepdim=True) / ((qmax - qmin) / 2)
     s = torch.where(s == 0, torch.full_like(s, torch.finfo(s.dtype).eps), s)

@@ -1,5 +1,5 @@
 """bisup.export to compressed-tensors, checked with the real client: transformers + compressed-tensors
-(bisup/export/client.py) load the export, and their logits are compared with bisup's fake mode.
+(bisup/exporters/client.py) load the export, and their logits are compared with bisup's fake mode.
 
 Bounds:
 - W4A16: the same weights (code * scale, exact in fp32 on both sides) and the same float ops, except
@@ -139,12 +139,13 @@ def test_w4a4_export_matches_bisup(family, method, bisup_on, tmp_path, monkeypat
     from compressed_tensors.transform.factory.hadamard import HadamardTransform as ClientTransform
 
     ours_t = {n: m.input_transform for n, m in model.named_modules() if getattr(m, "input_transform", None)}
-    for name, module in client.named_modules():
-        if isinstance(module, ClientTransform):
-            linear = name.rsplit(".", 1)[0]
-            dense = module(torch.eye(module.weight.shape[0]))  # the client's matrix, applied its way
-            assert torch.allclose(dense, ours_t[linear].matrix(torch.float32), atol=1e-6)
-            monkeypatch.setattr(module, "forward", ours_t[linear].forward)
+    installed = [(n, m) for n, m in client.named_modules() if isinstance(m, ClientTransform)]
+    assert len(installed) == len(ours_t) == model.config.num_hidden_layers
+    for name, module in installed:
+        linear = name.rsplit(".", 1)[0]
+        dense = module(torch.eye(module.weight.shape[0]))  # the client's matrix, applied its way
+        assert torch.allclose(dense, ours_t[linear].matrix(torch.float32), atol=1e-6)
+        monkeypatch.setattr(module, "forward", ours_t[linear].forward)
     assert torch.equal(_logits(client, ids), ours)
     monkeypatch.undo()
     # with the client's own transform: a small fraction of what activation quantization does
@@ -153,17 +154,56 @@ def test_w4a4_export_matches_bisup(family, method, bisup_on, tmp_path, monkeypat
     assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.9  # measured 0.96-1.0
 
 
-def test_real_mode_model_exports_the_same_files(tmp_path):
-    """A model running bisup's kernels (mode="real") exports what its fake-mode twin does."""
-    groups = dict(w_group_size=32, a_group_size=32)  # the real kernels' groups are multiples of 32
-    fake = _quantized("llama", "rtn", 16, **groups)
-    real = _quantized("llama", "rtn", 4, mode="real", a_convention="bisup", **groups)
-    export(fake, tmp_path / "fake")
+@pytest.mark.parametrize("method", ["rtn", "quarot"])
+def test_real_mode_model_exports_the_same_files(method, tmp_path):
+    """A model running bisup's kernels (mode="real", QuantLinear + its online transform) exports what its
+    fake-mode twin does (RTN weights: the same codes whatever the mode)."""
+    same = dict(w_group_size=32, a_group_size=32, a_convention="bisup", gptq=False)  # real kernels: groups of 32k
+    fake = _quantized("llama", method, 4, **same)
+    real = _quantized("llama", method, 4, mode="real", **same)
+    export(fake, tmp_path / "fake", drop=["act_quantizer"])
     export(real, tmp_path / "real", drop=["act_quantizer"])
     from safetensors.torch import load_file
 
     a, b = load_file(tmp_path / "fake" / "model.safetensors"), load_file(tmp_path / "real" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    qc = [json.loads((tmp_path / d / "config.json").read_text())["quantization_config"] for d in ("fake", "real")]
+    assert qc[0] == qc[1]
+
+
+@pytest.mark.parametrize("w_bits,a_bits,group", [(4, 4, -1), (3, 3, G), (3, 16, -1), (8, 8, G), (2, 16, G)])
+def test_other_schemes_match_exactly(w_bits, a_bits, group, tmp_path):
+    """Per-channel weights / per-token activations, 3-, 2- and 8-bit codes: no online transform, so equal."""
+    model = _quantized("qwen2", "gptq", a_bits, w_bits=w_bits, w_group_size=group, a_group_size=group)
+    export(model, tmp_path)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    scheme = next(iter(qc["config_groups"].values()))
+    assert scheme["weights"]["num_bits"] == w_bits
+    assert scheme["weights"]["strategy"] == ("channel" if group == -1 else "group")
+    if a_bits < 16:
+        assert scheme["input_activations"]["strategy"] == ("token" if group == -1 else "group")
+    ids = random_tokens(2, 16, seed=7)
+    assert torch.equal(_logits(load_compressed_tensors(tmp_path), ids), _logits(model, ids))
+
+
+def test_sylvester_transform_is_declared_hadamard(tmp_path):
+    """A power-of-two intermediate width: QuaRot's online Hadamard is Sylvester's matrix, declared "hadamard"
+    (engines run it as a fast transform); the client applies its own Sylvester matrix and matches."""
+    from transformers import AutoModelForCausalLM
+
+    from bisup.models.tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama").__class__(**{
+        **tiny_config("llama").to_dict(), "intermediate_size": 128}), attn_implementation="sdpa").eval()
+    config = QuantConfig(method="quarot", w_bits=4, a_bits=16, w_group_size=G, a_group_size=G, a_convention=ENGINE)
+    bisup.quantize_model(model, config, progress=False)
+    export(model, tmp_path)
+    tc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["transform_config"]
+    assert [g["type"] for g in tc["config_groups"].values()] == ["hadamard"]
+    ids = random_tokens(2, 16, seed=8)
+    ours = _logits(model, ids)
+    assert (_logits(load_compressed_tensors(tmp_path), ids) - ours).abs().max() <= 1e-5 * ours.abs().max()
 
 
 def test_export_dtype_and_files(tmp_path):
@@ -183,8 +223,15 @@ def test_export_dtype_and_files(tmp_path):
     assert not any(k.endswith(("bisup_kv_rotation", "bisup_value_basis")) for k in tensors)
     h = tensors["model.layers.0.mlp.down_proj.bisup_online_0_input.weight"]
     assert h.dtype == torch.float16 and torch.equal(h.abs(), torch.ones_like(h))
+    name = "model.layers.1.mlp.up_proj"
+    assert torch.equal(tensors[f"{name}.weight_scale"], model.get_submodule(name).weight_codes().scales)
+    # served in fp16 (every weight, activation and scale computation rounded to fp16, which moves
+    # activation codes) vs bisup in fp32: less than what activation quantization itself moves (measured 0.75)
     client = load_compressed_tensors(tmp_path, dtype=torch.float16)
-    assert torch.isfinite(_logits(client, random_tokens(1, 8, seed=3)).float()).all()
+    ids = random_tokens(2, 24, seed=3)
+    ours, theirs = _logits(model, ids), _logits(client, ids).float()
+    w4a16 = _logits(_quantized("qwen2", "quarot", 16), ids)
+    assert (ours - theirs).abs().mean() <= 1.0 * (ours - w4a16).abs().mean()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,6 +270,36 @@ def test_refuses_bisup_activation_convention_unless_dropped(tmp_path):
 def test_refuses_atom_outliers(tmp_path):
     model = _quantized("llama", "atom", 4, atom_outliers=16, a_convention="bisup")
     _refused(model, tmp_path, r"16 INT8 outlier input channels \(Atom\)", drop=["act_quantizer"])
+    _refused(model, tmp_path, r"activation outlier channels \(Atom\)", drop=["act_quantizer"])
+
+
+def test_refuses_activations_the_engines_cannot_compute(tmp_path):
+    _refused(_quantized("llama", "rtn", 4, a_convention="bisup", a_sym=False), tmp_path, "asymmetric activations",
+             drop=["act_quantizer"])
+    _refused(_quantized("llama", "rtn", 4, a_convention="bisup", a_group_size=64), tmp_path,
+             r"in_features=96 is not a multiple of the activation group 64", drop=["act_quantizer"])
+    _refused(_quantized("llama", "rtn", 4, w_bits=16, a_convention="bisup"), tmp_path,
+             "floating-point weights with quantized activations", drop=["act_quantizer"])
+
+
+def test_refuses_models_with_nothing_quantized_or_transforms_it_cannot_declare(tmp_path, monkeypatch):
+    # QuaRot keeps its online Hadamard even with 16-bit weights: nothing quantized, and a transform
+    # in front of floating-point weights
+    model = _quantized("llama", "quarot", 16, w_bits=16)
+    _refused(model, tmp_path, "floating-point weights behind an online transform")
+    _refused(model, tmp_path, "no decoder linear has quantized weights")
+    model = _quantized("llama", "quarot", 4)
+    down = model.model.layers[0].mlp.down_proj
+    down.bias = torch.nn.Parameter(torch.zeros(down.out_features))
+    _refused(model, tmp_path, r"layers.0.mlp.down_proj: an online transform on a linear with a bias")
+    down.bias = None
+    import bisup.exporters.compressed_tensors as ct_export
+
+    monkeypatch.setattr(ct_export, "_pm1_matrix", lambda t, cache: None)
+    _refused(model, tmp_path, r"orthogonal but not a scaled \+-1 Hadamard matrix")
+    monkeypatch.undo()
+    down.input_transform = torch.nn.Identity()
+    _refused(model, tmp_path, "online input transform Identity has no compressed-tensors form")
 
 
 def test_refuses_asymmetric_weights_and_ragged_groups(tmp_path):
