@@ -267,15 +267,16 @@ class QuantConfig:
         """A row label made from what this config runs, e.g. "QuaRot+GPTQ W4A4 g64 KV4" or
         "QuaRot + BiSup (learned rounding) W4A4 g64 KV4"."""
         names = {"rtn": "RTN", "gptq": "GPTQ", "atom": "Atom", "quarot": "QuaRot"}
-        out = names.get(self.method, self.method)
         rounding = self.weight_rounding
+        # GPTQ is the gptq method's only step: with learned rounding nothing of it runs
+        out = "" if self.method == "gptq" and rounding == "learned" else names.get(self.method, self.method)
         if self.method in ("atom", "quarot") and rounding in ("gptq", "rtn"):
             out += "+" + names[rounding]
         if self.bisup is not None:
             on = [name for name in BiSupConfig.SPACES if getattr(self.bisup, name)]
             spaces = "" if on == [n for n in BiSupConfig.SPACES if getattr(BiSupConfig(), n)] else \
                 f"[{', '.join(on) or 'nothing'}]"
-            out += f" + BiSup{spaces}" + (" (learned rounding)" if rounding == "learned" and not spaces else "")
+            out += (" + " if out else "") + f"BiSup{spaces}" + (" (learned rounding)" if rounding == "learned" and not spaces else "")
         group = lambda g: "per-channel" if g == -1 else f"g{g}"  # noqa: E731
         out += f" W{self.w_bits}A{self.a_bits}" if self.quantizes_activations else f" W{self.w_bits}A16"
         out += f" {group(self.w_group_size)}"

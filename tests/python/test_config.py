@@ -71,5 +71,6 @@ def test_label_says_what_runs():
     assert QuantConfig(method="atom", gptq=True, bisup=BiSupConfig(rounding=False, smooth=False)).label() == \
         "Atom+GPTQ + BiSup[weight_clip, act_clip, lowrank] W4A4 g64"
     assert QuantConfig(method="gptq", a_bits=16, w_group_size=-1).label() == "GPTQ W4A16 per-channel"
+    assert QuantConfig(method="gptq", a_bits=16, bisup=BiSupConfig()).label() == "BiSup (learned rounding) W4A16 g64"
     assert QuantConfig(method="rtn", kv_bits=3, prompt_len=16, a_convention="compressed-tensors").label() == \
         "RTN W4A4 g64 KV3 (FP16 prompt 16) (compressed-tensors activations)"
