@@ -8,6 +8,7 @@ compressed-tensors (bisup.exporters.client) and measure its perplexity on the sa
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -84,38 +85,55 @@ def _use_bisup_transforms(client, transforms: dict) -> int:
     return count
 
 
+def report(payload: dict, out: str) -> None:
+    """The table (stdout) and the markdown of a run; labels made from each row's recorded config."""
+    meta, rows = payload["meta"], payload["rows"]
+    for r in rows:
+        r["label"] = label(QuantConfig.from_dict(r["config"]), r["drop"])
+    columns = ["label", "ppl_bisup", "ppl_client", "gap_pct", "gap_same_transform_pct", "quantize_s", "export_s"]
+    print(f"FP perplexity {meta['ppl_fp']:.3f} ({meta['windows']} x {meta['seq_len']})")
+    print_table(rows, columns)
+    lines = [f"# bisup export -> compressed-tensors, SmolLM2-135M (commit {meta['commit']}, {meta['cpu']})", "",
+             f"Perplexity on {meta['windows']} x {meta['seq_len']} held-out tokens of the embedded corpus; FP "
+             f"{meta['ppl_fp']:.2f}. bisup: fake mode; client: the export loaded by transformers + compressed-tensors "
+             "(float32); last gap: the client computing the online Hadamard as bisup does. KV in floating point. "
+             "Export sizes are of float32 exports (the online Hadamard's +-1 matrix is stored per layer).",
+             "", "| row | bisup | client | gap | gap, bisup's Hadamard arithmetic | quantize s | export MiB |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['label']} | {r['ppl_bisup']:.3f} | {r['ppl_client']:.3f} | {r['gap_pct']:+.2f}% | "
+              f"{r['gap_same_transform_pct']:+.3f}% | {r['quantize_s']:.0f} | {r['export_bytes'] / 2**20:.1f} |"
+              for r in rows]
+    if meta.get("note"):
+        lines += ["", meta["note"]]
+    Path(out + ".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}.md")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--out", default="bench/results/export_ct")
+    ap.add_argument("--report", action="store_true", help="only re-make the table and markdown from OUT.json")
     args = ap.parse_args()
+    if args.report:
+        report(json.loads(Path(args.out + ".json").read_text()), args.out)
+        return
     keys = [k for k in args.rows.split(",") if k]
     unknown = sorted(set(keys) - set(ROWS))
     if unknown:
         raise SystemExit(f"--rows: unknown {unknown}; expected from {list(ROWS)}")
+    commit = git_commit()  # the code that runs (taken before it runs)
     model, tok = load_default_model()
     ppl_fp = perplexity(model, tok, "embedded", args.seq_len, args.windows)
     del model
     rows = [run_row(k, args.windows, args.seq_len) for k in keys]
-    meta = dict(commit=git_commit(), cpu=cpu_info()[0], torch=torch.__version__, windows=args.windows,
+    meta = dict(commit=commit, cpu=cpu_info()[0], torch=torch.__version__, windows=args.windows,
                 seq_len=args.seq_len, ppl_fp=ppl_fp, client="transformers + compressed-tensors (bisup.exporters.client)")
-    columns = ["label", "ppl_bisup", "ppl_client", "gap_pct", "gap_same_transform_pct", "quantize_s", "export_s"]
-    print(f"FP perplexity {ppl_fp:.3f} ({args.windows} x {args.seq_len})")
-    print_table(rows, columns)
-    write_json(args.out + ".json", dict(meta=meta, rows=rows))
-    lines = [f"# bisup export -> compressed-tensors, SmolLM2-135M (commit {meta['commit']}, {meta['cpu']})", "",
-             f"Perplexity on {args.windows} x {args.seq_len} held-out tokens of the embedded corpus; FP {ppl_fp:.2f}. "
-             "bisup: fake mode; client: the export loaded by transformers + compressed-tensors (float32); "
-             "last gap: the client computing the online Hadamard as bisup does. KV in floating point.",
-             "", "| row | bisup | client | gap | gap, bisup's Hadamard arithmetic | quantize s | export MiB |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['label']} | {r['ppl_bisup']:.3f} | {r['ppl_client']:.3f} | {r['gap_pct']:+.2f}% | "
-              f"{r['gap_same_transform_pct']:+.3f}% | {r['quantize_s']:.0f} | {r['export_bytes'] / 2**20:.1f} |"
-              for r in rows]
-    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}.md")
+    payload = dict(meta=meta, rows=rows)
+    write_json(args.out + ".json", payload)
+    report(payload, args.out)
 
 
 if __name__ == "__main__":

@@ -285,6 +285,8 @@ class QuantConfig:
         if self.quantizes_kv:
             out += f" KV{self.kv_bits}" + (f" (FP16 prompt {self.prompt_len})" if self.prompt_len else "")
         notes = []
+        if self.method == "quarot" and self.rotation_seed:
+            notes.append(f"rotation seed {self.rotation_seed}")
         if self.quantizes_activations and self.a_convention != BISUP_ACTS:
             notes.append(f"{self.a_convention} activations")
         if self.quantizes_activations and self.a_clip != 1.0:
