@@ -118,7 +118,9 @@ def main() -> None:
     ap.add_argument("--report", action="store_true", help="only re-make the table and markdown from OUT.json")
     args = ap.parse_args()
     if args.report:
-        report(json.loads(Path(args.out + ".json").read_text()), args.out)
+        payload = json.loads(Path(args.out + ".json").read_text())
+        report(payload, args.out)
+        write_json(args.out + ".json", payload)  # the labels as report() made them from the configs
         return
     keys = [k for k in args.rows.split(",") if k]
     unknown = sorted(set(keys) - set(ROWS))
