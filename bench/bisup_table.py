@@ -209,7 +209,8 @@ def plots(jobs: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = [c for c in CELLS if f"{c}:base" in jobs and f"{c}:bisup" in jobs]
+    cells = [c for c in CELLS if f"{c}:base" in jobs and f"{c}:bisup" in jobs  # (8w-only cells have no 32w bars)
+             and all("ppl_32w_low-bit" in jobs[f"{c}:{v}"] for v in ("base", "bisup"))]
     if cells:
         fig, ax = plt.subplots(figsize=(1.8 + 2.2 * len(cells), 4))
         bars = [("base", "base", "low-bit"), ("+horizontal", "base", "quantized"),
