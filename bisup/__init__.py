@@ -11,5 +11,6 @@ from bisup.quantize import quantize_model  # noqa: F401
 from bisup.config import BiSupConfig, QuantConfig  # noqa: F401
 from bisup.generation import generate  # noqa: F401
 from bisup.nn.real_kv import make_cache  # noqa: F401
+from bisup.exporters import export  # noqa: F401
 
 __version__ = "0.1.0"

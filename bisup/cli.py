@@ -8,6 +8,7 @@
                  [--max-new-tokens 32]
   bisup diagnose --model default|PATH --compare DIR [DIR ...] --out OUT [--system-prompt P ...]
   bisup bench    [--configs fp32,bf16,real,llamacpp] [--prefill 512] [--decode 128] [--threads 2] [--out PREFIX]
+  bisup export   --model DIR --format compressed-tensors --out OUT [--dtype float16] [--drop kv_cache act_quantizer]
 
 --system-prompt: its KV is computed at full precision (unquantized activations; by --fp-model when
 given) and kept unquantized in the cache, the tokens after it use the model's KV bits (BiSup).
@@ -28,7 +29,9 @@ from typing import List, Optional, Tuple
 import torch
 
 from bisup.config import QuantConfig
+from bisup.exporters import DROPPABLE, FORMATS
 from bisup.methods import registry
+from bisup.quant.formats import ACT_CONVENTIONS
 
 
 # ------------------------------------------------------------------------------------------------
@@ -81,7 +84,7 @@ def config_from_args(a) -> QuantConfig:
     return QuantConfig(w_bits=a.w_bits, a_bits=a.a_bits, kv_bits=a.kv_bits, w_group_size=a.group_size,
                        a_group_size=a_group, kv_group_size=a.kv_group_size, w_sym=not a.w_asym,
                        w_clip=a.w_clip, w_clip_search=a.w_clip_search, a_clip=a.a_clip, kv_clip=a.kv_clip,
-                       method=a.method, mode=a.mode,
+                       a_convention=a.a_convention, method=a.method, mode=a.mode,
                        gptq=a.gptq, atom_outliers=a.atom_outliers, rotation_seed=a.rotation_seed, prompt_len=a.prompt_len,
                        n_calib=a.n_calib, calib_seq_len=a.calib_seq_len, seed=a.seed,
                        bisup=bisup_config_from_args(a))
@@ -139,6 +142,25 @@ def cmd_quantize(a) -> dict:
         bisup.save_quantized(model, a.save, tokenizer=tok)
         result["saved"] = str(a.save)
         rows.append(("saved to", str(a.save)))
+    emit(result, rows, a.json)
+    return result
+
+
+def cmd_export(a) -> dict:
+    from bisup.checkpoint import CONFIG_FILE, load_quantized
+    from bisup.exporters import export
+
+    if not (a.model / CONFIG_FILE).is_file():
+        raise ValueError(f"--model {a.model}: not a bisup-quantized model directory (bisup quantize --save)")
+    model, tok = load_quantized(a.model, return_tokenizer=True, mode="fake")
+    t = time.perf_counter()
+    out = export(model, a.out, a.format, tokenizer=tok, dtype=None if a.dtype is None else getattr(torch, a.dtype),
+                 drop=a.drop)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    result = {"command": "export", "model": str(a.model), "format": a.format, "out": str(out), "drop": a.drop,
+              "export_s": time.perf_counter() - t, "bytes": size}
+    rows = [("model", str(a.model)), ("format", a.format), ("left out", ", ".join(a.drop) or "nothing"),
+            ("written to", str(out)), ("size", f"{size / 2**20:.1f} MiB"), ("export time s", result["export_s"])]
     emit(result, rows, a.json)
     return result
 
@@ -313,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--w-clip-search", action="store_true",
                    help="per weight group, the least-squared-error clip ratio in w_clip * [1.0 .. 0.5]")
     q.add_argument("--a-clip", type=float, default=1.0)
+    q.add_argument("--a-convention", default="bisup", choices=list(ACT_CONVENTIONS),
+                   help="activation quantizer: bisup's kernels', or the one a compressed-tensors engine (vLLM) "
+                        "runs on an export (then fake mode, a_clip 1, no learned activation clip)")
     q.add_argument("--kv-clip", type=float, default=1.0)
     q.add_argument("--gptq", action="store_true", help="GPTQ weights under atom / quarot")
     q.add_argument("--atom-outliers", type=int, default=None)
@@ -386,6 +411,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, default=None, help="results prefix (writes PREFIX.json and PREFIX.md; "
                    "default bench/results/e2e_cpu)")
     b.set_defaults(func=cmd_bench)
+
+    x = sub.add_parser("export", help="write a quantized model as a checkpoint a serving engine loads (vLLM)")
+    x.add_argument("--model", type=Path, required=True, help="a directory written by `bisup quantize --save`")
+    x.add_argument("--format", default="compressed-tensors", choices=list(FORMATS))
+    x.add_argument("--out", type=Path, required=True, help="the Hugging Face model directory to write")
+    x.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                   help="dtype of the floating-point tensors and weight scales (default: the model's)")
+    x.add_argument("--drop", nargs="*", default=[], choices=sorted(DROPPABLE),
+                   help="what the export may leave out: " + "; ".join(f"{k}: {v}" for k, v in DROPPABLE.items()))
+    x.add_argument("--json", type=Path, default=None, help="also write the result as JSON")
+    x.set_defaults(func=cmd_export)
     return parser
 
 

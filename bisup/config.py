@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-from bisup.quant.formats import OFF_BITS
+from bisup.quant.formats import ACT_CONVENTIONS, BISUP_ACTS, OFF_BITS
 
 MODES = ("fake", "real")
 
@@ -159,6 +159,10 @@ class QuantConfig:
     w_clip_search: bool = False
     a_clip: float = 1.0
     kv_clip: float = 1.0
+    # how activations are quantized (formats.ACT_CONVENTIONS): "bisup" (bisup's kernels) or
+    # "compressed-tensors" (what vLLM computes when serving an export: calibrate and BiSup-train with
+    # the engine's own quantizer; symmetric, a_clip 1, no Atom outliers, fake mode only)
+    a_convention: str = BISUP_ACTS
     # method and execution
     method: str = "rtn"
     mode: str = "fake"
@@ -193,6 +197,7 @@ class QuantConfig:
         for name in ("w_sym", "a_sym", "kv_sym", "w_clip_search", "gptq_act_order", "gptq", "online_hadamard", "rotate_kv"):
             _check_bool(name, getattr(self, name))
         _check_choice("method", self.method, _method_names())
+        _check_choice("a_convention", self.a_convention, ACT_CONVENTIONS)
         _check_choice("mode", self.mode, MODES)
         if not isinstance(self.gptq_damp, (int, float)) or isinstance(self.gptq_damp, bool) or self.gptq_damp < 0:
             raise ValueError(f"QuantConfig.gptq_damp={self.gptq_damp!r}: expected a float >= 0")
@@ -209,6 +214,23 @@ class QuantConfig:
             self.bisup = BiSupConfig.from_dict(self.bisup)
         if self.bisup is not None and not isinstance(self.bisup, BiSupConfig):
             raise ValueError(f"QuantConfig.bisup={self.bisup!r}: expected None, a BiSupConfig or its dict")
+        if self.a_convention != BISUP_ACTS and self.quantizes_activations:
+            self._check_engine_activations()
+
+    def _check_engine_activations(self) -> None:
+        """What an engine's activation quantizer (a_convention) cannot be asked for."""
+        wrong = []
+        if not self.a_sym:
+            wrong.append("a_sym=False (the engine's activations are symmetric)")
+        if self.a_clip != 1.0:
+            wrong.append(f"a_clip={self.a_clip} (the engine does not clip activations: use 1.0)")
+        if self.bisup is not None and self.bisup.act_clip:
+            wrong.append("bisup.act_clip=True (a learned activation clip: the engine has none; set act_clip=False)")
+        if self.method == "atom" and self.atom_outliers != 0:
+            wrong.append("method='atom' with outlier channels (INT8 outlier channels have no compressed-tensors "
+                         "form; atom_outliers=0, or another method)")
+        if wrong:
+            raise ValueError(f"QuantConfig.a_convention={self.a_convention!r}: " + "; ".join(wrong))
 
     # ------------------------------------------------------------------ derived values
     def outlier_count(self, hidden_size: int) -> int:
@@ -228,6 +250,48 @@ class QuantConfig:
     @property
     def quantizes_kv(self) -> bool:
         return self.kv_bits < OFF_BITS
+
+    @property
+    def weight_rounding(self) -> str:
+        """What makes the weight codes: "learned" (BiSup's rounding space; it replaces GPTQ), "gptq",
+        "rtn", or "none" (weights in floating point)."""
+        from bisup.methods import get_method  # the methods import this module: look them up at call time
+
+        if not self.quantizes_weights:
+            return "none"
+        if self.bisup is not None and self.bisup.rounding:
+            return "learned"
+        return "gptq" if get_method(self.method).bisup_base.gptq(self) else "rtn"
+
+    def label(self) -> str:
+        """A row label made from what this config runs, e.g. "QuaRot+GPTQ W4A4 g64 KV4" or
+        "QuaRot + BiSup (learned rounding) W4A4 g64 KV4"."""
+        names = {"rtn": "RTN", "gptq": "GPTQ", "atom": "Atom", "quarot": "QuaRot"}
+        rounding = self.weight_rounding
+        # GPTQ is the gptq method's only step: with learned rounding nothing of it runs
+        out = "" if self.method == "gptq" and rounding == "learned" else names.get(self.method, self.method)
+        if self.method in ("atom", "quarot") and rounding in ("gptq", "rtn"):
+            out += "+" + names[rounding]
+        if self.bisup is not None:
+            on = [name for name in BiSupConfig.SPACES if getattr(self.bisup, name)]
+            spaces = "" if on == [n for n in BiSupConfig.SPACES if getattr(BiSupConfig(), n)] else \
+                f"[{', '.join(on) or 'nothing'}]"
+            out += (" + " if out else "") + f"BiSup{spaces}" + (" (learned rounding)" if rounding == "learned" and not spaces else "")
+        group = lambda g: "per-channel" if g == -1 else f"g{g}"  # noqa: E731
+        out += f" W{self.w_bits}A{self.a_bits}" if self.quantizes_activations else f" W{self.w_bits}A16"
+        out += f" {group(self.w_group_size)}"
+        if self.quantizes_activations and self.a_group_size != self.w_group_size:
+            out += f"/a {group(self.a_group_size)}"
+        if self.quantizes_kv:
+            out += f" KV{self.kv_bits}" + (f" (FP16 prompt {self.prompt_len})" if self.prompt_len else "")
+        notes = []
+        if self.method == "quarot" and self.rotation_seed:
+            notes.append(f"rotation seed {self.rotation_seed}")
+        if self.quantizes_activations and self.a_convention != BISUP_ACTS:
+            notes.append(f"{self.a_convention} activations")
+        if self.quantizes_activations and self.a_clip != 1.0:
+            notes.append(f"a_clip {self.a_clip:g}")
+        return out + (f" ({', '.join(notes)})" if notes else "")
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> Dict[str, Any]:

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from bisup.provenance import git_commit
+
 DEFAULT_JSON = Path("bench/results/demo.json")
 QUESTION = "What is the capital of France?"
 
@@ -192,6 +194,7 @@ def plot(res: dict, path: Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     res = run(args)
+    res["commit"] = git_commit()
     print(report(res))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(res, indent=1) + "\n")

@@ -10,7 +10,7 @@ from bisup.config import QuantConfig
 from bisup.methods.placement import Placement
 from bisup.models.adapters import get_adapter
 from bisup.nn.fake_quant import FakeQuantLinear
-from bisup.quant.formats import GEMM_BITS, KV_BITS
+from bisup.quant.formats import BISUP_ACTS, GEMM_BITS, KV_BITS, effective_group
 
 CALIB_DATA_FORMS = ("None (the embedded corpus's calibration slice; needs a tokenizer)", "a LongTensor [n, seq_len]",
                     "a str", "a list of str", "a list of token-id sequences (1-D tensors or lists of int)")
@@ -89,6 +89,9 @@ def _describe(x) -> str:
 def check_real(config: QuantConfig, model: Optional[nn.Module] = None) -> None:
     """NotImplementedError saying why config (on model) cannot run on the real kernels."""
     unsupported = []
+    if config.a_convention != BISUP_ACTS and config.quantizes_activations:
+        unsupported.append(f"a_convention={config.a_convention!r} is an engine's activation quantizer, not bisup's "
+                           "kernels' (export the model: bisup.export)")
     if config.w_bits not in GEMM_BITS or config.a_bits not in GEMM_BITS:
         unsupported.append(f"w_bits/a_bits must be {' or '.join(map(str, GEMM_BITS))} (got {config.w_bits}/{config.a_bits})")
     if not (config.w_sym and config.a_sym):
@@ -130,6 +133,19 @@ def _model_limits(config: QuantConfig, model: nn.Module) -> list:
         except ValueError as err:
             out.append(f"KV cache: {err}")
     return out
+
+
+def check_engine_activations(config: QuantConfig, model: nn.Module) -> None:
+    """ValueError when an engine's activation quantizer (config.a_convention) cannot take this model's
+    linears: its groups must divide every input width (the format has no shorter last group)."""
+    if config.a_convention == BISUP_ACTS or not config.quantizes_activations:
+        return
+    widths = sorted({m.in_features for _, m in get_adapter(model).named_linears() if isinstance(m, nn.Linear)})
+    ragged = [k for k in widths if k % effective_group(k, config.a_group_size)]
+    if ragged:
+        raise ValueError(f"QuantConfig.a_convention={config.a_convention!r}: a_group_size={config.a_group_size} does "
+                         f"not divide the input widths {ragged} (the engine's activation groups have no shorter "
+                         "last group); use a divisor of every width, or -1 (per token)")
 
 
 def act_clip_of(fq: FakeQuantLinear, config: QuantConfig) -> float:
@@ -191,6 +207,7 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None, calib
     method = get_method(config.method)
     if config.mode == "real":
         check_real(config, model)  # fail before the (possibly long) calibration
+    check_engine_activations(config, model)
     if config.bisup is not None and method.bisup_base is None:
         raise ValueError(f"QuantConfig.bisup: method {config.method!r} has no BiSup integration")
     calibrates = method.calibrates(config) or config.bisup is not None

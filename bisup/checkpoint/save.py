@@ -40,7 +40,7 @@ def _linear_entry(fq: FakeQuantLinear, tensors: Dict[str, torch.Tensor], name: s
     return entry
 
 
-def _as_fake(module: nn.Module, name: str, dtype: torch.dtype, config: QuantConfig) -> Optional[FakeQuantLinear]:
+def fake_form(module: nn.Module, name: str, dtype: torch.dtype, config: QuantConfig) -> Optional[FakeQuantLinear]:
     """The FakeQuantLinear form of a quantized decoder linear (None for a plain nn.Linear)."""
     from bisup.nn.real_linear import is_real, real_to_fake
 
@@ -50,21 +50,24 @@ def _as_fake(module: nn.Module, name: str, dtype: torch.dtype, config: QuantConf
         return real_to_fake(module, dtype, config.w_clip)
     if isinstance(module, nn.Linear):
         return None
-    raise NotImplementedError(f"save_quantized: cannot save {name}, a {type(module).__name__}")
+    raise NotImplementedError(f"{name}: a {type(module).__name__} is not a linear bisup knows how to write")
+
+
+def output_wrappers(model: nn.Module) -> Dict[str, nn.Module]:
+    """bisup modules that wrap an original module and rotate its output online (QuaRot's RotateAfter on
+    Gemma3's post norms): {path: module}."""
+    return {path: module for path, module in model.named_modules()
+            if type(module).__module__.startswith("bisup.") and isinstance(getattr(module, "inner", None), nn.Module)
+            and hasattr(module, "rotation")}
 
 
 def _wrapper_entries(model: nn.Module) -> Dict[str, dict]:
-    """bisup modules that wrap an original module and rotate its output (QuaRot's RotateAfter on
-    Gemma3's post norms): {path: {"class", "rotation"}}; the wrapped module's tensors are in the state dict."""
-    out = {}
-    for path, module in model.named_modules():
-        if type(module).__module__.startswith("bisup.") and isinstance(getattr(module, "inner", None), nn.Module) \
-                and hasattr(module, "rotation"):
-            out[path] = {"class": class_path(module), "rotation": transform_entry(module.rotation)}
-    return out
+    """{path: {"class", "rotation"}} of output_wrappers; the wrapped module's tensors are in the state dict."""
+    return {path: {"class": class_path(module), "rotation": transform_entry(module.rotation)}
+            for path, module in output_wrappers(model).items()}
 
 
-def _atomic_write_dir(path: Path, write) -> None:
+def atomic_write_dir(path: Path, write) -> None:
     """Run write(tmp_dir), then move tmp_dir to path (replacing an existing directory)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp.", dir=path.parent))
@@ -95,7 +98,7 @@ def save_quantized(model: nn.Module, path: Union[str, Path], tokenizer=None) -> 
     skip = set()
     state = model.state_dict()
     for name, module in adapter.named_linears():
-        fq = _as_fake(module, name, dtype, config)
+        fq = fake_form(module, name, dtype, config)
         if fq is None:
             continue  # left in floating point: saved with the state dict
         linears[name] = _linear_entry(fq, tensors, name)
@@ -133,5 +136,5 @@ def save_quantized(model: nn.Module, path: Union[str, Path], tokenizer=None) -> 
             tokenizer.save_pretrained(str(tmp))
 
     path = Path(path)
-    _atomic_write_dir(path, write)
+    atomic_write_dir(path, write)
     return path

@@ -76,7 +76,8 @@ def _learnable(linear: nn.Module, config: QuantConfig, bc: BiSupConfig,
                            learn_weight_clip=bc.weight_clip and config.quantizes_weights,
                            learn_act_clip=bc.act_clip and config.quantizes_activations,
                            weight_clip_init=bc.weight_clip_init,
-                           learn_rounding=bc.rounding and config.quantizes_weights)
+                           learn_rounding=bc.rounding and config.quantizes_weights,
+                           a_convention=config.a_convention)
 
 
 def _col_absmax(mods: List[LearnableLinear]) -> torch.Tensor:

@@ -55,7 +55,8 @@ def act_quantizer(config: QuantConfig, outlier_idx: Optional[torch.Tensor] = Non
     if not config.quantizes_activations:
         return None
     return ActQuantizer(config.a_bits, config.a_group_size, config.a_sym, config.a_clip,
-                        outlier_idx=outlier_idx, outlier_bits=config.atom_outlier_bits, device=device)
+                        outlier_idx=outlier_idx, outlier_bits=config.atom_outlier_bits, device=device,
+                        convention=config.a_convention)
 
 
 def fake_quant_linear(linear, config: QuantConfig, outlier_idx: Optional[torch.Tensor] = None,

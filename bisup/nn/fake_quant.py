@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from bisup.quant.codes import WeightCodes, quantize_weight, recover_codes
-from bisup.quant.formats import OFF_BITS, effective_group
+from bisup.quant.formats import ACT_CONVENTIONS, BISUP_ACTS, OFF_BITS, effective_group
 from bisup.quant.groups import _fast_sym_grouped as fast_sym_grouped
 from bisup.quant.groups import as_index, complement, fake_quant_channels, needs_grad
+from bisup.quant.quantizer import engine_fake_quantize
 
 _EXACT_FP32_INT = 2 ** 24  # integers up to this are exact in fp32 (integer dots below it need no float64)
 _SCALED_DOT_BOUND = 1 << 13  # |integer dot| <= 2^13: dot * (fp16 scale) is exact in fp32 (13 + 11 bits)
@@ -38,13 +39,25 @@ _MAX_CHUNK_ELEMS = 1 << 24  # [groups, rows, out] partial products per chunk of 
 # activations
 # ------------------------------------------------------------------------------------------------
 class ActQuantizer(nn.Module):
-    """Per-token fake quantization of the last dim (groups of group_size; -1 = whole token)."""
+    """Per-token fake quantization of the last dim (groups of group_size; -1 = whole token).
+
+    convention (formats.ACT_CONVENTIONS): "bisup" quantizes as bisup's kernels do; "compressed-tensors"
+    as a compressed-tensors engine does at run time (quantizer.engine_fake_quantize: symmetric,
+    unclipped, no outlier channels)."""
 
     def __init__(self, bits: int, group_size: int = -1, sym: bool = True, clip: Union[float, torch.Tensor] = 1.0,
-                 outlier_idx: Optional[Sequence[int]] = None, outlier_bits: int = 8, device=None):
+                 outlier_idx: Optional[Sequence[int]] = None, outlier_bits: int = 8, device=None,
+                 convention: str = BISUP_ACTS):
         super().__init__()
+        if convention not in ACT_CONVENTIONS:
+            raise ValueError(f"ActQuantizer: convention={convention!r}, expected one of {list(ACT_CONVENTIONS)}")
+        if convention != BISUP_ACTS and (not sym or outlier_idx is not None and len(outlier_idx)
+                                      or not isinstance(clip, (int, float)) or float(clip) != 1.0):
+            raise ValueError(f"ActQuantizer: the {convention!r} convention is symmetric, unclipped and has no "
+                             f"outlier channels (got sym={sym}, clip={clip}, outliers={outlier_idx is not None})")
         self.bits, self.group_size, self.sym, self.clip = bits, group_size, sym, clip
         self.outlier_bits = outlier_bits
+        self.convention = convention
         idx = as_index(outlier_idx, device)
         self.register_buffer("outlier_idx", idx if idx is not None else torch.empty(0, dtype=torch.long, device=device))
 
@@ -55,6 +68,8 @@ class ActQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
+        if self.convention != BISUP_ACTS:
+            return engine_fake_quantize(x, self.bits, self.group_size)
         return fake_quant_channels(x, self.bits, self.group_size, self.sym, self.clip,
                                    self.outlier_idx if self.outlier_idx.numel() else None, self.outlier_bits)
 
@@ -63,11 +78,11 @@ class ActQuantizer(nn.Module):
         if clip is None:
             raise NotImplementedError("ActQuantizer.to_config: tensor-valued clip ratios are not serializable yet")
         return dict(bits=self.bits, group_size=self.group_size, sym=self.sym, clip=clip,
-                    outlier_bits=self.outlier_bits)
+                    outlier_bits=self.outlier_bits, convention=self.convention)
 
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, group_size={self.group_size}, sym={self.sym}, clip={self.clip}, "
-                f"outliers={self.outlier_idx.numel()}@{self.outlier_bits}b")
+                f"outliers={self.outlier_idx.numel()}@{self.outlier_bits}b, convention={self.convention}")
 
 
 # the integer GEMM in PyTorch
@@ -255,6 +270,8 @@ class FakeQuantLinear(nn.Module):
         (for a 7B model 27+ GB beside the model)."""
         aq = self.act_quantizer
         if aq is None or not self.quantized or not (self.w_sym and aq.sym) or aq.bits >= OFF_BITS:
+            return None
+        if aq.convention != BISUP_ACTS:  # an engine's quantizer: a float matmul, as the engine computes
             return None
         if needs_grad(x, aq.clip) or self.weight.requires_grad:
             return None

@@ -15,6 +15,14 @@ INT3_BLOCK_BYTES = 12  # ... into three 32-bit words
 KV_BITS = (3, 4, 8)  # what the KV cache kernels store (plus OFF_BITS: the cache keeps full precision)
 GEMM_BITS = (3, 4)  # weight / activation widths of the integer GEMM
 
+# How activations are quantized at run time (QuantConfig.a_convention):
+#   "bisup": s = fp16(clip * max|x| / (2^(b-1) - 1)), what bisup's kernels compute (docs/formats.md);
+#   "compressed-tensors": s = max|x| / ((2^b - 1) / 2) in the activation's dtype, no clip: the
+#   format's reference quantizer (compressed-tensors' own function, run by transformers; vLLM's INT4
+#   kernels compute their own variant: README "Serve with vLLM").
+BISUP_ACTS, ENGINE_ACTS = "bisup", "compressed-tensors"
+ACT_CONVENTIONS = (BISUP_ACTS, ENGINE_ACTS)
+
 
 def is_off(bits: int) -> bool:
     return bits >= OFF_BITS

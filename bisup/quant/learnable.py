@@ -49,9 +49,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from bisup.quant.codes import WeightCodes, code_dtype, quantize_weight
-from bisup.quant.formats import OFF_BITS, SCALE_DTYPE, num_groups
+from bisup.quant.formats import BISUP_ACTS, OFF_BITS, SCALE_DTYPE, num_groups
 from bisup.quant.groups import complement, fake_quant_channels, ragged_parts, searched_clips
-from bisup.quant.quantizer import FP16_MAX, qrange, round_ste
+from bisup.quant.quantizer import FP16_MAX, engine_fake_quantize, qrange, round_ste
 
 
 # A learnable clip starts at most here: sigmoid saturates at 1 (zero gradient in float32), so a clip
@@ -186,8 +186,9 @@ class LearnableLinear(nn.Module):
                  w_sym: bool, a_bits: int, a_group_size: int, a_sym: bool, w_clip: float, a_clip: float,
                  outlier_idx: Optional[torch.Tensor] = None, outlier_bits: int = 8,
                  learn_weight_clip: bool = True, learn_act_clip: bool = True, weight_clip_init: float = 1.0,
-                 learn_rounding: bool = False):
+                 learn_rounding: bool = False, a_convention: str = BISUP_ACTS):
         super().__init__()
+        self.a_convention = a_convention  # formats.ACT_CONVENTIONS: whose activation quantizer trains
         self.register_buffer("weight", weight.detach())  # the linear's own storage and dtype: no fp32 copy
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32, copy=True))
         self.out_features, self.in_features = weight.shape
@@ -283,7 +284,9 @@ class LearnableLinear(nn.Module):
             xf = self.transform(xf)
         if self.record is not None:
             self.record(xf)
-        if self.a_bits < OFF_BITS:  # as common.act_quantizer: no activation quantizer at 16 bits
+        if self.a_bits < OFF_BITS and self.a_convention != BISUP_ACTS:  # an engine's quantizer (unclipped)
+            xf = engine_fake_quantize(xf, self.a_bits, self.a_group_size)
+        elif self.a_bits < OFF_BITS:  # as common.act_quantizer: no activation quantizer at 16 bits
             xf = fake_quant_channels(xf, self.a_bits, self.a_group_size, self.a_sym, self.act_clip(),
                                      self.outlier_idx, self.outlier_bits)
         wq, b = checkpoint(self._quantized_weight, use_reentrant=False) if torch.is_grad_enabled() \

@@ -22,6 +22,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from bisup.quant.formats import effective_group
+
 ClipLike = Union[float, torch.Tensor]
 FP16_MAX = 65504.0
 
@@ -168,6 +170,25 @@ def fake_quantize(
         return x
     q, s, z = quantize_groups(x, bits, group_size, sym, clip_ratio, clip_lo, scale_dtype)
     return ((q - z) * s).reshape(x.shape).to(x.dtype)
+
+
+def engine_fake_quantize(x: torch.Tensor, bits: int, group_size: int = -1) -> torch.Tensor:
+    """compressed-tensors' reference activation quantizer (formats.ENGINE_ACTS): dynamic, symmetric,
+    per group of the last dim (-1, or a group at least as long as the row: per token), in x's dtype:
+
+        s = max|x| / ((2^b - 1) / 2)   (0 -> the dtype's eps),   q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1)
+
+    returns q * s in x's shape and dtype. The last dim must be a multiple of the group (the engines
+    refuse a shorter last group). Differentiable: STE through the rounding, the scale through max|x|.
+    """
+    if bits >= 16:
+        return x
+    xg = to_groups(x, effective_group(x.shape[-1], group_size))
+    qmin, qmax = qrange(bits, True)
+    s = xg.abs().amax(dim=-1, keepdim=True) / ((qmax - qmin) / 2)
+    s = torch.where(s == 0, torch.full_like(s, torch.finfo(s.dtype).eps), s)
+    q = torch.clamp(round_ste(xg / s), qmin, qmax)
+    return (q * s).reshape(x.shape)
 
 
 def fake_quantize_per_tensor(x: torch.Tensor, bits: int, sym: bool = True, clip_ratio: ClipLike = 1.0) -> torch.Tensor:

@@ -59,3 +59,18 @@ def test_from_dict_rejects_unknown_fields():
 def test_atom_outliers_scale_with_width(hidden, expected):
     assert QuantConfig().outlier_count(hidden) == expected
     assert QuantConfig(atom_outliers=40).outlier_count(hidden) == 40
+
+
+def test_label_says_what_runs():
+    from bisup.config import BiSupConfig, QuantConfig
+
+    assert QuantConfig(method="quarot", gptq=True, kv_bits=4, a_clip=0.9).label() == "QuaRot+GPTQ W4A4 g64 KV4 (a_clip 0.9)"
+    # learned rounding makes the codes: no GPTQ runs although gptq=True
+    assert QuantConfig(method="quarot", gptq=True, kv_bits=4, bisup=BiSupConfig()).label() == \
+        "QuaRot + BiSup (learned rounding) W4A4 g64 KV4"
+    assert QuantConfig(method="atom", gptq=True, bisup=BiSupConfig(rounding=False, smooth=False)).label() == \
+        "Atom+GPTQ + BiSup[weight_clip, act_clip, lowrank] W4A4 g64"
+    assert QuantConfig(method="gptq", a_bits=16, w_group_size=-1).label() == "GPTQ W4A16 per-channel"
+    assert QuantConfig(method="gptq", a_bits=16, bisup=BiSupConfig()).label() == "BiSup (learned rounding) W4A16 g64"
+    assert QuantConfig(method="rtn", kv_bits=3, prompt_len=16, a_convention="compressed-tensors").label() == \
+        "RTN W4A4 g64 KV3 (FP16 prompt 16) (compressed-tensors activations)"
