@@ -309,8 +309,13 @@ def test_refuses_asymmetric_weights_and_ragged_groups(tmp_path):
 
 
 def test_refuses_gemma3_output_rotation(tmp_path):
-    model = _quantized("gemma3", "quarot", 16)
-    _refused(model, tmp_path, r"rotates a norm's output online")
+    """A checkpoint from when QuaRot rotated Gemma3's post-norm outputs (RotateAfter) is refused; QuaRot
+    now rotates Gemma3's norm readers online instead (methods/quarot.py), linears only: nothing to refuse."""
+    from pathlib import Path
+
+    old = bisup.load_quantized(Path(__file__).parent / "fixtures" / "checkpoint_v1" / "gemma3_quarot")
+    _refused(old, tmp_path, r"rotates a norm's output online")
+    assert refusals(_quantized("gemma3", "quarot", 16)) == []
 
 
 def test_refuses_unquantized_models_and_unknown_names(tmp_path):
