@@ -169,8 +169,9 @@ def refusals(model: nn.Module, drop: Iterable[str] = (), matrices: Optional[dict
                    + ": compressed-tensors' KV schemes are static INT8/FP8, not bisup's dynamic per-token "
                      "low-bit cache (pass drop=['kv_cache'] to serve with the engine's KV cache)")
     for path, module in output_wrappers(model).items():
-        out.append(f"{path}: {type(module).__name__} rotates a norm's output online (QuaRot on Gemma3's post "
-                   "norms); compressed-tensors transforms apply to linears only")
+        out.append(f"{path}: {type(module).__name__} rotates a norm's output online (a QuaRot Gemma3 checkpoint "
+                   "written before QuaRot rotated Gemma3's readers online); compressed-tensors transforms apply "
+                   "to linears only")
     quantized = 0
     for name, module in get_adapter(model).named_linears():
         fq = _fake_form(module, name, model)
