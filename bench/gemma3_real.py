@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from bisup.provenance import git_commit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name  # noqa: E402
@@ -33,21 +34,8 @@ ROWS = {
 
 
 def label(config) -> str:
-    """A row label from its QuantConfig (FP: "FP")."""
-    if config is None:
-        return "FP"
-    base = {"quarot": "QuaRot+GPTQ" if config.gptq else "QuaRot+RTN"}.get(config.method, config.method.upper())
-    bits = f"W{config.w_bits}A{config.a_bits}" + (f" KV{config.kv_bits}" if config.kv_bits < 16 else "")
-    group = f"g{config.w_group_size}" if config.w_group_size > 0 else "per-channel"
-    return f"{base} {bits} {group}" + (" + BiSup" if config.bisup is not None else "")
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """A row label made from its QuantConfig (QuantConfig.label; FP: "FP")."""
+    return "FP" if config is None else config.label()
 
 
 def main(argv=None) -> int:
@@ -64,7 +52,7 @@ def main(argv=None) -> int:
     from bisup.eval.perplexity import perplexity_on_tokens
     from bisup.models.gemma3_270m import load_gemma3_270m
 
-    head = commit()  # before the (long) run: the code that made the numbers
+    head = git_commit() or "unknown"  # before the (long) run: the code that made the numbers
     torch.manual_seed(0)
     _, tok = load_gemma3_270m()
     tokens = eval_tokens(tok, "embedded", args.seq_len * args.windows)
