@@ -20,6 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+from bisup.config import BiSupConfig
+from bisup.provenance import git_commit
+
 BASE = dict(w_bits=4, a_bits=4, kv_bits=4, w_group_size=64, a_group_size=64, a_clip=0.9, method="quarot")
 ROWS = {
     "quarot_rtn": dict(BASE),
@@ -61,7 +64,7 @@ def run_one(name: str, overrides: dict, n_calib: int, val_windows: int, windows:
     log = getattr(model, "bisup_log", None)
     return dict(row=name, config=cfg.to_dict(), ppl=ppl, val_ppl=val_ppl, quantize_s=quant_s, eval_s=eval_s,
                 peak_rss_mib=rss, eval_windows=windows, seq_len=seq_len, n_calib=n_calib, val_windows=val_windows,
-                torch_threads=torch.get_num_threads(), layer_log=log)
+                torch_threads=torch.get_num_threads(), commit=git_commit(), label=cfg.label(), layer_log=log)
 
 
 def lowrank_probe(rank: int = 8) -> dict:
@@ -93,20 +96,27 @@ def lowrank_probe(rank: int = 8) -> dict:
     return out
 
 
+def bisup_settings(b: dict) -> str:
+    """The parameter spaces on, then every other BiSupConfig field that differs from its default."""
+    default = BiSupConfig().to_dict()
+    spaces = "+".join(s for s in BiSupConfig.SPACES if b.get(s)) or "no space"
+    rest = [f"{k}={b[k]}" for k in default if k not in BiSupConfig.SPACES and k in b and b[k] != default[k]]
+    return spaces + (f" ({', '.join(rest)})" if rest else "")
+
+
 def markdown(results) -> str:
-    lines = ["| row | method | BiSup | held-out ppl (8x512) | calib-val ppl | quantize s | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| row | what ran (label from the config) | BiSup | held-out ppl (8x512) | calib-val ppl | quantize s | peak RSS MiB | commit |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['row']} | error: {r['error'][:80]} | | | | | |")
+            lines.append(f"| {r['row']} | error: {r['error'][:80]} | | | | | | |")
             continue
         c = r["config"]
-        meth = f"{c['method']}{'+GPTQ' if c['gptq'] else ' RTN'} W{c['w_bits']}A{c['a_bits']}KV{c['kv_bits']} g{c['w_group_size']} a_clip {c['a_clip']}"
+        meth = r.get("label") or f"{c['method']} W{c['w_bits']}A{c['a_bits']}KV{c['kv_bits']} g{c['w_group_size']}"
         b = c.get("bisup")
-        bis = "-" if b is None else (f"ep {b['epochs']} bs {b['batch_size']} lr {b['lr']:g} r {b['rank']} lrlr {b['lowrank_lr']:g} "
-                                     + "+".join(s for s in ("weight_clip", "act_clip", "smooth", "lowrank") if b[s]))
+        bis = "-" if b is None else bisup_settings(b)
         vp = "" if r["val_ppl"] is None else f"{r['val_ppl']:.2f}"
-        lines.append(f"| {r['row']} | {meth} | {bis} | {r['ppl']:.2f} | {vp} | {r['quantize_s']:.0f} | {r['peak_rss_mib']:.0f} |")
+        lines.append(f"| {r['row']} | {meth} | {bis} | {r['ppl']:.2f} | {vp} | {r['quantize_s']:.0f} | {r['peak_rss_mib']:.0f} | {(r.get('commit') or 'not recorded')[:12]} |")
     return "\n".join(lines) + "\n"
 
 
