@@ -72,6 +72,10 @@ class BiSupConfig:
     lowrank: bool = True  # rank-r error compensation, merged into the weight before quantization
     rounding: bool = True  # learned rounding offsets in [-0.5, 0.5] per weight (AutoRound style); codes
     #                        then come from it, not from the base's GPTQ
+    # learnable orthogonal per-head rotations (Cayley): values (merged into v_proj / o_proj and the
+    # recorded value basis: free at inference) and, where the KV spec rotates keys (QuaRot), the
+    # per-layer Q/K rotation the attention already applies online (same cost as its Hadamard)
+    head_rotation: bool = False
     rank: int = 8
     # training
     epochs: int = 4  # passes over the training windows, per decoder layer
@@ -79,6 +83,7 @@ class BiSupConfig:
     lr: float = 1e-2  # clip and smoothing parameters (AdamW)
     lowrank_lr: float = 1e-4  # the low-rank factors' own learning rate
     rounding_lr: float = 1e-2  # the rounding offsets' learning rate
+    rotation_lr: float = 1e-3  # the head rotations' skew-symmetric generators (AdamW)
     # "signsgd": offsets -= rounding_lr * sign(grad) (AutoRound's optimizer): no AdamW moments, 8 bytes
     # per weight less during training; not evaluated for accuracy, so not the default
     rounding_optimizer: str = "adamw"
@@ -96,8 +101,8 @@ class BiSupConfig:
     weight_clip_search: bool = True
     val_windows: int = 0  # trailing calibration windows held out of training (validation loss only)
 
-    SPACES = ("weight_clip", "act_clip", "smooth", "lowrank", "rounding")
-    WRITTEN_BEFORE = {"weight_clip_search": False}  # fields added later, with the value older configs meant
+    SPACES = ("weight_clip", "act_clip", "smooth", "lowrank", "rounding", "head_rotation")
+    WRITTEN_BEFORE = {"weight_clip_search": False, "head_rotation": False}  # fields added later, with the value older configs meant
 
     def __post_init__(self) -> None:
         own = "BiSupConfig"
@@ -108,7 +113,7 @@ class BiSupConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ValueError(f"{own}.{name}={value!r}: expected an int >= {minimum}")
-        for name in ("lr", "lowrank_lr", "rounding_lr"):
+        for name in ("lr", "lowrank_lr", "rounding_lr", "rotation_lr"):
             _check_float(own, name, getattr(self, name), 0.0, 10.0)
         if self.rounding_optimizer not in ("adamw", "signsgd"):
             raise ValueError(f"{own}.rounding_optimizer={self.rounding_optimizer!r}: expected one of ['adamw', 'signsgd']")

@@ -33,6 +33,16 @@ smoothed activation is then mixed by M before it is quantized. Its initial scale
 The same holds for the norm readers of a model whose QuaRot rotates them online after their norms
 (Gemma3, methods/quarot.py): their scales sit before the online Q and fold into the kept norm weights.
 
+Head rotations (BiSupConfig.head_rotation, beyond the paper): a learnable orthogonal matrix per KV
+head, R_h = cayley(G_h) (G_h = 0 at the start: the base's model exactly), between v_proj and o_proj:
+v_proj's rows of head h become R_h^T W_h (after the v -> o smoothing), o_proj's columns of every query
+head reading it W_j R_h, and the value basis records it; o_proj's input quantizer and the V cache's
+quantizer then see the rotated values. Merged: nothing at inference. Where the KV spec rotates keys
+(QuaRot), the layer's Q/K rotation (the attention's rotation buffer, applied online to q and k after
+RoPE; real mode's cache rotates keys on append) starts at its Hadamard and is learned the same way:
+the same cost at inference as the Hadamard it replaces. Kronecker-structured (I_heads x R): d^2
+parameters per head, trained with AdamW at BiSupConfig.rotation_lr.
+
 Low-rank compensation is MERGED: delta = lowrank_scale * A @ B joins the latent weight before the
 (learned-clip) quantizer, so the checkpoint format and the kernels are unchanged. A side branch
 Q(W) x + A B x is what the SVD-of-the-error initialisation directly improves, but it would need an
@@ -57,9 +67,9 @@ from bisup.methods.calibration import InputStats, iterate_layers
 from bisup.methods.common import BiSupBase, act_quantizer
 from bisup.methods.gptq import gptq_linear
 from bisup.methods.placement import Placement
-from bisup.nn.attention import compose_value_basis
+from bisup.nn.attention import ROTATION_BUFFER, compose_value_basis, get_kv_spec, kv_rotation
 from bisup.nn.fake_quant import FakeQuantLinear
-from bisup.quant.learnable import LearnableLinear, LowRank, Smoothing, smooth_init, svd_factors
+from bisup.quant.learnable import HeadRotation, LearnableLinear, LowRank, Smoothing, smooth_init, svd_factors
 
 Q, K, V, O = "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"
 GATE, UP, DOWN = "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"
@@ -103,10 +113,15 @@ class Block:
             name: _learnable(adapter.get_linear(layer, name), config, bc, outliers.get(name))
             for name in adapter.linear_names()}
         self.smoothers: Dict[str, Smoothing] = {}
+        self.value_rotation: Optional[HeadRotation] = None
+        self.key_rotation: Optional[HeadRotation] = None
+        self._key_hook = None
         for name, t in transforms.items():
             self.mods[name].transform = t
         if bc.smooth:
             self._add_smoothing(stats, bc.smooth_alpha)
+        if bc.head_rotation and (config.quantizes_kv or config.quantizes_activations):
+            self._add_head_rotations()
         if bc.weight_clip_search:  # after the smoothing (the clip is searched on the weight it quantizes),
             for m in self.mods.values():  # before the low-rank init (built from the error at this clip)
                 m.search_weight_clip()
@@ -157,6 +172,27 @@ class Block:
         m[UP].out_smooth = sm
         m[DOWN].in_smooth = sm
 
+    def _add_head_rotations(self) -> None:
+        """One learnable rotation per KV head between v_proj and o_proj (folds into both); and the
+        layer's online Q/K rotation made learnable where its KV spec rotates keys. While training, a
+        pre-hook puts the current Q/K matrix (with its gradient) in the attention's rotation buffer."""
+        m, adapter = self.mods, self.adapter
+        d, kv_heads = adapter.head_dim, adapter.num_kv_heads
+        dev = m[V].weight.device
+        rot = HeadRotation(torch.eye(d, device=dev).expand(kv_heads, d, d))
+        self.value_rotation = rot
+        m[V].out_rotation = rot
+        m[O].in_rotation = rot
+        m[O].in_rotation_heads = torch.arange(adapter.num_heads, device=dev) // (adapter.num_heads // kv_heads)
+        attn = adapter.attention(self.layer)
+        spec = get_kv_spec(attn)
+        if spec is not None and spec.rotate:
+            self.key_rotation = HeadRotation(kv_rotation(attn, d, dev)[None])
+
+            def install(module, args):
+                setattr(module, ROTATION_BUFFER, self.key_rotation.matrix()[0])
+            self._key_hook = attn.register_forward_pre_hook(install)
+
     @torch.no_grad()
     def _add_lowrank(self, mod: LearnableLinear, bc: BiSupConfig) -> None:
         """A = U sqrt(S), B = lowrank_init sqrt(S) V^T of the quantization error, mapped back to the
@@ -183,7 +219,10 @@ class Block:
             if m.w_round is not None:
                 rounding.append(m.w_round)
         main += [s.log_s for s in self.smoothers.values()]
+        rotations = [r.generator for r in (self.value_rotation, self.key_rotation) if r is not None]
         groups = [dict(params=main, lr=bc.lr)] if main else []
+        if rotations and bc.rotation_lr > 0:
+            groups.append(dict(params=rotations, lr=bc.rotation_lr))
         if low and bc.lowrank_lr > 0:
             groups.append(dict(params=low, lr=bc.lowrank_lr))
         if rounding and bc.rounding_lr > 0:
@@ -210,6 +249,12 @@ class Block:
             d, h = adapter.head_dim, adapter.num_kv_heads
             inv = (1.0 / sm.scale().detach().to(torch.float64)).reshape(h, d)
             compose_value_basis(adapter.attention(self.layer), torch.diag_embed(inv), h, d)
+        if self.value_rotation is not None:  # then V[h] -> V[h] R_h (after the smoothing, as trained)
+            compose_value_basis(adapter.attention(self.layer), self.value_rotation.matrix().detach(),
+                                adapter.num_kv_heads, adapter.head_dim)
+        if self.key_rotation is not None:
+            self._key_hook.remove()
+            setattr(adapter.attention(self.layer), ROTATION_BUFFER, self.key_rotation.matrix()[0].detach().clone())
         dtype = next(iter(self.mods.values())).weight.dtype  # the layer's compute dtype (Placement)
         for name, mod in self.mods.items():
             adapter.set_linear(self.layer, name, self._export_linear(name, mod, dtype, hessians))

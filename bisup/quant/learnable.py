@@ -169,6 +169,43 @@ class LowRank(nn.Module):
         return self.scale * (self.a @ self.b)
 
 
+def cayley(generator: torch.Tensor) -> torch.Tensor:
+    """The orthogonal (I + A)^-1 (I - A) of the skew-symmetric A = G - G^T, for G [..., d, d]
+    (G = 0: the identity). Every orthogonal matrix without eigenvalue -1 is one of these."""
+    a = generator - generator.transpose(-1, -2)
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    return torch.linalg.solve(eye + a, eye - a)
+
+
+class HeadRotation(nn.Module):
+    """Learnable orthogonal matrices, one per head: start[h] @ cayley(G[h]) [H, d, d], G starting at 0
+    (exactly `start`, an orthogonal [H, d, d] float32 buffer)."""
+
+    def __init__(self, start: torch.Tensor):
+        super().__init__()
+        self.register_buffer("start", start.detach().to(torch.float32).clone())
+        self.generator = nn.Parameter(torch.zeros_like(self.start))
+
+    def matrix(self) -> torch.Tensor:
+        return self.start @ cayley(self.generator)
+
+
+def rotate_head_rows(w: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Output rows of head h (rows h*d .. h*d+d-1 of w [H*d, K], or a bias [H*d]) -> R_h^T w_h: the
+    head's outputs become o_h R_h."""
+    h, d, _ = rotation.shape
+    out = torch.einsum("hei,he...->hi...", rotation, w.reshape(h, d, *w.shape[1:]))
+    return out.reshape(w.shape)
+
+
+def rotate_head_cols(w: torch.Tensor, rotation: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+    """Input columns of head j (columns j*d .. j*d+d-1 of w [N, J*d]) -> w_j R_{heads[j]}: what reads
+    head outputs o_j R_{heads[j]} computes what w read from o_j."""
+    d = rotation.shape[-1]
+    out = torch.einsum("nje,jei->nji", w.reshape(w.shape[0], heads.numel(), d), rotation[heads])
+    return out.reshape(w.shape)
+
+
 class LearnableLinear(nn.Module):
     """A decoder linear being fine-tuned (see the module docstring); frozen latent weight (the given
     weight's storage, any float dtype, read as fp32) and bias (an fp32 copy).
@@ -180,6 +217,9 @@ class LearnableLinear(nn.Module):
     transform: callable x -> x M with inverse(x) = x M^T (M orthogonal [K, K], never built densely:
     a HadamardTransform; differentiable) applied to the (smoothed) input and to the weight's rows
     (W M); at export the caller installs the matching online transform.
+    out_rotation: a HeadRotation of this module's output heads (v_proj: rows of head h -> R_h^T W_h);
+    in_rotation (+ in_rotation_heads, input head -> rotation index): of its input heads (o_proj:
+    columns of head j -> W_j R_{heads[j]}); both after the smoothing, so that they fold exactly.
     """
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], w_bits: int, w_group_size: int,
@@ -216,6 +256,9 @@ class LearnableLinear(nn.Module):
         self.register_buffer("in_expand", None)
         self.out_smooth: Optional[Smoothing] = None
         self.transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        self.out_rotation: Optional[HeadRotation] = None
+        self.in_rotation: Optional[HeadRotation] = None
+        self.register_buffer("in_rotation_heads", None)
         self.lowrank: Optional[LowRank] = None
         self.record = None  # optional callable seeing the input the weight multiplies (GPTQ Hessians)
 
@@ -227,7 +270,8 @@ class LearnableLinear(nn.Module):
         return s if self.in_expand is None else s[self.in_expand]
 
     def effective_weight(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(W_eff, b_eff) before quantization: ((W + delta) * s_in / s_out) M, b / s_out (fp32)."""
+        """(W_eff, b_eff) before quantization: ((W + delta) * s_in / s_out) M, b / s_out (fp32), with
+        the head rotations (out: rows and bias; in: columns) applied after the smoothing."""
         w = self.weight.to(torch.float32)
         if self.lowrank is not None:
             w = w + self.lowrank.delta()
@@ -239,6 +283,12 @@ class LearnableLinear(nn.Module):
             s_out = self.out_smooth.scale()
             w = w / s_out[:, None]
             b = None if b is None else b / s_out
+        if self.out_rotation is not None:
+            r = self.out_rotation.matrix()
+            w = rotate_head_rows(w, r)
+            b = None if b is None else rotate_head_rows(b, r)
+        if self.in_rotation is not None:
+            w = rotate_head_cols(w, self.in_rotation.matrix(), self.in_rotation_heads)
         if self.transform is not None:
             w = self.transform(w)
         return w, b

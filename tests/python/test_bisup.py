@@ -12,6 +12,8 @@ from bisup.methods import quarot
 from bisup.methods.calibration import iterate_layers
 from bisup.models.adapters import get_adapter
 from bisup.models.tiny import FAMILIES, TINY_GROUP, random_tokens, tiny_model
+from bisup.nn import KVQuantSpec, set_kv_quant
+from bisup.nn.attention import ROTATION_BUFFER
 from bisup.nn.fake_quant import FakeQuantLinear
 from bisup.quant.learnable import LearnableLinear, lwc_quantize, logit, svd_factors
 from bisup.rotation.fuse import RotateAfter
@@ -55,6 +57,40 @@ def test_smoothing_without_quantization_keeps_the_block_function(family, method)
         torch.testing.assert_close(out, r, rtol=1e-4, atol=1e-5)
     block.export()
     assert all(isinstance(adapter.get_linear(layer, n), FakeQuantLinear) for n in adapter.linear_names())
+    for out, r in zip(inputs.run(layer), ref):
+        torch.testing.assert_close(out, r, rtol=1e-4, atol=1e-5)
+    it.close()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_head_rotations_keep_the_block_function(family):
+    """Random value and Q/K rotations (with smoothing) change nothing without quantization, trained
+    or exported: v_proj / o_proj fold them, the Q/K one sits in the attention's rotation buffer."""
+    model = tiny_model(family, num_layers=1)
+    config = QuantConfig(method="quarot", w_bits=16, a_bits=16, w_group_size=G, a_group_size=G,
+                         bisup=BiSupConfig(smooth_alpha=0.5, lowrank=False))
+    adapter, base, transforms, layer, inputs, it = _first_layer(model, config, random_tokens(2, 24))
+    attn = adapter.attention(layer)
+    set_kv_quant(model, [attn], KVQuantSpec(bits=16, rotate=True))  # an unquantized KV that rotates keys
+    ref = inputs.run(layer)
+    block = bisup_method.Block(adapter, layer, config, inputs.stats, {}, transforms)
+    block._add_head_rotations()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # far from the identity, so a wrong fold cannot pass
+        for p in [sm.log_s for sm in block.smoothers.values()] + [block.value_rotation.generator,
+                                                                 block.key_rotation.generator]:
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    rot = block.value_rotation.matrix().detach()
+    eye = torch.eye(rot.shape[-1]).expand_as(rot)
+    torch.testing.assert_close(rot @ rot.transpose(-1, -2), eye, atol=1e-5, rtol=0)
+    assert (rot - eye).abs().max() > 0.1
+    for out, r in zip(inputs.run(layer), ref):
+        torch.testing.assert_close(out, r, rtol=1e-4, atol=1e-5)
+    key = block.key_rotation.matrix().detach()[0]
+    block.export()
+    assert torch.equal(getattr(attn, ROTATION_BUFFER), key) and not getattr(attn, ROTATION_BUFFER).requires_grad
+    assert not attn._forward_pre_hooks or all("install" not in getattr(h, "__name__", "")
+                                              for h in attn._forward_pre_hooks.values())
     for out, r in zip(inputs.run(layer), ref):
         torch.testing.assert_close(out, r, rtol=1e-4, atol=1e-5)
     it.close()
@@ -311,11 +347,14 @@ def test_block_gradients_match_dense_rotations(family):
 # ------------------------------------------------------------------------------------------------
 # training
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method,rounding", [("quarot", False), ("atom", False), ("quarot", True)])
-def test_training_lowers_the_block_loss(method, rounding):
+@pytest.mark.parametrize("method,rounding,rotation", [("quarot", False, False), ("atom", False, False),
+                                                     ("quarot", True, False), ("quarot", True, True),
+                                                     ("atom", False, True)])
+def test_training_lowers_the_block_loss(method, rounding, rotation):
     model = tiny_model("llama", num_layers=1)
     # from the flat clip init: the searched init (on by default) leaves too little to train on a tiny layer
-    config = _cfg(method, epochs=15, lr=1e-2, lowrank_lr=1e-3, rounding=rounding, weight_clip_search=False)
+    config = _cfg(method, epochs=15, lr=1e-2, lowrank_lr=1e-3, rounding=rounding, weight_clip_search=False,
+                  head_rotation=rotation)
     adapter, base, tr, layer, inputs, it = _first_layer(model, config, random_tokens(4, 32))
     outliers = base.outliers(adapter, inputs.stats, config) if base.outliers else {}
     block = bisup_method.Block(adapter, layer, config, inputs.stats, outliers, tr)
@@ -324,6 +363,9 @@ def test_training_lowers_the_block_loss(method, rounding):
     log = bisup_method.train_block(block, inputs, config.bisup, chunks, 0, "t", False)
     after = bisup_method.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks)
     assert after < 0.9 * before, (before, after, log)
+    if rotation:  # values always; Q/K only where the KV spec rotates keys (QuaRot)
+        assert block.value_rotation.generator.detach().abs().max() > 0
+        assert (block.key_rotation is not None) == (method == "quarot")
     block.export()  # the exported ordinary layer computes what was trained
     exported = bisup_method.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks)
     assert exported == pytest.approx(after, rel=1e-3)
@@ -376,10 +418,10 @@ def test_deterministic_with_a_seed():
     assert torch.equal(logits[0], logits[1])
 
 
-@pytest.mark.parametrize("method", ["quarot", "atom", "gptq"])
-def test_save_load_is_exact_and_real_mode_runs(tmp_path, method):
+@pytest.mark.parametrize("method,rotation", [("quarot", False), ("atom", False), ("gptq", False), ("quarot", True)])
+def test_save_load_is_exact_and_real_mode_runs(tmp_path, method, rotation):
     calib, ids = random_tokens(4, 24), random_tokens(1, 16, seed=3)
-    config = _cfg(method, group=32, val_windows=2)  # the real kernels take groups of 32
+    config = _cfg(method, group=32, val_windows=2, head_rotation=rotation, rotation_lr=1e-2)  # the real kernels take groups of 32
     m = bisup.quantize_model(tiny_model("llama"), config, calib_data=calib, progress=False)
     assert len(m.bisup_log) == 2 and all("val_after" in e for e in m.bisup_log)
     clips = {float(mod.act_quantizer.clip) for mod in m.modules() if isinstance(mod, FakeQuantLinear)}
