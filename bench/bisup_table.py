@@ -1,5 +1,6 @@
 """BiSup's results table on the embedded default (SmolLM2-135M-Instruct): base, +vertical,
-+horizontal, +both, for Atom and QuaRot, at W4A4 g64 KV4, W4A4 per-channel KV4 and W3A3 g64 KV4,
++horizontal, +both, for Atom and QuaRot, at W4A4 g64 KV4, W4A4 per-channel KV4, W3A3 g64 KV4 and
+W4A4 / W3A3 g128 KV4 (the paper's setting; 576 = 4.5 x 128 is a ragged last group),
 plus an ablation of the three parameter spaces.
 
 Each job (a cell = base config, and a variant = base | bisup | one parameter space) runs in its own
@@ -34,6 +35,8 @@ from bisup.provenance import git_commit
 G64 = dict(w_bits=4, a_bits=4, kv_bits=4, w_group_size=64, a_group_size=64, a_clip=0.9, gptq=True)
 PER_CHANNEL = dict(G64, w_group_size=-1, a_group_size=-1)
 W3 = dict(G64, w_bits=3, a_bits=3)
+G128 = dict(G64, w_group_size=128, a_group_size=128)  # 576 = 4.5 x 128: a ragged last group
+W3_G128 = dict(G128, w_bits=3, a_bits=3)  # the paper's headline setting
 CELLS = {
     "quarot_g64": dict(G64, method="quarot"),
     "atom_g64": dict(G64, method="atom", atom_outliers=16),
@@ -41,6 +44,10 @@ CELLS = {
     "atom_pc": dict(PER_CHANNEL, method="atom", atom_outliers=16),
     "quarot_w3": dict(W3, method="quarot"),
     "atom_w3": dict(W3, method="atom", atom_outliers=16),
+    "quarot_g128": dict(G128, method="quarot"),
+    "atom_g128": dict(G128, method="atom", atom_outliers=16),
+    "quarot_w3_g128": dict(W3_G128, method="quarot"),
+    "atom_w3_g128": dict(W3_G128, method="atom", atom_outliers=16),
     "quarot_rtn_g64": dict(G64, method="quarot", gptq=False),  # the ablation's base (larger effects)
     # weights only, against AutoRound W4A16 g64 (8-window protocol only: no activation / KV quantization)
     "gptq_w4a16": dict(G64, method="gptq", a_bits=16, kv_bits=16, a_clip=1.0),
