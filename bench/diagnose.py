@@ -1,8 +1,9 @@
-"""`bisup diagnose` on the embedded default (SmolLM2-135M): RTN, QuaRot+GPTQ and Atom, W4A4 g64 KV4.
+"""`bisup diagnose` on the embedded default (SmolLM2-135M): RTN, QuaRot+GPTQ, Atom and QuaRot + BiSup
+(its defaults), W4A4 g64 KV4: the BiSup curve beside its base shows the accumulation it suppresses.
 
     python bench/diagnose.py [--models /tmp/bisup-models] [--out bench/results/diagnose]
 
-Quantizes the three models with `bisup quantize` (8 calibration sequences of 512 tokens) into
+Quantizes the four models with `bisup quantize` (8 calibration sequences of 512 tokens) into
 --models unless they are there, then runs `bisup diagnose` on 4 held-out windows of 512 tokens
 with FP system prompts of 16, 64 and 128 tokens and writes report.json / report.md / linears.md
 and the PNGs to --out. The exact commands: bench/results/diagnose/README.md.
@@ -21,6 +22,7 @@ MODELS = {
     "rtn-w4a4kv4-g64": ["--method", "rtn"],
     "quarot-gptq-w4a4kv4-g64": ["--method", "quarot", "--gptq", "--a-clip", "0.9"],
     "atom-w4a4kv4-g64": ["--method", "atom"],
+    "quarot-bisup-w4a4kv4-g64": ["--method", "quarot", "--a-clip", "0.9", "--bisup"],
 }
 
 
