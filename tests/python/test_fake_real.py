@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import bisup
-from bisup.config import QuantConfig
+from bisup.config import BiSupConfig, QuantConfig
 from bisup.models.adapters import get_adapter
 from bisup.models.tiny import random_tokens, tiny_model
 from bisup.nn.fake_quant import ActQuantizer, FakeQuantLinear, GemmWeight, integer_linear
@@ -155,7 +155,9 @@ GEMMA3 = dict(w_group_size=-1, a_group_size=-1)
     ("llama", "quarot", {}), ("llama", "atom", dict(atom_outliers=16)),
     ("llama", "quarot", dict(prompt_len=5, kv_group_size=16)),
     ("gemma3", "quarot", GEMMA3), ("gemma3", "quarot", dict(prompt_len=5, kv_group_size=16, **GEMMA3)),
-    ("gemma3", "rtn", dict(prompt_len=3, **GEMMA3))])
+    ("gemma3", "rtn", dict(prompt_len=3, **GEMMA3)),
+    # BiSup's learned head rotations: the learned Q/K rotation in the cache, the value one in the weights
+    ("llama", "quarot", dict(prompt_len=5, bisup=BiSupConfig(epochs=1, rank=4, head_rotation=True, rotation_lr=1e-2)))])
 def test_tiny_model_fake_equals_real_with_kv_quantization(family, method, extra):
     cfg = QuantConfig(method=method, **{**TINY, **extra})
     fake, real = _fake_and_real(tiny_model(family), cfg, calib=random_tokens(4, 48, seed=5))
