@@ -12,7 +12,8 @@
        v -> o                           (v's output rows / s, o's input columns * s, GQA-expanded)
        up -> down                       (up's output rows / s, down's input columns * s)
    and trained with AdamW (the rounding offsets optionally with SignSGD, BiSupConfig.rounding_optimizer) on
-       mean((layer(h) - target)^2) / mean(target^2) + smooth_penalty * penalty
+       relative_error(layer(h), target) + smooth_penalty * penalty   (BiSupConfig.loss: over all
+       tokens at once, or per token and averaged)
    (straight-through estimator through every fake quantizer; fixed seed per layer);
 3. export: an ORDINARY quantized layer. Smoothing is folded into the norms / weights, the learned
    weight clipping fixes the group scales, the codes are the learned rounding's (rounding=True, the
@@ -299,11 +300,20 @@ def _out(x):
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
-def block_loss(layer: nn.Module, hidden, kwargs, targets, chunks) -> float:
-    """Mean normalised MSE of the layer's outputs over the given chunks (no gradients)."""
+def relative_error(out: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """BiSup's block loss (BiSupConfig.loss) of outputs [..., hidden] against the full-precision targets:
+    "mse": sum |out - target|^2 / sum |target|^2 over every token; "token": the mean over tokens of
+    |out_t - target_t|^2 / |target_t|^2."""
+    err = (out - target).square()
+    if kind == "mse":
+        return err.mean() / target.square().mean().clamp(min=1e-12)
+    return (err.sum(-1) / target.square().sum(-1).clamp(min=1e-12)).mean()
+
+
+def block_loss(layer: nn.Module, hidden, kwargs, targets, chunks, kind: str = "mse") -> float:
+    """Mean relative_error of the layer's outputs over the given chunks (no gradients)."""
     with torch.no_grad():
-        vals = [((_out(layer(hidden[c], **kwargs[c])) - targets[c]).square().mean()
-                 / targets[c].square().mean().clamp(min=1e-12)).item() for c in chunks]
+        vals = [relative_error(_out(layer(hidden[c], **kwargs[c])), targets[c], kind).item() for c in chunks]
     return sum(vals) / max(len(vals), 1)
 
 
@@ -339,7 +349,6 @@ def train_block(block: Block, inputs, bc: BiSupConfig, train_chunks: List[int], 
         return log
     opts = _optimizers(groups, bc)
     gen = torch.Generator(device="cpu").manual_seed(seed)  # the order is the same on every device
-    norms = {c: inputs.targets[c].square().mean().clamp(min=1e-12) for c in train_chunks}
     steps = tqdm(total=bc.epochs * len(train_chunks), desc=desc, disable=not progress, leave=False)
     with torch.enable_grad():
         for epoch in range(bc.epochs):
@@ -347,7 +356,7 @@ def train_block(block: Block, inputs, bc: BiSupConfig, train_chunks: List[int], 
             total = 0.0
             for c in order:
                 out = _out(block.layer(inputs.hidden[c], **inputs.kwargs[c]))
-                mse = (out - inputs.targets[c]).square().mean() / norms[c]
+                mse = relative_error(out, inputs.targets[c], bc.loss)
                 loss = mse + bc.smooth_penalty * block.penalty(bc) if bc.smooth_penalty > 0 else mse
                 loss.backward()
                 for opt in opts:
@@ -410,13 +419,13 @@ def apply(model: nn.Module, adapter, config: QuantConfig, calib_batches: torch.T
         block = Block(adapter, layer, config, inputs.stats, outliers, transforms)
         entry = {"layer": index}
         if val_chunks:
-            entry["val_before"] = block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, val_chunks)
+            entry["val_before"] = block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, val_chunks, bc.loss)
         entry.update(train_block(block, inputs, bc, train_chunks, config.seed * 1000003 + index,
                                  f"BiSup layer {index}", progress))
         hessians = _input_hessians(block, inputs) if use_gptq else None
         block.export(hessians)
         if val_chunks:
-            entry["val_after"] = block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, val_chunks)
+            entry["val_after"] = block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, val_chunks, bc.loss)
         log.append(entry)
         del block, hessians
     model.bisup_log = log

@@ -347,29 +347,47 @@ def test_block_gradients_match_dense_rotations(family):
 # ------------------------------------------------------------------------------------------------
 # training
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method,rounding,rotation", [("quarot", False, False), ("atom", False, False),
-                                                     ("quarot", True, False), ("quarot", True, True),
-                                                     ("atom", False, True)])
-def test_training_lowers_the_block_loss(method, rounding, rotation):
+@pytest.mark.parametrize("method,rounding,rotation,loss", [
+    ("quarot", False, False, "mse"), ("atom", False, False, "mse"), ("quarot", True, False, "mse"),
+    ("quarot", True, True, "mse"), ("atom", False, True, "mse"), ("quarot", True, False, "token")])
+def test_training_lowers_the_block_loss(method, rounding, rotation, loss):
     model = tiny_model("llama", num_layers=1)
     # from the flat clip init: the searched init (on by default) leaves too little to train on a tiny layer
     config = _cfg(method, epochs=15, lr=1e-2, lowrank_lr=1e-3, rounding=rounding, weight_clip_search=False,
-                  head_rotation=rotation)
+                  head_rotation=rotation, loss=loss)
     adapter, base, tr, layer, inputs, it = _first_layer(model, config, random_tokens(4, 32))
     outliers = base.outliers(adapter, inputs.stats, config) if base.outliers else {}
     block = bisup_method.Block(adapter, layer, config, inputs.stats, outliers, tr)
     chunks = list(range(len(inputs.hidden)))
-    before = bisup_method.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks)
+    before = bisup_method.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks, loss)
     log = bisup_method.train_block(block, inputs, config.bisup, chunks, 0, "t", False)
-    after = bisup_method.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks)
+    after = bisup_method.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks, loss)
     assert after < 0.9 * before, (before, after, log)
     if rotation:  # values always; Q/K only where the KV spec rotates keys (QuaRot)
         assert block.value_rotation.generator.detach().abs().max() > 0
         assert (block.key_rotation is not None) == (method == "quarot")
     block.export()  # the exported ordinary layer computes what was trained
-    exported = bisup_method.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks)
+    exported = bisup_method.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks, loss)
     assert exported == pytest.approx(after, rel=1e-3)
     it.close()
+
+
+def test_token_loss_weighs_every_token_alike():
+    """A sink token with 1000x the energy owns the "mse" loss; "token" averages relative errors."""
+    target = torch.randn(1, 4, 16, generator=torch.Generator().manual_seed(0))
+    target[0, 0] *= 1000.0
+    noise = 0.1 * torch.randn(target.shape, generator=torch.Generator().manual_seed(1))
+    sink_only, rest_only = target.clone(), target.clone()
+    sink_only[0, 0] += noise[0, 0] * 1000.0
+    rest_only[0, 1:] += noise[0, 1:]
+    mse = bisup_method.relative_error
+    assert mse(rest_only, target, "mse") < 1e-5 * mse(sink_only, target, "mse")
+    torch.testing.assert_close(mse(sink_only, target, "token"), (noise[0, 0].square().sum() * 1e6
+                                                                    / target[0, 0].square().sum()) / 4)
+    torch.testing.assert_close(mse(rest_only, target, "token"),
+                               (noise[0, 1:].square().sum(-1) / target[0, 1:].square().sum(-1)).sum() / 4)
+    with pytest.raises(ValueError, match=r"BiSupConfig\.loss='l1': expected one of \['mse', 'token'\]"):
+        BiSupConfig(loss="l1")
 
 
 def test_signsgd_step_and_rounding_option():
