@@ -84,6 +84,10 @@ class BiSupConfig:
     lowrank_lr: float = 1e-4  # the low-rank factors' own learning rate
     rounding_lr: float = 1e-2  # the rounding offsets' learning rate
     rotation_lr: float = 1e-3  # the head rotations' skew-symmetric generators (AdamW)
+    # where the learned rounding offsets start: "rtn" (0: round to nearest) or "gptq" (GPTQ's codes on
+    # the block's own input Hessians, the weight pre-clamped to the learned clip's start: each offset
+    # is clamp(q_gptq - w / s, -0.5, 0.5), so a GPTQ code more than one step from RTN's is not reached)
+    rounding_init: str = "rtn"
     # the block loss: "mse" = sum of squared errors / sum of squared targets over all tokens (on a
     # trained model a few attention-sink tokens hold most of that energy: SmolLM2's token 0 holds
     # 87-98% of layers 11-28's output energy, so the loss is theirs); "token" = the mean over tokens
@@ -108,7 +112,8 @@ class BiSupConfig:
 
     SPACES = ("weight_clip", "act_clip", "smooth", "lowrank", "rounding", "head_rotation")
     LOSSES = ("mse", "token")
-    WRITTEN_BEFORE = {"weight_clip_search": False, "head_rotation": False, "loss": "mse"}  # fields added later, with the value older configs meant
+    WRITTEN_BEFORE = {"weight_clip_search": False, "head_rotation": False, "loss": "mse",
+                      "rounding_init": "rtn"}  # fields added later, with the value older configs meant
 
     def __post_init__(self) -> None:
         own = "BiSupConfig"
@@ -121,6 +126,8 @@ class BiSupConfig:
                 raise ValueError(f"{own}.{name}={value!r}: expected an int >= {minimum}")
         for name in ("lr", "lowrank_lr", "rounding_lr", "rotation_lr"):
             _check_float(own, name, getattr(self, name), 0.0, 10.0)
+        if self.rounding_init not in ("rtn", "gptq"):
+            raise ValueError(f"{own}.rounding_init={self.rounding_init!r}: expected one of ['rtn', 'gptq']")
         if self.loss not in self.LOSSES:
             raise ValueError(f"{own}.loss={self.loss!r}: expected one of {list(self.LOSSES)}")
         if self.rounding_optimizer not in ("adamw", "signsgd"):

@@ -66,11 +66,13 @@ from tqdm.auto import tqdm
 from bisup.config import BiSupConfig, QuantConfig
 from bisup.methods.calibration import InputStats, iterate_layers
 from bisup.methods.common import BiSupBase, act_quantizer
-from bisup.methods.gptq import gptq_linear
+from bisup.methods.gptq import gptq_linear, layer_plan
 from bisup.methods.placement import Placement
 from bisup.nn.attention import ROTATION_BUFFER, compose_value_basis, get_kv_spec, kv_rotation
 from bisup.nn.fake_quant import FakeQuantLinear
+from bisup.quant.gptq import gptq_quantize
 from bisup.quant.learnable import HeadRotation, LearnableLinear, LowRank, Smoothing, smooth_init, svd_factors
+from bisup.quant.quantizer import qrange
 
 Q, K, V, O = "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"
 GATE, UP, DOWN = "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"
@@ -372,6 +374,36 @@ def train_block(block: Block, inputs, bc: BiSupConfig, train_chunks: List[int], 
     return log
 
 
+@torch.no_grad()
+def gptq_rounding_start(block: Block, inputs) -> None:
+    """Learned rounding starts at GPTQ's codes (BiSupConfig.rounding_init="gptq"): GPTQ on each linear's
+    effective weight, pre-clamped to the learned clip's range, with the Hessian of the input it reads
+    in this block; offset = clamp(round(w_gptq / s) - w / s, -0.5, 0.5) with s the learned clip's scales."""
+    config = block.config
+    hessians = _input_hessians(block, inputs)
+    qmin, qmax = qrange(config.w_bits, config.w_sym)
+    for name, m in block.mods.items():
+        if m.w_round is None:
+            continue
+        w, _ = m.effective_weight()
+        lo, hi = m.clip_bounds(w)
+        main = w if m.outlier_idx is None else w[:, m._main_idx]
+        clamped = w.clone()
+        if m.outlier_idx is None:
+            clamped = torch.maximum(torch.minimum(main, hi), lo)
+        else:
+            clamped[:, m._main_idx] = torch.maximum(torch.minimum(main, hi), lo)
+        plan = layer_plan(hessians[name], config, m.outlier_idx, w.device)
+        res = gptq_quantize(clamped, None, config.w_bits, config.w_group_size, sym=config.w_sym, clip=1.0,
+                            damp=config.gptq_damp, act_order=config.gptq_act_order,
+                            block_size=config.gptq_block_size, outlier_idx=m.outlier_idx,
+                            outlier_bits=config.atom_outlier_bits, plan=plan)
+        gq = res.weight.to(torch.float32)
+        gq = gq if m.outlier_idx is None else gq[:, m._main_idx]
+        scale = (hi - lo) / (qmax - qmin)  # per element: the learned clip's group scale
+        m.w_round.copy_((torch.round(gq / scale) - main / scale).clamp(-0.5, 0.5))
+
+
 def _input_hessians(block: Block, inputs) -> Dict[str, InputStats]:
     """InputStats (Hessian) of the input every trained linear's weight multiplies, over all chunks."""
     sums = {name: InputStats(m.in_features) for name, m in block.mods.items()}
@@ -420,6 +452,8 @@ def apply(model: nn.Module, adapter, config: QuantConfig, calib_batches: torch.T
         entry = {"layer": index}
         if val_chunks:
             entry["val_before"] = block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, val_chunks, bc.loss)
+        if bc.rounding_init == "gptq" and bc.rounding and config.quantizes_weights:
+            gptq_rounding_start(block, inputs)
         entry.update(train_block(block, inputs, bc, train_chunks, config.seed * 1000003 + index,
                                  f"BiSup layer {index}", progress))
         hessians = _input_hessians(block, inputs) if use_gptq else None
