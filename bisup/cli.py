@@ -28,7 +28,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from bisup.config import QuantConfig
+from bisup.config import BiSupConfig, QuantConfig
 from bisup.exporters import DROPPABLE, FORMATS
 from bisup.methods import registry
 from bisup.quant.formats import ACT_CONVENTIONS
@@ -92,8 +92,6 @@ def config_from_args(a) -> QuantConfig:
 
 def bisup_config_from_args(a):
     """The BiSupConfig of `bisup quantize --bisup ...` (None without --bisup)."""
-    from bisup.config import BiSupConfig
-
     if not getattr(a, "bisup", False):
         return None
     defaults = BiSupConfig()
@@ -109,7 +107,7 @@ def bisup_config_from_args(a):
                          f"{list(BiSupConfig.SPACES)}")
     given = dict(epochs=a.bisup_epochs, batch_size=a.bisup_batch_size, lr=a.bisup_lr, lowrank_lr=a.bisup_lowrank_lr,
                  rank=a.bisup_rank, val_windows=a.bisup_val_windows,
-                 weight_clip_search=a.bisup_clip_search)
+                 weight_clip_search=a.bisup_clip_search, loss=a.bisup_loss, rounding_init=a.bisup_rounding_init)
     return BiSupConfig(**{k: v for k, v in given.items() if v is not None},
                        **{name: name in spaces for name in BiSupConfig.SPACES})
 
@@ -359,7 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: on)")
     q.add_argument("--bisup-spaces", default="default",
                    help="BiSup: 'default' (BiSupConfig's), 'all', or a comma list of "
-                        "weight_clip,act_clip,smooth,lowrank,rounding (the rest stay off)")
+                        "weight_clip,act_clip,smooth,lowrank,rounding,head_rotation (the rest stay off)")
+    q.add_argument("--bisup-loss", choices=BiSupConfig.LOSSES, default=None,
+                   help="BiSup: block loss, over all tokens at once (mse) or per token (token)")
+    q.add_argument("--bisup-rounding-init", choices=("rtn", "gptq"), default=None,
+                   help="BiSup: where the learned rounding starts (RTN's or GPTQ's codes)")
     q.add_argument("--eval", action="store_true", help="also report perplexity of the quantized model")
     q.add_argument("--save", type=Path, default=None, help="directory to save the quantized model to")
     q.set_defaults(func=cmd_quantize)

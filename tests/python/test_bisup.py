@@ -532,5 +532,8 @@ def test_cli_flags():
     c = config_from_args(build_parser().parse_args("quantize --bisup --no-bisup-clip-search --w-clip-search".split()))
     assert not c.bisup.weight_clip_search and c.w_clip_search and BiSupConfig().weight_clip_search
     assert config_from_args(build_parser().parse_args("quantize --bisup".split())).bisup.weight_clip_search
+    d = config_from_args(build_parser().parse_args(
+        "quantize --bisup --bisup-loss token --bisup-rounding-init gptq --bisup-spaces rounding,head_rotation".split()))
+    assert (d.bisup.loss, d.bisup.rounding_init, d.bisup.head_rotation, d.bisup.smooth) == ("token", "gptq", True, False)
     with pytest.raises(ValueError, match="--bisup-spaces"):
         config_from_args(build_parser().parse_args("quantize --bisup --bisup-spaces smoth".split()))
