@@ -65,8 +65,11 @@ VARIANTS = {
     "bisup_prompt": {},
     # BiSup's defaults of today: the searched clip init on (TABLE_BISUP keeps it off everywhere else)
     "bisup_clip_search": dict(weight_clip_search=True),
+    # BiSupConfig() exactly as the job's commit defines it (TABLE_BISUP not applied)
+    "bisup_defaults": {},
 }
 PROMPT_AWARE = ("bisup_prompt",)
+AS_DEFINED = ("bisup_defaults",)
 # Every row of the table was measured with BiSup's searched clip init off (the default until
 # 2026-12-02, when weight_clip_search=True became the default: bench/results/bisup_clip_search.md);
 # kept off here so that the rows compare with each other.
@@ -99,7 +102,8 @@ def run_job(cell: str, variant: str, fp_prompt_from_fp_model: bool, only_8w: boo
         # weights only (A16): no real-mode GEMM for 16-bit activations, so fake mode (the same weights)
         mode = "fake" if CELLS[cell]["a_bits"] == 16 else "real"
         cfg = bisup.QuantConfig(**CELLS[cell], n_calib=N_CALIB, calib_seq_len=SEQ_LEN, mode=mode, prompt_len=p,
-                                bisup=None if bis is None else bisup.BiSupConfig(**{**TABLE_BISUP, **bis}))
+                                bisup=None if bis is None else bisup.BiSupConfig(
+                                    **{**({} if variant in AS_DEFINED else TABLE_BISUP), **bis}))
         res["config"] = cfg.to_dict()
         res["label"] = cfg.label()  # what ran, made from the config
         res["seed"] = cfg.seed
@@ -183,7 +187,8 @@ def markdown(jobs: dict) -> str:
                      f"| {_f2(fp['ppl_32w_quantized'])} | | | {fp['peak_rss_mib']:.0f} | {_commit_of(fp)} |")
     names = {"base": "base / +horizontal", "bisup": "+vertical / +both",
              "bisup_prompt": "+vertical / +both, prompt-aware training",
-             "bisup_clip_search": "+vertical / +both, searched clip init (today's default)"}
+             "bisup_clip_search": "+vertical / +both, searched clip init (the default since 2026-12-02)",
+             "bisup_defaults": "+vertical / +both, BiSup's defaults at the job's commit"}
     for cell in CELLS:
         for variant in names:
             r = jobs.get(f"{cell}:{variant}")
