@@ -112,6 +112,7 @@ class BiSupConfig:
 
     SPACES = ("weight_clip", "act_clip", "smooth", "lowrank", "rounding", "head_rotation")
     LOSSES = ("mse", "token")
+    LABELLED = ("loss", "rounding_init")  # besides the spaces, what QuantConfig.label() names when not default
     WRITTEN_BEFORE = {"weight_clip_search": False, "head_rotation": False, "loss": "mse",
                       "rounding_init": "rtn"}  # fields added later, with the value older configs meant
 
@@ -305,6 +306,10 @@ class QuantConfig:
         if self.quantizes_kv:
             out += f" KV{self.kv_bits}" + (f" (FP16 prompt {self.prompt_len})" if self.prompt_len else "")
         notes = []
+        if self.bisup is not None:  # BiSup settings that change what trains, where they differ from today's
+            today = BiSupConfig()
+            notes += [f"BiSup {name}={getattr(self.bisup, name)}" for name in BiSupConfig.LABELLED
+                      if getattr(self.bisup, name) != getattr(today, name)]
         if self.method == "quarot" and self.rotation_seed:
             notes.append(f"rotation seed {self.rotation_seed}")
         if self.quantizes_activations and self.a_convention != BISUP_ACTS:
