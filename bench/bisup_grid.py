@@ -96,6 +96,26 @@ def lowrank_probe(rank: int = 8) -> dict:
     return out
 
 
+def energy_probe(windows: int = 2) -> dict:
+    """Per decoder layer of the default model (FP): the share of the layer output's energy sum_t |h_t|^2
+    held by token 0 and by the 3 largest tokens, on the first calibration windows (why BiSupConfig.loss
+    is per token: with the all-token MSE these few tokens own the block loss)."""
+    import torch
+
+    from bisup.eval.data import calibration_batches
+    from bisup.models.default import load_default_model
+
+    model, tok = load_default_model()
+    with torch.no_grad():
+        hidden = model(calibration_batches(tok, windows, 512), output_hidden_states=True).hidden_states
+    out = {}
+    for i, h in enumerate(hidden[1:]):  # output of decoder layer i (the last one after the final norm)
+        e = h.double().square().sum(-1)
+        total = e.sum(-1)
+        out[i] = {"token0": float((e[:, 0] / total).mean()), "top3": float((e.topk(3, -1).values.sum(-1) / total).mean())}
+    return out
+
+
 def bisup_settings(b: dict) -> str:
     """The parameter spaces on, then every other BiSupConfig field that differs from its default."""
     default = BiSupConfig().to_dict()
@@ -146,6 +166,8 @@ def main(argv=None) -> int:
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--list", action="store_true")
     p.add_argument("--lowrank-probe", action="store_true", help="only the low-rank init probe (JSON to --out.lowrank.json)")
+    p.add_argument("--energy-probe", action="store_true",
+                   help="only the per-layer share of output energy held by token 0 (JSON to --out.energy.json)")
     a = p.parse_args(argv)
     if a.lowrank_probe:
         res = lowrank_probe()
@@ -153,6 +175,11 @@ def main(argv=None) -> int:
         keys = list(next(iter(res.values())))
         mean = {k: sum(r[k] / r["rtn"] for r in res.values()) / len(res) for k in keys}
         print("mean error relative to RTN over", len(res), "linears:", json.dumps(mean))
+        return 0
+    if a.energy_probe:
+        res = energy_probe()
+        a.out.with_suffix(".energy.json").write_text(json.dumps(res, indent=1) + "\n")
+        print("\n".join(f"layer {i:2d}: token 0 {r['token0']:.3f}, top 3 {r['top3']:.3f}" for i, r in res.items()))
         return 0
     if a.list:
         print("\n".join(f"{k}: {v}" for k, v in ROWS.items()))

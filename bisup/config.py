@@ -90,7 +90,7 @@ class BiSupConfig:
     rounding_init: str = "rtn"
     # the block loss: "mse" = sum of squared errors / sum of squared targets over all tokens (on a
     # trained model a few attention-sink tokens hold most of that energy: SmolLM2's token 0 holds
-    # 87-98% of layers 11-28's output energy, so the loss is theirs); "token" = the mean over tokens
+    # 75-99% of layers 11-27's output energy, so the loss is theirs); "token" = the mean over tokens
     # of each token's relative squared error (every token counts as much as in the perplexity).
     # Default "token": calib-val ppl 26.28 vs 28.09 with "mse" (bench/results/bisup_loss.md)
     loss: str = "token"
