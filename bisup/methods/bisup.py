@@ -270,13 +270,7 @@ class Block:
                            outlier_idx, device=w.device)
         transform = self.transforms.get(name)
         if hessians is not None and wc is not None:  # GPTQ codes under the learned clipping
-            lo, hi = mod.clip_bounds(w)
-            w = w.clone()
-            if outlier_idx is None:
-                w = torch.maximum(torch.minimum(w, hi), lo)
-            else:
-                main = mod._main_idx
-                w[:, main] = torch.maximum(torch.minimum(w[:, main], hi), lo)
+            w = mod.clamp_to_clip(w)
             shell = nn.Linear(mod.in_features, mod.out_features, bias=b is not None, device=w.device, dtype=dtype)
             shell.weight.data = w.to(dtype)
             if b is not None:
@@ -375,12 +369,13 @@ def train_block(block: Block, inputs, bc: BiSupConfig, train_chunks: List[int], 
 
 
 @torch.no_grad()
-def gptq_rounding_start(block: Block, inputs) -> None:
+def gptq_rounding_start(block: Block, inputs, chunks: List[int]) -> None:
     """Learned rounding starts at GPTQ's codes (BiSupConfig.rounding_init="gptq"): GPTQ on each linear's
     effective weight, pre-clamped to the learned clip's range, with the Hessian of the input it reads
-    in this block; offset = clamp(round(w_gptq / s) - w / s, -0.5, 0.5) with s the learned clip's scales."""
+    in this block (over `chunks`: the training ones); offset = clamp(round(w_gptq / s) - w / s, -0.5, 0.5)
+    with s the learned clip's scales."""
     config = block.config
-    hessians = _input_hessians(block, inputs)
+    hessians = _input_hessians(block, inputs, chunks)
     qmin, qmax = qrange(config.w_bits, config.w_sym)
     for name, m in block.mods.items():
         if m.w_round is None:
@@ -388,13 +383,8 @@ def gptq_rounding_start(block: Block, inputs) -> None:
         w, _ = m.effective_weight()
         lo, hi = m.clip_bounds(w)
         main = w if m.outlier_idx is None else w[:, m._main_idx]
-        clamped = w.clone()
-        if m.outlier_idx is None:
-            clamped = torch.maximum(torch.minimum(main, hi), lo)
-        else:
-            clamped[:, m._main_idx] = torch.maximum(torch.minimum(main, hi), lo)
         plan = layer_plan(hessians[name], config, m.outlier_idx, w.device)
-        res = gptq_quantize(clamped, None, config.w_bits, config.w_group_size, sym=config.w_sym, clip=1.0,
+        res = gptq_quantize(m.clamp_to_clip(w), None, config.w_bits, config.w_group_size, sym=config.w_sym, clip=1.0,
                             damp=config.gptq_damp, act_order=config.gptq_act_order,
                             block_size=config.gptq_block_size, outlier_idx=m.outlier_idx,
                             outlier_bits=config.atom_outlier_bits, plan=plan)
@@ -404,15 +394,15 @@ def gptq_rounding_start(block: Block, inputs) -> None:
         m.w_round.copy_((torch.round(gq / scale) - main / scale).clamp(-0.5, 0.5))
 
 
-def _input_hessians(block: Block, inputs) -> Dict[str, InputStats]:
-    """InputStats (Hessian) of the input every trained linear's weight multiplies, over all chunks."""
+def _input_hessians(block: Block, inputs, chunks: List[int]) -> Dict[str, InputStats]:
+    """InputStats (Hessian) of the input every trained linear's weight multiplies, over the given chunks."""
     sums = {name: InputStats(m.in_features) for name, m in block.mods.items()}
     for name, m in block.mods.items():
         m.record = sums[name].add_hessian
     try:
         with torch.no_grad():
-            for h, kw in zip(inputs.hidden, inputs.kwargs):
-                block.layer(h, **kw)
+            for c in chunks:
+                block.layer(inputs.hidden[c], **inputs.kwargs[c])
     finally:
         for m in block.mods.values():
             m.record = None
@@ -453,10 +443,10 @@ def apply(model: nn.Module, adapter, config: QuantConfig, calib_batches: torch.T
         if val_chunks:
             entry["val_before"] = block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, val_chunks, bc.loss)
         if bc.rounding_init == "gptq" and bc.rounding and config.quantizes_weights:
-            gptq_rounding_start(block, inputs)
+            gptq_rounding_start(block, inputs, train_chunks)
         entry.update(train_block(block, inputs, bc, train_chunks, config.seed * 1000003 + index,
                                  f"BiSup layer {index}", progress))
-        hessians = _input_hessians(block, inputs) if use_gptq else None
+        hessians = _input_hessians(block, inputs, train_chunks) if use_gptq else None  # (not the validation windows)
         block.export(hessians)
         if val_chunks:
             entry["val_after"] = block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, val_chunks, bc.loss)

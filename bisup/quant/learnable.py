@@ -368,6 +368,18 @@ class LearnableLinear(nn.Module):
         return wc, w, b, clip
 
     @torch.no_grad()
+    def clamp_to_clip(self, w: torch.Tensor) -> torch.Tensor:
+        """w [N, K] with its main channels clamped to the learned clipping's range (outliers as they are)."""
+        main = w if self.outlier_idx is None else w[:, self._main_idx]
+        lo, hi = self.clip_bounds(w)
+        clamped = torch.maximum(torch.minimum(main, hi), lo)
+        if self.outlier_idx is None:
+            return clamped
+        out = w.clone()
+        out[:, self._main_idx] = clamped
+        return out
+
+    @torch.no_grad()
     def clip_bounds(self, w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-element [lo, hi] range of the learned clipping of w's main channels (for GPTQ pre-clamping)."""
         main = w if self.outlier_idx is None else w[:, self._main_idx]

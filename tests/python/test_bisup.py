@@ -241,7 +241,7 @@ def test_gptq_rounding_start_lowers_the_initial_block_loss(method):
     block = bisup_method.Block(adapter, layer, config, inputs.stats, outliers, tr)
     chunks = list(range(len(inputs.hidden)))
     rtn = bisup_method.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks)
-    bisup_method.gptq_rounding_start(block, inputs)
+    bisup_method.gptq_rounding_start(block, inputs, chunks)
     moved = [m.w_round.detach() for m in block.mods.values()]
     assert all(o.abs().max() <= 0.5 for o in moved) and sum(int((o != 0).sum()) for o in moved) > 0
     gptq = bisup_method.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks)
