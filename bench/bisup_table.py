@@ -67,9 +67,13 @@ VARIANTS = {
     "bisup_clip_search": dict(weight_clip_search=True),
     # BiSupConfig() exactly as the job's commit defines it (TABLE_BISUP not applied)
     "bisup_defaults": {},
+    # the defaults, trained with the first token's KV (the attention sink) unquantized (prompt_len 1),
+    # so that the layers do not learn to compensate a low-bit sink that an FP prompt would not have
+    "bisup_sink": {},
 }
 PROMPT_AWARE = ("bisup_prompt",)
-AS_DEFINED = ("bisup_defaults",)
+SINK_AWARE = ("bisup_sink",)
+AS_DEFINED = ("bisup_defaults", "bisup_sink")
 # Every row of the table was measured with BiSup's searched clip init off (the default until
 # 2026-12-02, when weight_clip_search=True became the default: bench/results/bisup_clip_search.md);
 # kept off here so that the rows compare with each other.
@@ -99,6 +103,8 @@ def run_job(cell: str, variant: str, fp_prompt_from_fp_model: bool, only_8w: boo
         calib, p = calibration_batches(tok, N_CALIB, SEQ_LEN), 0
         if variant in PROMPT_AWARE:  # the same calibration tokens, behind the system prompt
             calib, p = prompt_aware_calibration(calib, sys_ids)
+        if variant in SINK_AWARE:
+            p = 1
         # weights only (A16): no real-mode GEMM for 16-bit activations, so fake mode (the same weights)
         mode = "fake" if CELLS[cell]["a_bits"] == 16 else "real"
         cfg = bisup.QuantConfig(**CELLS[cell], n_calib=N_CALIB, calib_seq_len=SEQ_LEN, mode=mode, prompt_len=p,
@@ -188,7 +194,8 @@ def markdown(jobs: dict) -> str:
     names = {"base": "base / +horizontal", "bisup": "+vertical / +both",
              "bisup_prompt": "+vertical / +both, prompt-aware training",
              "bisup_clip_search": "+vertical / +both, searched clip init (the default since 2026-12-02)",
-             "bisup_defaults": "+vertical / +both, BiSup's defaults at the job's commit"}
+             "bisup_defaults": "+vertical / +both, BiSup's defaults at the job's commit",
+             "bisup_sink": "+vertical / +both, defaults trained with the sink token's KV FP"}
     for cell in CELLS:
         for variant in names:
             r = jobs.get(f"{cell}:{variant}")
