@@ -68,7 +68,10 @@ class BiSupConfig:
     # parameter spaces
     weight_clip: bool = True  # learnable per-group upper/lower weight clipping (sigmoid-bounded, LWC)
     act_clip: bool = True  # learnable activation clip ratio per linear input (a scalar per linear)
-    smooth: bool = True  # learnable per-channel smoothing scales (norm->qkv, norm->gate/up, v->o, up->down)
+    # learnable per-channel smoothing scales (norm->qkv, norm->gate/up, v->o, up->down). Off by default:
+    # with the other spaces and the per-token loss it does not lower the calib-val ppl (26.28 with it,
+    # 26.21 without: bench/results/bisup_spaces.md) and costs training time
+    smooth: bool = False
     lowrank: bool = True  # rank-r error compensation, merged into the weight before quantization
     rounding: bool = True  # learned rounding offsets in [-0.5, 0.5] per weight (AutoRound style); codes
     #                        then come from it, not from the base's GPTQ

@@ -23,7 +23,7 @@ G = TINY_GROUP
 
 def _cfg(method="quarot", group=G, **bis):
     return QuantConfig(method=method, w_group_size=group, a_group_size=group, kv_bits=4, atom_outliers=16,
-                       bisup=BiSupConfig(**{"epochs": 2, "batch_size": 2, "rank": 4, **bis}))
+                       bisup=BiSupConfig(**{"epochs": 2, "batch_size": 2, "rank": 4, "smooth": True, **bis}))
 
 
 def _first_layer(model, config, calib):
@@ -44,7 +44,7 @@ def _first_layer(model, config, calib):
 def test_smoothing_without_quantization_keeps_the_block_function(family, method):
     model = tiny_model(family, num_layers=1)
     config = QuantConfig(method=method, w_bits=16, a_bits=16, w_group_size=G, a_group_size=G,
-                         bisup=BiSupConfig(smooth_alpha=0.5, lowrank=False))
+                         bisup=BiSupConfig(smooth=True, smooth_alpha=0.5, lowrank=False))
     adapter, base, transforms, layer, inputs, it = _first_layer(model, config, random_tokens(2, 24))
     ref = inputs.run(layer)
     block = bisup_method.Block(adapter, layer, config, inputs.stats, {}, transforms)
@@ -68,7 +68,7 @@ def test_head_rotations_keep_the_block_function(family):
     or exported: v_proj / o_proj fold them, the Q/K one sits in the attention's rotation buffer."""
     model = tiny_model(family, num_layers=1)
     config = QuantConfig(method="quarot", w_bits=16, a_bits=16, w_group_size=G, a_group_size=G,
-                         bisup=BiSupConfig(smooth_alpha=0.5, lowrank=False))
+                         bisup=BiSupConfig(smooth=True, smooth_alpha=0.5, lowrank=False))
     adapter, base, transforms, layer, inputs, it = _first_layer(model, config, random_tokens(2, 24))
     attn = adapter.attention(layer)
     set_kv_quant(model, [attn], KVQuantSpec(bits=16, rotate=True))  # an unquantized KV that rotates keys
@@ -100,7 +100,7 @@ def test_smoothing_moves_the_scales_it_was_initialised_with():
     model = tiny_model("llama", num_layers=1)
     with torch.no_grad():  # an outlier channel in the attention input
         model.model.layers[0].input_layernorm.weight[3] = 20.0
-    config = QuantConfig(method="rtn", w_group_size=G, a_group_size=G, bisup=BiSupConfig(smooth_alpha=0.5))
+    config = QuantConfig(method="rtn", w_group_size=G, a_group_size=G, bisup=BiSupConfig(smooth=True, smooth_alpha=0.5))
     adapter, _, tr, layer, inputs, it = _first_layer(model, config, random_tokens(2, 24))
     block = bisup_method.Block(adapter, layer, config, inputs.stats, {}, tr)
     s = block.smoothers["attn"].scale()
