@@ -75,7 +75,7 @@ def test_bisup_smoothing_is_recorded_in_the_value_basis(method):
     error left), unmapped it is not."""
     calib, sys_ids = random_tokens(4, 24), random_tokens(1, 12, seed=5)
     fp = tiny_model("llama")
-    cfg = _config(method, w_bits=8, bisup=BiSupConfig(epochs=1, batch_size=2, rank=4))  # W8: little weight error
+    cfg = _config(method, w_bits=8, bisup=BiSupConfig(epochs=1, batch_size=2, rank=4, smooth=True))  # W8: little weight error
     q = bisup.quantize_model(tiny_model("llama"), cfg, calib_data=calib, progress=False)
     own, mapped, raw = _pairs(prompt_kv(q, sys_ids)), _pairs(prompt_kv(q, sys_ids, fp_model=fp)), _fp_cache(fp, sys_ids)
     for (_, v), (_, vm), (_, v0) in zip(own, mapped, raw):
