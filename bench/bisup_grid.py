@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from bisup.config import BiSupConfig
+from bisup.config import BiSupConfig, QuantConfig
 from bisup.provenance import git_commit
 
 BASE = dict(w_bits=4, a_bits=4, kv_bits=4, w_group_size=64, a_group_size=64, a_clip=0.9, method="quarot")
@@ -117,7 +117,7 @@ def energy_probe(windows: int = 2) -> dict:
 
 
 def bisup_settings(b: dict) -> str:
-    """The parameter spaces on, then every other BiSupConfig field that differs from its default."""
+    """The parameter spaces on, then every other BiSupConfig field that differs from today's default."""
     default = BiSupConfig().to_dict()
     spaces = "+".join(s for s in BiSupConfig.SPACES if b.get(s)) or "no space"
     rest = [f"{k}={b[k]}" for k in default if k not in BiSupConfig.SPACES and k in b and b[k] != default[k]]
@@ -132,7 +132,7 @@ def markdown(results) -> str:
             lines.append(f"| {r['row']} | error: {r['error'][:80]} | | | | | | |")
             continue
         c = r["config"]
-        meth = r.get("label") or f"{c['method']} W{c['w_bits']}A{c['a_bits']}KV{c['kv_bits']} g{c['w_group_size']}"
+        meth = QuantConfig.from_dict(c).label()  # from the config that ran, against today's defaults
         b = c.get("bisup")
         bis = "-" if b is None else bisup_settings(b)
         vp = "" if r["val_ppl"] is None else f"{r['val_ppl']:.2f}"
