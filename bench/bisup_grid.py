@@ -167,7 +167,8 @@ def main(argv=None) -> int:
     p.add_argument("--list", action="store_true")
     p.add_argument("--lowrank-probe", action="store_true", help="only the low-rank init probe (JSON to --out.lowrank.json)")
     p.add_argument("--energy-probe", action="store_true",
-                   help="only the per-layer share of output energy held by token 0 (JSON to --out.energy.json)")
+                   help="only the per-layer share of output energy held by token 0 (JSON to --out.energy.json, "
+                        "e.g. --out bench/results/bisup_spaces)")
     a = p.parse_args(argv)
     if a.lowrank_probe:
         res = lowrank_probe()

@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "weight_clip,act_clip,smooth,lowrank,rounding,head_rotation (the rest stay off)")
     q.add_argument("--bisup-loss", choices=BiSupConfig.LOSSES, default=None,
                    help="BiSup: block loss, over all tokens at once (mse) or per token (token)")
-    q.add_argument("--bisup-rounding-init", choices=("rtn", "gptq"), default=None,
+    q.add_argument("--bisup-rounding-init", choices=BiSupConfig.ROUNDING_INITS, default=None,
                    help="BiSup: where the learned rounding starts (RTN's or GPTQ's codes)")
     q.add_argument("--eval", action="store_true", help="also report perplexity of the quantized model")
     q.add_argument("--save", type=Path, default=None, help="directory to save the quantized model to")

@@ -95,7 +95,7 @@ class BiSupConfig:
     # trained model a few attention-sink tokens hold most of that energy: SmolLM2's token 0 holds
     # 75-99% of layers 11-27's output energy, so the loss is theirs); "token" = the mean over tokens
     # of each token's relative squared error (every token counts as much as in the perplexity).
-    # Default "token": calib-val ppl 26.28 vs 28.09 with "mse" (bench/results/bisup_loss.md)
+    # Default "token": calib-val ppl 26.28 vs 28.09 with "mse" (bench/results/bisup_spaces.md)
     loss: str = "token"
     # "signsgd": offsets -= rounding_lr * sign(grad) (AutoRound's optimizer): no AdamW moments, 8 bytes
     # per weight less during training; not evaluated for accuracy, so not the default
@@ -116,6 +116,7 @@ class BiSupConfig:
 
     SPACES = ("weight_clip", "act_clip", "smooth", "lowrank", "rounding", "head_rotation")
     LOSSES = ("mse", "token")
+    ROUNDING_INITS = ("rtn", "gptq")
     LABELLED = ("loss", "rounding_init")  # besides the spaces, what QuantConfig.label() names when not default
     WRITTEN_BEFORE = {"weight_clip_search": False, "head_rotation": False, "loss": "mse",
                       "rounding_init": "rtn"}  # fields added later, with the value older configs meant
@@ -131,8 +132,8 @@ class BiSupConfig:
                 raise ValueError(f"{own}.{name}={value!r}: expected an int >= {minimum}")
         for name in ("lr", "lowrank_lr", "rounding_lr", "rotation_lr"):
             _check_float(own, name, getattr(self, name), 0.0, 10.0)
-        if self.rounding_init not in ("rtn", "gptq"):
-            raise ValueError(f"{own}.rounding_init={self.rounding_init!r}: expected one of ['rtn', 'gptq']")
+        if self.rounding_init not in self.ROUNDING_INITS:
+            raise ValueError(f"{own}.rounding_init={self.rounding_init!r}: expected one of {list(self.ROUNDING_INITS)}")
         if self.loss not in self.LOSSES:
             raise ValueError(f"{own}.loss={self.loss!r}: expected one of {list(self.LOSSES)}")
         if self.rounding_optimizer not in ("adamw", "signsgd"):
