@@ -69,9 +69,10 @@ def test_label_says_what_runs():
     assert QuantConfig(method="quarot", gptq=True, kv_bits=4, bisup=BiSupConfig()).label() == \
         "QuaRot + BiSup (learned rounding) W4A4 g64 KV4"
     assert QuantConfig(method="atom", gptq=True, bisup=BiSupConfig(rounding=False, smooth=False)).label() == \
-        "Atom+GPTQ + BiSup[weight_clip, act_clip, lowrank] W4A4 g64"
-    assert QuantConfig(method="quarot", bisup=BiSupConfig(head_rotation=True, loss="mse", rounding_init="gptq")
-                       ).label().endswith(", rounding, head_rotation] W4A4 g64 (BiSup loss=mse, BiSup rounding_init=gptq)")
+        "Atom+GPTQ + BiSup[weight_clip, act_clip, lowrank, head_rotation] W4A4 g64"
+    assert QuantConfig(method="quarot", bisup=BiSupConfig(smooth=True, loss="mse", rounding_init="gptq")).label() == \
+        ("QuaRot + BiSup[weight_clip, act_clip, smooth, lowrank, rounding, head_rotation] W4A4 g64 "
+         "(BiSup loss=mse, BiSup rounding_init=gptq)")
     assert QuantConfig(method="gptq", a_bits=16, w_group_size=-1).label() == "GPTQ W4A16 per-channel"
     assert QuantConfig(method="gptq", a_bits=16, bisup=BiSupConfig()).label() == "BiSup (learned rounding) W4A16 g64"
     assert QuantConfig(method="rtn", kv_bits=3, prompt_len=16, a_convention="compressed-tensors").label() == \
