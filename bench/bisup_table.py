@@ -214,7 +214,7 @@ def markdown(jobs: dict) -> str:
                   "|---|---|---|---|---|---|---|"]
         spaces = {"base": "none (base)", "clip_only": "weight + activation clipping", "smooth_only": "smoothing",
                   "lowrank_only": "low-rank compensation", "rounding_only": "learned rounding",
-                  "no_rounding": "all but learned rounding", "bisup": "all (default)"}
+                  "no_rounding": "all but learned rounding", "bisup": "all five (the defaults of its day)"}
         for cell, v in rows:
             r = jobs[f"{cell}:{v}"]
             lines.append(f"| {_row_label(r, cell)} | {spaces[v]} | {_f2(r['ppl_8w'])} | {_vs_base(jobs, cell, r)} "
