@@ -197,7 +197,7 @@ def test_cli_diagnose(tmp_path):
     assert main(args) == 0
     rep = Report.load(out)
     assert rep.settings["windows"] == 2 and rep.settings["prompt_lens"] == [8]
-    assert rep.models[0]["name"] == "rtn W4A4 KV4 g16"
+    assert rep.models[0]["name"] == "RTN W4A4 g16 KV4"
     assert (out / "horizontal.png").is_file() and (out / "linears.md").is_file()
     assert json.loads((tmp_path / "d.json").read_text())["command"] == "diagnose"
     # a quantized model as the FP reference is refused with a clear message

@@ -68,14 +68,11 @@ def _load(entry: ModelEntry, device, mode: Optional[str]):
 
 
 def model_label(model: nn.Module, fallback: str) -> str:
-    """'quarot+gptq W4A4 KV4 g64' from model.bisup_config (fallback for other models)."""
+    """QuantConfig.label() of model.bisup_config, e.g. 'QuaRot+GPTQ W4A4 g64 KV4' (fallback for other models)."""
     cfg = getattr(model, "bisup_config", None)
     if cfg is None:
         return fallback
-    method = cfg.method + ("+gptq" if cfg.gptq and cfg.method in ("atom", "quarot") else "")
-    kv = f" KV{cfg.kv_bits}" if cfg.quantizes_kv else ""
-    group = f" g{cfg.w_group_size}" if cfg.w_group_size != -1 else " per-channel"
-    return f"{method} W{cfg.w_bits}A{cfg.a_bits}{kv}{group}" + (" (real)" if cfg.mode == "real" else "")
+    return cfg.label() + (" (real)" if cfg.mode == "real" else "")
 
 
 @contextlib.contextmanager
