@@ -63,7 +63,7 @@ VARIANTS = {
     # +both with prompt-aware training: every calibration window starts with the system prompt and
     # its KV stays unquantized while BiSup trains (QuantConfig.prompt_len = P), as at inference
     "bisup_prompt": {},
-    # BiSup's defaults of today: the searched clip init on (TABLE_BISUP keeps it off everywhere else)
+    # the searched clip init on (the default since 2026-12-02; TABLE_BISUP keeps it off in the older variants)
     "bisup_clip_search": dict(weight_clip_search=True),
     # BiSupConfig() exactly as the job's commit defines it (TABLE_BISUP not applied)
     "bisup_defaults": {},
@@ -74,7 +74,7 @@ VARIANTS = {
 PROMPT_AWARE = ("bisup_prompt",)
 SINK_AWARE = ("bisup_sink",)
 AS_DEFINED = ("bisup_defaults", "bisup_sink")
-# Every row of the table was measured with BiSup's searched clip init off (the default until
+# The rows of 2026-12-02 were measured with BiSup's searched clip init off (the default until
 # 2026-12-02, when weight_clip_search=True became the default: bench/results/bisup_clip_search.md);
 # kept off here so that the rows compare with each other.
 TABLE_BISUP = dict(weight_clip_search=False)
