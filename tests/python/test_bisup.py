@@ -8,6 +8,7 @@ import bisup
 from bisup.config import BiSupConfig, QuantConfig
 from bisup.methods import get_method
 from bisup.methods import bisup as bisup_method
+from bisup.methods import bisup_training
 from bisup.methods import quarot
 from bisup.methods.calibration import iterate_layers
 from bisup.models.adapters import get_adapter
@@ -212,7 +213,7 @@ def test_searched_clip_init_lowers_the_initial_block_loss():
         adapter, base, tr, layer, inputs, it = _first_layer(model, config, random_tokens(4, 32))
         bisup_method.Block(adapter, layer, config, inputs.stats, {}, tr)
         chunks = list(range(len(inputs.hidden)))
-        losses.append(bisup_method.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks))
+        losses.append(bisup_training.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks))
         it.close()
     assert losses[1] < losses[0], losses
 
@@ -240,11 +241,11 @@ def test_gptq_rounding_start_lowers_the_initial_block_loss(method):
     outliers = base.outliers(adapter, inputs.stats, config) if base.outliers else {}
     block = bisup_method.Block(adapter, layer, config, inputs.stats, outliers, tr)
     chunks = list(range(len(inputs.hidden)))
-    rtn = bisup_method.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks)
+    rtn = bisup_training.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks)
     bisup_method.gptq_rounding_start(block, inputs, chunks)
     moved = [m.w_round.detach() for m in block.mods.values()]
     assert all(o.abs().max() <= 0.5 for o in moved) and sum(int((o != 0).sum()) for o in moved) > 0
-    gptq = bisup_method.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks)
+    gptq = bisup_training.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks)
     assert gptq < rtn, (rtn, gptq)
     it.close()
 
@@ -378,15 +379,15 @@ def test_training_lowers_the_block_loss(method, rounding, rotation, loss):
     outliers = base.outliers(adapter, inputs.stats, config) if base.outliers else {}
     block = bisup_method.Block(adapter, layer, config, inputs.stats, outliers, tr)
     chunks = list(range(len(inputs.hidden)))
-    before = bisup_method.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks, loss)
-    log = bisup_method.train_block(block, inputs, config.bisup, chunks, 0, "t", False)
-    after = bisup_method.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks, loss)
+    before = bisup_training.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks, loss)
+    log = bisup_training.train_block(block, inputs, config.bisup, chunks, 0, "t", False)
+    after = bisup_training.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks, loss)
     assert after < 0.9 * before, (before, after, log)
     if rotation:  # values always; Q/K only where the KV spec rotates keys (QuaRot)
         assert block.value_rotation.generator.detach().abs().max() > 0
         assert (block.key_rotation is not None) == (method == "quarot")
     block.export()  # the exported ordinary layer computes what was trained
-    exported = bisup_method.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks, loss)
+    exported = bisup_training.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks, loss)
     assert exported == pytest.approx(after, rel=1e-3)
     it.close()
 
@@ -399,7 +400,7 @@ def test_token_loss_weighs_every_token_alike():
     sink_only, rest_only = target.clone(), target.clone()
     sink_only[0, 0] += noise[0, 0] * 1000.0
     rest_only[0, 1:] += noise[0, 1:]
-    mse = bisup_method.relative_error
+    mse = bisup_training.relative_error
     assert mse(rest_only, target, "mse") < 1e-5 * mse(sink_only, target, "mse")
     torch.testing.assert_close(mse(sink_only, target, "token"), (noise[0, 0].square().sum() * 1e6
                                                                     / target[0, 0].square().sum()) / 4)
@@ -412,16 +413,16 @@ def test_token_loss_weighs_every_token_alike():
 def test_signsgd_step_and_rounding_option():
     p = torch.nn.Parameter(torch.tensor([0.1, 0.2, -0.3]))
     p.grad = torch.tensor([-2.0, 0.0, 1e-9])
-    opt = bisup_method.SignSGD([p], lr=0.05)
+    opt = bisup_training.SignSGD([p], lr=0.05)
     opt.step()
     torch.testing.assert_close(p.detach(), torch.tensor([0.15, 0.2, -0.35]))
     assert not opt.state  # no moments
     bc = BiSupConfig(rounding_optimizer="signsgd", rounding_lr=0.02)
     groups = [dict(params=[p], lr=1e-2), dict(params=[torch.nn.Parameter(torch.zeros(2))], lr=0.02, name="rounding")]
-    adam, sign = bisup_method._optimizers(groups, bc)
+    adam, sign = bisup_training._optimizers(groups, bc)
     assert isinstance(adam, torch.optim.AdamW) and len(adam.param_groups) == 1 and adam.param_groups[0]["params"] == [p]
-    assert isinstance(sign, bisup_method.SignSGD) and sign.param_groups[0]["lr"] == 0.02
-    assert [type(o) for o in bisup_method._optimizers(groups, BiSupConfig())] == [torch.optim.AdamW]
+    assert isinstance(sign, bisup_training.SignSGD) and sign.param_groups[0]["lr"] == 0.02
+    assert [type(o) for o in bisup_training._optimizers(groups, BiSupConfig())] == [torch.optim.AdamW]
     with pytest.raises(ValueError, match=r"BiSupConfig\.rounding_optimizer='sgd': expected one of"):
         BiSupConfig(rounding_optimizer="sgd")
 
@@ -433,10 +434,10 @@ def test_training_with_signsgd_rounding_lowers_the_block_loss():
     adapter, base, tr, layer, inputs, it = _first_layer(model, config, random_tokens(4, 32))
     block = bisup_method.Block(adapter, layer, config, inputs.stats, {}, tr)
     chunks = list(range(len(inputs.hidden)))
-    before = bisup_method.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks)
+    before = bisup_training.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks)
     start = [m.w_round.detach().clone() for m in block.mods.values()]
-    bisup_method.train_block(block, inputs, config.bisup, chunks, 0, "t", False)
-    after = bisup_method.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks)
+    bisup_training.train_block(block, inputs, config.bisup, chunks, 0, "t", False)
+    after = bisup_training.block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, chunks)
     assert after < 0.9 * before, (before, after)
     steps = 15 * len(chunks)
     for m, s in zip(block.mods.values(), start):  # sign steps of exactly rounding_lr (a zero gradient: none)

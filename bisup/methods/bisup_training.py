@@ -1,0 +1,87 @@
+"""BiSup's training of one decoder block (methods/bisup.py builds the block and exports it): the block
+loss against the full-precision targets, the optimizers, the loop."""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from bisup.config import BiSupConfig
+
+
+def _out(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def relative_error(out: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """BiSup's block loss (BiSupConfig.loss) of outputs [..., hidden] against the full-precision targets:
+    "mse": sum |out - target|^2 / sum |target|^2 over every token; "token": the mean over tokens of
+    |out_t - target_t|^2 / |target_t|^2."""
+    err = (out - target).square()
+    if kind == "mse":
+        return err.mean() / target.square().mean().clamp(min=1e-12)
+    return (err.sum(-1) / target.square().sum(-1).clamp(min=1e-12)).mean()
+
+
+def block_loss(layer: nn.Module, hidden, kwargs, targets, chunks, kind: str = "mse") -> float:
+    """Mean relative_error of the layer's outputs over the given chunks (no gradients)."""
+    with torch.no_grad():
+        vals = [relative_error(_out(layer(hidden[c], **kwargs[c])), targets[c], kind).item() for c in chunks]
+    return sum(vals) / max(len(vals), 1)
+
+
+class SignSGD(torch.optim.Optimizer):
+    """p -= lr * sign(grad) (AutoRound's optimizer for rounding offsets): no state. Uses up the gradient."""
+
+    def __init__(self, params, lr: float):
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.sub_(p.grad.sign_(), alpha=group["lr"])
+
+
+def _optimizers(groups: List[dict], bc: BiSupConfig) -> List[torch.optim.Optimizer]:
+    """AdamW over the groups; SignSGD over the rounding offsets when bc.rounding_optimizer says so."""
+    sign = [g for g in groups if bc.rounding_optimizer == "signsgd" and g.get("name") == "rounding"]
+    adam = [g for g in groups if not any(g is s for s in sign)]
+    opts = [torch.optim.AdamW(adam, weight_decay=bc.weight_decay)] if adam else []
+    return opts + [SignSGD(g["params"], g["lr"]) for g in sign]
+
+
+def train_block(block, inputs, bc: BiSupConfig, train_chunks: List[int], seed: int,
+                desc: str, progress: bool) -> Dict[str, float]:
+    """AdamW (and SignSGD, see _optimizers) over the block's parameters; returns the first/last epoch's
+    mean training loss."""
+    groups = block.param_groups(bc)
+    log = {"loss_first_epoch": float("nan"), "loss_last_epoch": float("nan")}
+    if not groups or bc.epochs == 0 or not train_chunks:
+        return log
+    opts = _optimizers(groups, bc)
+    gen = torch.Generator(device="cpu").manual_seed(seed)  # the order is the same on every device
+    steps = tqdm(total=bc.epochs * len(train_chunks), desc=desc, disable=not progress, leave=False)
+    with torch.enable_grad():
+        for epoch in range(bc.epochs):
+            order = [train_chunks[i] for i in torch.randperm(len(train_chunks), generator=gen, device="cpu").tolist()]
+            total = 0.0
+            for c in order:
+                out = _out(block.layer(inputs.hidden[c], **inputs.kwargs[c]))
+                mse = relative_error(out, inputs.targets[c], bc.loss)
+                loss = mse + bc.smooth_penalty * block.penalty(bc) if bc.smooth_penalty > 0 else mse
+                loss.backward()
+                for opt in opts:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)  # now, not before the next backward: no stale gradients
+                total += mse.item()
+                steps.update(1)
+                steps.set_postfix(loss=f"{mse.item():.4g}")
+            log["loss_last_epoch"] = total / len(order)
+            if epoch == 0:
+                log["loss_first_epoch"] = log["loss_last_epoch"]
+    steps.close()
+    return log
