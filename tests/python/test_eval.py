@@ -45,7 +45,7 @@ def test_perplexity_errors():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="need at least seq_len=32 tokens, got 10"):
         perplexity_on_tokens(model, torch.zeros(10, dtype=torch.long), seq_len=32)
-    with pytest.raises(ValueError, match=r"unknown dataset 'ptb'.*'embedded', 'wikitext2', 'c4'"):
+    with pytest.raises(ValueError, match=r"unknown dataset 'ptb'.*'embedded', 'embedded_head', 'pydoc', 'wikitext2', 'c4'"):
         perplexity(model, ByteTokenizer(), dataset="ptb")
 
 
@@ -61,6 +61,21 @@ def test_calibration_and_eval_never_overlap():
     assert torch.equal(calib.flatten(), torch.tensor(tok.encode("\n\n".join(calib_docs[:3]))[:256]))
     ev = eval_data.eval_tokens(tok, "embedded", 300)
     assert torch.equal(ev, torch.tensor(tok.encode("\n\n".join(held_out[-5:]))[-300:]))
+
+
+@needs_corpus
+def test_other_held_out_text_is_disjoint_from_the_evaluation_windows():
+    """embedded_head reads the held-out documents from their start, far from the tail that the 8- and
+    32-window protocols read; pydoc is CPython's reference text. Byte tokens: 4 chars ~ 1 BPE token."""
+    tok = ByteTokenizer()
+    held_out = eval_data.split_documents(eval_data.corpus_documents())[1]
+    head = eval_data.eval_tokens(tok, "embedded_head", 300)
+    assert torch.equal(head, torch.tensor(tok.encode("\n\n".join(held_out[:5]))[:300]))
+    tail = bytes(eval_data.eval_tokens(tok, "embedded", 4 * 32 * 512).tolist())
+    head = bytes(eval_data.eval_tokens(tok, "embedded_head", 4 * 8 * 512).tolist())
+    assert head[:2000] not in tail and head[-2000:] not in tail
+    py = eval_data.eval_tokens(tok, "pydoc", 500)
+    assert py.shape == (500,) and bytes(py.tolist()).decode("utf-8", "ignore") in "\n\n".join(eval_data.pydoc_documents())
 
 
 def test_missing_corpus_package_names_the_pip_command(monkeypatch):
