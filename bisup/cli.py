@@ -108,7 +108,8 @@ def bisup_config_from_args(a):
                          f"{list(BiSupConfig.SPACES)}")
     given = dict(epochs=a.bisup_epochs, batch_size=a.bisup_batch_size, lr=a.bisup_lr, lowrank_lr=a.bisup_lowrank_lr,
                  rank=a.bisup_rank, val_windows=a.bisup_val_windows,
-                 weight_clip_search=a.bisup_clip_search, loss=a.bisup_loss, rounding_init=a.bisup_rounding_init)
+                 weight_clip_search=a.bisup_clip_search, loss=a.bisup_loss, rounding_init=a.bisup_rounding_init,
+                 lr_schedule=a.bisup_lr_schedule)
     return BiSupConfig(**{k: v for k, v in given.items() if v is not None},
                        **{name: name in spaces for name in BiSupConfig.SPACES})
 
@@ -363,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BiSup: block loss, over all tokens at once (mse) or per token (token)")
     q.add_argument("--bisup-rounding-init", choices=BiSupConfig.ROUNDING_INITS, default=None,
                    help="BiSup: where the learned rounding starts (RTN's or GPTQ's codes)")
+    q.add_argument("--bisup-lr-schedule", choices=BiSupConfig.LR_SCHEDULES, default=None,
+                   help="BiSup: learning rates constant, or decayed linearly to 0 over each block's steps")
     q.add_argument("--eval", action="store_true", help="also report perplexity of the quantized model")
     q.add_argument("--save", type=Path, default=None, help="directory to save the quantized model to")
     q.set_defaults(func=cmd_quantize)

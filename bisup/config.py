@@ -101,6 +101,9 @@ class BiSupConfig:
     # "signsgd": offsets -= rounding_lr * sign(grad) (AutoRound's optimizer): no AdamW moments, 8 bytes
     # per weight less during training; not evaluated for accuracy, so not the default
     rounding_optimizer: str = "adamw"
+    # every learning rate over the block's training steps: "constant", or "linear" decay to 0 at the
+    # last step (AutoRound's schedule: the rounding offsets settle instead of flipping to the end)
+    lr_schedule: str = "constant"
     weight_decay: float = 0.0
     lowrank_scale: float = 1.0  # stabilising scale of the branch: delta = lowrank_scale * A @ B
     lowrank_init: float = 0.0  # the branch starts at lowrank_init * (rank-r SVD of the quantization error)
@@ -118,9 +121,12 @@ class BiSupConfig:
     SPACES = ("weight_clip", "act_clip", "smooth", "lowrank", "rounding", "head_rotation")
     LOSSES = ("mse", "token")
     ROUNDING_INITS = ("rtn", "gptq")
-    LABELLED = ("loss", "rounding_init")  # besides the spaces, what QuantConfig.label() names when not default
+    LR_SCHEDULES = ("constant", "linear")
+    # besides the spaces, what QuantConfig.label() names where it differs from today's default
+    LABELLED = ("loss", "rounding_init", "lr_schedule", "epochs", "batch_size", "rank", "lr", "rounding_lr",
+                "lowrank_lr", "rotation_lr", "weight_clip_search")
     WRITTEN_BEFORE = {"weight_clip_search": False, "head_rotation": False, "loss": "mse",
-                      "rounding_init": "rtn"}  # fields added later, with the value older configs meant
+                      "rounding_init": "rtn", "lr_schedule": "constant"}  # fields added later, with the value older configs meant
 
     def __post_init__(self) -> None:
         own = "BiSupConfig"
@@ -135,6 +141,8 @@ class BiSupConfig:
             _check_float(own, name, getattr(self, name), 0.0, 10.0)
         if self.rounding_init not in self.ROUNDING_INITS:
             raise ValueError(f"{own}.rounding_init={self.rounding_init!r}: expected one of {list(self.ROUNDING_INITS)}")
+        if self.lr_schedule not in self.LR_SCHEDULES:
+            raise ValueError(f"{own}.lr_schedule={self.lr_schedule!r}: expected one of {list(self.LR_SCHEDULES)}")
         if self.loss not in self.LOSSES:
             raise ValueError(f"{own}.loss={self.loss!r}: expected one of {list(self.LOSSES)}")
         if self.rounding_optimizer not in ("adamw", "signsgd"):

@@ -63,8 +63,12 @@ def train_block(block, inputs, bc: BiSupConfig, train_chunks: List[int], seed: i
     if not groups or bc.epochs == 0 or not train_chunks:
         return log
     opts = _optimizers(groups, bc)
+    n_steps = bc.epochs * len(train_chunks)
+    # "linear": step i runs at (1 - i / n_steps) of each group's lr, the last at 1 / n_steps of it
+    decay = (lambda i: 1.0 - i / n_steps) if bc.lr_schedule == "linear" else (lambda i: 1.0)
+    schedules = [torch.optim.lr_scheduler.LambdaLR(opt, decay) for opt in opts]
     gen = torch.Generator(device="cpu").manual_seed(seed)  # the order is the same on every device
-    steps = tqdm(total=bc.epochs * len(train_chunks), desc=desc, disable=not progress, leave=False)
+    steps = tqdm(total=n_steps, desc=desc, disable=not progress, leave=False)
     with torch.enable_grad():
         for epoch in range(bc.epochs):
             order = [train_chunks[i] for i in torch.randperm(len(train_chunks), generator=gen, device="cpu").tolist()]
@@ -74,9 +78,10 @@ def train_block(block, inputs, bc: BiSupConfig, train_chunks: List[int], seed: i
                 mse = relative_error(out, inputs.targets[c], bc.loss)
                 loss = mse + bc.smooth_penalty * block.penalty(bc) if bc.smooth_penalty > 0 else mse
                 loss.backward()
-                for opt in opts:
+                for opt, schedule in zip(opts, schedules):
                     opt.step()
                     opt.zero_grad(set_to_none=True)  # now, not before the next backward: no stale gradients
+                    schedule.step()
                 total += mse.item()
                 steps.update(1)
                 steps.set_postfix(loss=f"{mse.item():.4g}")
