@@ -1,4 +1,5 @@
-"""BiSup's results table on the embedded default (SmolLM2-135M-Instruct): base, +vertical,
+"""BiSup's results table on the embedded default (SmolLM2-135M-Instruct; --model gemma3-270m: the same
+protocol on a second real model family, in its own table): base, +vertical,
 +horizontal, +both, for Atom and QuaRot, at W4A4 g64 KV4, W4A4 per-channel KV4, W3A3 g64 KV4 and
 W4A4 / W3A3 g128 KV4 (the paper's setting; 576 = 4.5 x 128 is a ragged last group),
 plus an ablation of the three parameter spaces.
@@ -20,11 +21,13 @@ The weights-only row (gptq_w4a16) runs in fake mode: there is no real-mode GEMM 
 Ablation rows (--only-8w) are evaluated on the 8-window protocol only.
 
     python bench/bisup_table.py --jobs quarot_g64:base,quarot_g64:bisup,... [--only-8w] [--out bench/results/bisup_table]
+    python bench/bisup_table.py --model gemma3-270m --jobs ... --out bench/results/bisup_table_gemma3
     python bench/bisup_table.py --report       # table, JSON, PNGs from the stored jobs
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import resource
 import subprocess
@@ -54,51 +57,64 @@ CELLS = {
     # weights only, against AutoRound W4A16 g64 (8-window protocol only: no activation / KV quantization)
     "gptq_w4a16": dict(G64, method="gptq", a_bits=16, kv_bits=16, a_clip=1.0),
 }
+SPACES = ("weight_clip", "act_clip", "smooth", "lowrank", "rounding", "head_rotation")  # BiSupConfig.SPACES
+
+
+def only(*names: str) -> dict:
+    """BiSup with exactly these parameter spaces on (the ablation's variants)."""
+    return {space: space in names for space in SPACES}
+
+
+# Every variant is BiSupConfig() as the job's commit defines it, with these fields changed.
 VARIANTS = {
     "base": None,
-    "bisup": {},  # BiSupConfig's defaults: every parameter space on
-    "clip_only": dict(smooth=False, lowrank=False, rounding=False),
-    "smooth_only": dict(weight_clip=False, act_clip=False, lowrank=False, rounding=False),
-    "lowrank_only": dict(weight_clip=False, act_clip=False, smooth=False, rounding=False),
-    "rounding_only": dict(weight_clip=False, act_clip=False, smooth=False, lowrank=False),
+    "bisup": {},  # the defaults
+    "clip_only": only("weight_clip", "act_clip"),
+    "smooth_only": only("smooth"),
+    "lowrank_only": only("lowrank"),
+    "rounding_only": only("rounding"),
+    "rotation_only": only("head_rotation"),
     "no_rounding": dict(rounding=False),
     # +both with prompt-aware training: every calibration window starts with the system prompt and
     # its KV stays unquantized while BiSup trains (QuantConfig.prompt_len = P), as at inference
     "bisup_prompt": {},
-    # the searched clip init on (the default since 2026-12-02; TABLE_BISUP keeps it off in the older variants)
-    "bisup_clip_search": dict(weight_clip_search=True),
-    # BiSupConfig() exactly as the job's commit defines it (TABLE_BISUP not applied)
-    "bisup_defaults": {},
     # the defaults, trained with the first token's KV (the attention sink) unquantized (prompt_len 1),
     # so that the layers do not learn to compensate a low-bit sink that an FP prompt would not have
     "bisup_sink": {},
 }
 PROMPT_AWARE = ("bisup_prompt",)
 SINK_AWARE = ("bisup_sink",)
-AS_DEFINED = ("bisup_defaults", "bisup_sink")
-# The rows of 2026-12-02 were measured with BiSup's searched clip init off (the default until
-# 2026-12-02, when weight_clip_search=True became the default: bench/results/bisup_clip_search.md);
-# kept off here so that the rows compare with each other.
-TABLE_BISUP = dict(weight_clip_search=False)
 SEQ_LEN, WINDOWS_8, WINDOWS_32, N_CALIB = 512, 8, 32, 16
 OTHER_TEXT = ("embedded_head", "pydoc")  # re-measured on other held-out text (8 x 512 each)
 OUT = Path(__file__).resolve().parent / "results" / "bisup_table"
+# the models a table can be made of: name -> (module, loader returning (model, tokenizer))
+MODELS = {"smollm2-135m": ("bisup.models.default", "load_default_model"),
+          "gemma3-270m": ("bisup.models.gemma3_270m", "load_gemma3_270m")}
+DEFAULT_MODEL = "smollm2-135m"
 
 
-def run_job(cell: str, variant: str, fp_prompt_from_fp_model: bool, only_8w: bool = False) -> dict:
+def load_model(name: str):
+    """(model, tokenizer) of MODELS[name]."""
+    module, function = MODELS[name]
+    return getattr(importlib.import_module(module), function)()
+
+
+def run_job(cell: str, variant: str, fp_prompt_from_fp_model: bool, only_8w: bool = False,
+            model_name: str = DEFAULT_MODEL) -> dict:
     import torch
 
     import bisup
     from bisup.eval.data import calibration_batches, eval_tokens
     from bisup.eval.perplexity import position_perplexity, system_prompt_ids, window_nll
     from bisup.generation import prompt_aware_calibration, set_prompt_len
-    from bisup.models.default import load_default_model
 
     torch.manual_seed(0)
-    model, tok = load_default_model()
-    sys_ids = system_prompt_ids(tok, "default")
-    tokens = eval_tokens(tok, "embedded", SEQ_LEN * WINDOWS_32)
-    res = dict(cell=cell, variant=variant, system_prompt_tokens=int(sys_ids.shape[1]))
+    model, tok = load_model(model_name)
+    res = dict(model=model_name, cell=cell, variant=variant)
+    sys_ids = None  # (a tokenizer without a chat template has no default system prompt: --only-8w)
+    if not only_8w or variant in PROMPT_AWARE:
+        sys_ids = system_prompt_ids(tok, "default")
+        res["system_prompt_tokens"] = int(sys_ids.shape[1])
     if cell != "fp":
         bis = VARIANTS[variant]
         # evaluated in real mode (packed weights, the integer GEMM, the mixed-precision KV cache):
@@ -111,8 +127,7 @@ def run_job(cell: str, variant: str, fp_prompt_from_fp_model: bool, only_8w: boo
         # weights only (A16): no real-mode GEMM for 16-bit activations, so fake mode (the same weights)
         mode = "fake" if CELLS[cell]["a_bits"] == 16 else "real"
         cfg = bisup.QuantConfig(**CELLS[cell], n_calib=N_CALIB, calib_seq_len=SEQ_LEN, mode=mode, prompt_len=p,
-                                bisup=None if bis is None else bisup.BiSupConfig(
-                                    **{**({} if variant in AS_DEFINED else TABLE_BISUP), **bis}))
+                                bisup=None if bis is None else bisup.BiSupConfig(**bis))
         res["config"] = cfg.to_dict()
         res["label"] = cfg.label()  # what ran, made from the config
         res["seed"] = cfg.seed
@@ -132,7 +147,8 @@ def run_job(cell: str, variant: str, fp_prompt_from_fp_model: bool, only_8w: boo
     weights_only = cell != "fp" and CELLS[cell]["a_bits"] == 16 and CELLS[cell]["kv_bits"] == 16
     modes = [] if weights_only or only_8w else ["low-bit", "quantized"] + (
         ["fp-model"] if fp_prompt_from_fp_model and cell != "fp" else [])
-    fp_model = load_default_model()[0] if "fp-model" in modes else None
+    fp_model = load_model(model_name)[0] if "fp-model" in modes else None
+    tokens = eval_tokens(tok, "embedded", SEQ_LEN * WINDOWS_32)
     for mode in modes:
         nll = window_nll(model, tokens, SEQ_LEN, WINDOWS_32, sys_ids, mode, fp_model, progress=True)
         res[f"ppl_32w_{mode}"] = float(nll.double().mean().exp())
@@ -176,7 +192,7 @@ def _cell_label(cell: str) -> str:
 
 
 ABLATION_CELL = "quarot_rtn_g64"
-ABLATION_VARIANTS = ("clip_only", "smooth_only", "lowrank_only", "rounding_only", "no_rounding")
+ABLATION_VARIANTS = ("clip_only", "smooth_only", "lowrank_only", "rounding_only", "rotation_only", "no_rounding")
 
 
 def _f2(v) -> str:
@@ -211,9 +227,7 @@ def markdown(jobs: dict) -> str:
                      f"| {_f2(fp['ppl_32w_quantized'])} | | | {fp['peak_rss_mib']:.0f} | {_commit_of(fp)} |")
     names = {"base": "base / +horizontal", "bisup": "+vertical / +both",
              "bisup_prompt": "+vertical / +both, prompt-aware training",
-             "bisup_clip_search": "+vertical / +both, searched clip init (the default since 2026-12-02)",
-             "bisup_defaults": "+vertical / +both, BiSup's defaults at the job's commit",
-             "bisup_sink": "+vertical / +both, defaults trained with the sink token's KV FP"}
+             "bisup_sink": "+vertical / +both, trained with the sink token's KV FP"}
     for cell in CELLS:
         for variant in names:
             r = jobs.get(f"{cell}:{variant}")
@@ -233,7 +247,8 @@ def markdown(jobs: dict) -> str:
                   "|---|---|---|---|---|---|---|---|"]
         spaces = {"base": "none (base)", "clip_only": "weight + activation clipping", "smooth_only": "smoothing",
                   "lowrank_only": "low-rank compensation", "rounding_only": "learned rounding",
-                  "no_rounding": "all but learned rounding", "bisup": "all five (the defaults of its day)"}
+                  "rotation_only": "learned head rotations",
+                  "no_rounding": "the defaults but learned rounding", "bisup": "the defaults of the job's commit"}
         for cell, v in rows:
             r = jobs[f"{cell}:{v}"]
             lines.append(f"| {_row_label(r, cell)} | {spaces[v]} | {_f2(r['ppl_8w'])} | {_vs_base(jobs, cell, r)} "
@@ -263,7 +278,8 @@ def plots(jobs: dict, out: Path) -> None:
         ax.set_xticks(range(len(cells)), [_cell_label(c).replace(" W", "\nW") for c in cells], fontsize=8)
         ax.set_ylabel("perplexity (32 x 512, behind the system prompt)")
         ax.legend(fontsize=8)
-        ax.set_title("BiSup on SmolLM2-135M (embedded corpus, held-out)")
+        model = next((j["model"] for j in jobs.values() if "model" in j), DEFAULT_MODEL)
+        ax.set_title(f"BiSup on {model} (embedded corpus, held-out)")
         fig.tight_layout()
         fig.savefig(out.with_name(out.name + "_bars.png"), dpi=120)
         plt.close(fig)
@@ -293,20 +309,22 @@ def main(argv=None) -> int:
     p.add_argument("--fp-model-prompt", action="store_true", help="also the prompt KV computed by the FP model")
     p.add_argument("--only-8w", action="store_true",
                    help="the 8-window protocol only (ablation rows: no system-prompt evaluation)")
+    p.add_argument("--model", choices=list(MODELS), default=DEFAULT_MODEL,
+                   help="the model of the jobs run now (a second table: give it its own --out)")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--report", action="store_true")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one is not None:
         cell, variant = a.one.split(":")
-        print("RESULT " + json.dumps(run_job(cell, variant, a.fp_model_prompt, a.only_8w)))
+        print("RESULT " + json.dumps(run_job(cell, variant, a.fp_model_prompt, a.only_8w, a.model)))
         return 0
     jobs = load_jobs(a.out)
     for job in filter(None, a.jobs.split(",")):
         cell, _, variant = job.partition(":")
         if cell != "fp" and (cell not in CELLS or variant not in VARIANTS):
             raise SystemExit(f"unknown job {job!r}: cells {list(CELLS)}, variants {list(VARIANTS)}")
-        cmd = [sys.executable, __file__, "--one", job] + (["--fp-model-prompt"] if a.fp_model_prompt else []) + (
+        cmd = [sys.executable, __file__, "--one", job, "--model", a.model] + (["--fp-model-prompt"] if a.fp_model_prompt else []) + (
             ["--only-8w"] if a.only_8w else [])
         t = time.perf_counter()
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)

@@ -125,6 +125,8 @@ class BiSupConfig:
     # besides the spaces, what QuantConfig.label() names where it differs from today's default
     LABELLED = ("loss", "rounding_init", "lr_schedule", "epochs", "batch_size", "rank", "lr", "rounding_lr",
                 "lowrank_lr", "rotation_lr", "weight_clip_search")
+    OWNER = {"rank": "lowrank", "lowrank_lr": "lowrank", "rounding_lr": "rounding", "rounding_init": "rounding",
+             "rotation_lr": "head_rotation", "weight_clip_search": "weight_clip"}  # a setting only its space reads
     WRITTEN_BEFORE = {"weight_clip_search": False, "head_rotation": False, "loss": "mse",
                       "rounding_init": "rtn", "lr_schedule": "constant"}  # fields added later, with the value older configs meant
 
@@ -323,7 +325,8 @@ class QuantConfig:
         if self.bisup is not None:  # BiSup settings that change what trains, where they differ from today's
             today = BiSupConfig()
             notes += [f"BiSup {name}={getattr(self.bisup, name)}" for name in BiSupConfig.LABELLED
-                      if getattr(self.bisup, name) != getattr(today, name)]
+                      if getattr(self.bisup, name) != getattr(today, name)
+                      and getattr(self.bisup, BiSupConfig.OWNER.get(name, "trains_anything"))]
         if self.method == "quarot" and self.rotation_seed:
             notes.append(f"rotation seed {self.rotation_seed}")
         if self.quantizes_activations and self.a_convention != BISUP_ACTS:
