@@ -144,7 +144,10 @@ def parse_sets(items):
     out: dict = {}
     for item in items:
         key, _, value = item.partition("=")
-        val = json.loads(value) if value not in ("True", "False") else value == "True"
+        try:  # numbers, true/false/null, quoted strings; True / False; else the bare word as a string
+            val = value == "True" if value in ("True", "False") else json.loads(value)
+        except json.JSONDecodeError:
+            val = value
         if key.startswith("bisup."):
             out.setdefault("bisup", {})[key[6:]] = val
         else:
