@@ -14,8 +14,9 @@ windows:
   documents ("embedded_head") and CPython's reference topics ("pydoc"), 8 x 512 each;
 - "32w": every window behind the default system prompt (the chat template's system message),
   only the window's tokens scored (bisup.eval.perplexity), prompt KV low-bit ("all low-bit") or
-  kept at full precision, computed by the quantized model ("quantized") or by the FP model
-  ("fp-model"); the same 32 x 512 windows for every row. Also the per-position NLL (the curve).
+  kept at full precision, computed by the quantized model with its activations quantized
+  ("kv-fp") or unquantized ("quantized"), or by the FP model ("fp-model"); the same 32 x 512
+  windows for every row. Also the per-position NLL (the curve).
 
 The weights-only row (gptq_w4a16) runs in fake mode: there is no real-mode GEMM for 16-bit activations.
 Ablation rows (--only-8w) are evaluated on the 8-window protocol only.
@@ -145,7 +146,7 @@ def run_job(cell: str, variant: str, fp_prompt_from_fp_model: bool, only_8w: boo
         nll = window_nll(model, eval_tokens(tok, dataset, SEQ_LEN * WINDOWS_8), SEQ_LEN, WINDOWS_8, progress=False)
         res[f"ppl_8w_{dataset}"] = float(nll.double().mean().exp())
     weights_only = cell != "fp" and CELLS[cell]["a_bits"] == 16 and CELLS[cell]["kv_bits"] == 16
-    modes = [] if weights_only or only_8w else ["low-bit", "quantized"] + (
+    modes = [] if weights_only or only_8w else ["low-bit", "kv-fp", "quantized"] + (
         ["fp-model"] if fp_prompt_from_fp_model and cell != "fp" else [])
     fp_model = load_model(model_name)[0] if "fp-model" in modes else None
     tokens = eval_tokens(tok, "embedded", SEQ_LEN * WINDOWS_32)
@@ -219,12 +220,13 @@ def markdown(jobs: dict) -> str:
     fp = jobs.get("fp:base")
     lines = ["| what ran (label from the job's config) | row | ppl 8w (no prompt) | 8w vs base "
              "| other text 8w: wiki head / Python docs (vs base) | ppl 32w all low-bit "
-             "| ppl 32w prompt KV FP (quantized model) | ppl 32w prompt KV FP (FP model) | quantize s | peak RSS MiB "
-             "| commit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| ppl 32w prompt KV FP (prompt run low-bit) | ppl 32w prompt KV FP (prompt run FP) "
+             "| ppl 32w prompt KV FP (FP model) | quantize s | peak RSS MiB | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     if fp:
         lines.append(f"| FP (W16A16) | - | {_f2(fp['ppl_8w'])} | | {_other_text(jobs, 'fp', fp)} | {_f2(fp['ppl_32w_low-bit'])} "
-                     f"| {_f2(fp['ppl_32w_quantized'])} | | | {fp['peak_rss_mib']:.0f} | {_commit_of(fp)} |")
+                     f"| {_f2(fp.get('ppl_32w_kv-fp'))} | {_f2(fp['ppl_32w_quantized'])} | | | {fp['peak_rss_mib']:.0f} "
+                     f"| {_commit_of(fp)} |")
     names = {"base": "base / +horizontal", "bisup": "+vertical / +both",
              "bisup_prompt": "+vertical / +both, prompt-aware training",
              "bisup_sink": "+vertical / +both, trained with the sink token's KV FP"}
@@ -234,7 +236,8 @@ def markdown(jobs: dict) -> str:
             if r is None or cell == ABLATION_CELL:
                 continue
             lines.append(f"| {_row_label(r, cell)} | {names[variant]} | {_f2(r['ppl_8w'])} | {_vs_base(jobs, cell, r)} "
-                         f"| {_other_text(jobs, cell, r)} | {_f2(r.get('ppl_32w_low-bit'))} | {_f2(r.get('ppl_32w_quantized'))} "
+                         f"| {_other_text(jobs, cell, r)} | {_f2(r.get('ppl_32w_low-bit'))} | {_f2(r.get('ppl_32w_kv-fp'))} "
+                         f"| {_f2(r.get('ppl_32w_quantized'))} "
                          f"| {_f2(r.get('ppl_32w_fp-model'))} | {r['quantize_s']:.0f} | {r['peak_rss_mib']:.0f} "
                          f"| {_commit_of(r)} |")
     rows = [(cell, v) for cell in CELLS for v in ("base",) + ABLATION_VARIANTS + ("bisup",)

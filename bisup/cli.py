@@ -30,6 +30,7 @@ import torch
 
 from bisup.config import BiSupConfig, QuantConfig
 from bisup.eval.data import DATASETS
+from bisup.eval.perplexity import PROMPT_KV_MODES
 from bisup.exporters import DROPPABLE, FORMATS
 from bisup.methods import registry
 from bisup.quant.formats import ACT_CONVENTIONS
@@ -376,9 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--system-prompt", default=None, metavar="TEXT",
                    help="precede every window by this system prompt ('default': the chat template's system "
                         "message); only the window's tokens are scored")
-    e.add_argument("--prompt-kv", default="quantized", choices=["low-bit", "quantized", "fp-model"],
+    e.add_argument("--prompt-kv", default="quantized", choices=list(PROMPT_KV_MODES),
                    help="the system prompt's KV: low-bit like every token, or kept at full precision, computed "
-                        "by the quantized model (unquantized activations) or by --fp-model (default: quantized)")
+                        "by the quantized model with quantized activations (kv-fp) or unquantized ones "
+                        "(quantized), or by --fp-model (default: quantized)")
     e.add_argument("--fp-model", default=None, help="'default' or a model dir: the unquantized model for --prompt-kv fp-model")
     e.set_defaults(func=cmd_eval)
 

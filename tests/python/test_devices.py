@@ -15,6 +15,7 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 
 import bisup
 from bisup.config import BiSupConfig, QuantConfig
+from bisup.eval.perplexity import PROMPT_KV_MODES
 from bisup.models.tiny import FAMILIES, TINY_GROUP, random_tokens, tiny_model, tiny_tokenizer
 from bisup.nn.fake_quant import ActQuantizer
 from bisup.quant.groups import as_index
@@ -140,7 +141,7 @@ def test_embedded_corpus_calibration_and_perplexity_on_the_model_device(family):
     with meta_default_device():
         bisup.quantize_model(model, config, tokenizer=tokenizer, progress=False)  # the embedded corpus
         _all_on_cpu(model)
-        for prompt_kv in ("low-bit", "quantized", "fp-model"):
+        for prompt_kv in PROMPT_KV_MODES:
             ppl = bisup.eval.perplexity(model, tokenizer, seq_len=16, max_windows=2, progress=False,
                                         system_prompt=system_prompt, prompt_kv=prompt_kv, fp_model=fp_model)
             assert 1.0 < ppl < float("inf")

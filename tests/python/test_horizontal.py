@@ -6,7 +6,7 @@ from transformers import DynamicCache
 
 import bisup
 from bisup.config import BiSupConfig, QuantConfig
-from bisup.eval.perplexity import (default_system_prompt, perplexity_on_tokens, position_perplexity,
+from bisup.eval.perplexity import (PROMPT_KV_MODES, default_system_prompt, perplexity_on_tokens, position_perplexity,
                                    system_prompt_ids, window_nll)
 from bisup.generation import prompt_kv, split_chat
 from bisup.models.adapters import get_adapter
@@ -95,16 +95,16 @@ def test_value_basis_survives_save_load(tmp_path):
 
 
 def test_protocol_scores_the_same_tokens_in_every_mode():
-    """On an unquantized model the prompt's KV is the same however it is made: all three modes agree,
+    """On an unquantized model the prompt's KV is the same however it is made: all four modes agree,
     and they differ from the run without a prompt (the prompt is really there)."""
     fp = tiny_model("llama")
     tokens, sys_ids = random_tokens(1, 3 * 32, seed=1).flatten(), random_tokens(1, 10, seed=2)
     plain = window_nll(fp, tokens, 32, 3, progress=False)
     rows = {mode: window_nll(fp, tokens, 32, 3, sys_ids, mode, fp_model=fp, progress=False)
-            for mode in ("low-bit", "quantized", "fp-model")}
+            for mode in PROMPT_KV_MODES}
     assert plain.shape == rows["low-bit"].shape == (3, 31)
-    torch.testing.assert_close(rows["quantized"], rows["low-bit"], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(rows["fp-model"], rows["low-bit"], rtol=1e-4, atol=1e-4)
+    for mode in PROMPT_KV_MODES:
+        torch.testing.assert_close(rows[mode], rows["low-bit"], rtol=1e-4, atol=1e-4)
     assert (plain - rows["low-bit"]).abs().max() > 1e-3
     curve = position_perplexity(rows["low-bit"], bucket=8)
     assert curve.shape == (4,) and torch.isfinite(curve).all()
@@ -112,15 +112,17 @@ def test_protocol_scores_the_same_tokens_in_every_mode():
 
 @pytest.mark.parametrize("mode", ["fake", "real"])
 def test_fp_prompt_kv_changes_only_the_prompt_segment(mode):
-    """KV4: low-bit and FP16 prompt KV give different NLLs; fake and real mode agree on both."""
+    """KV4: low-bit and FP16 prompt KV (computed with unquantized or quantized activations) give
+    different NLLs; fake and real mode agree on all three."""
     tokens, sys_ids = random_tokens(1, 2 * 32, seed=1).flatten(), random_tokens(1, 10, seed=2)
     cfg = _config("quarot", w_group_size=32, a_group_size=32, mode=mode)
     q = bisup.quantize_model(tiny_model("llama"), cfg, progress=False)
     low = window_nll(q, tokens, 32, 2, sys_ids, "low-bit", progress=False)
     fp16 = window_nll(q, tokens, 32, 2, sys_ids, "quantized", progress=False)
-    assert (low - fp16).abs().max() > 1e-4
+    kv_fp = window_nll(q, tokens, 32, 2, sys_ids, "kv-fp", progress=False)
+    assert (low - fp16).abs().max() > 1e-4 and (low - kv_fp).abs().max() > 1e-4 and (kv_fp - fp16).abs().max() > 1e-4
     fake = bisup.quantize_model(tiny_model("llama"), cfg.replace(mode="fake"), progress=False)
-    for prompt_mode, got in (("low-bit", low), ("quantized", fp16)):
+    for prompt_mode, got in (("low-bit", low), ("quantized", fp16), ("kv-fp", kv_fp)):
         ref = window_nll(fake, tokens, 32, 2, sys_ids, prompt_mode, progress=False)
         torch.testing.assert_close(got, ref, rtol=0.05, atol=0.05)
 
