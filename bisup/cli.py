@@ -3,7 +3,7 @@
   bisup quantize --model default|PATH --method rtn|gptq|atom|quarot --w-bits 4 --a-bits 4 --kv-bits 4 \\
                  --group-size 64 --save DIR [--eval] [--json FILE]
   bisup eval     --model DIR|default|PATH [--dataset embedded|embedded_head|pydoc|wikitext2|c4] [--seq-len 512] [--windows 8] [--json FILE]
-                 [--system-prompt TEXT|default [--prompt-kv low-bit|quantized|fp-model] [--fp-model default|PATH]]
+                 [--system-prompt TEXT|default [--prompt-kv low-bit|kv-fp|quantized|fp-model] [--fp-model default|PATH]]
   bisup generate --model DIR|default|PATH --prompt TEXT [--system-prompt TEXT [--fp-model default|PATH]]
                  [--max-new-tokens 32]
   bisup diagnose --model default|PATH --compare DIR [DIR ...] --out OUT [--system-prompt P ...]
