@@ -78,6 +78,12 @@ def test_other_held_out_text_is_disjoint_from_the_evaluation_windows():
     assert py.shape == (500,) and bytes(py.tolist()).decode("utf-8", "ignore") in "\n\n".join(eval_data.pydoc_documents())
 
 
+def test_missing_pydoc_data_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pydoc_data.topics", None)  # import -> ImportError
+    with pytest.raises(ModuleNotFoundError, match="dataset 'pydoc' needs the standard library's pydoc_data"):
+        eval_data.eval_tokens(ByteTokenizer(), "pydoc", 10)
+
+
 def test_missing_corpus_package_names_the_pip_command(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == eval_data.CORPUS_PACKAGE else real(n, *a))
