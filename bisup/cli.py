@@ -4,7 +4,8 @@
                  --group-size 64 --save DIR [--eval] [--json FILE]
   bisup eval     --model DIR|default|PATH [--dataset embedded|embedded_head|pydoc|wikitext2|c4] [--seq-len 512] [--windows 8] [--json FILE]
                  [--system-prompt TEXT|default [--prompt-kv low-bit|kv-fp|quantized|fp-model] [--fp-model default|PATH]]
-  bisup generate --model DIR|default|PATH --prompt TEXT [--system-prompt TEXT [--fp-model default|PATH]]
+  bisup generate --model DIR|default|PATH --prompt TEXT [--system-prompt TEXT [--fp-model default|PATH]
+                 [--prompt-activations fp|quantized]]
                  [--max-new-tokens 32]
   bisup diagnose --model default|PATH --compare DIR [DIR ...] --out OUT [--system-prompt P ...]
   bisup bench    [--configs fp32,bf16,real,llamacpp] [--prefill 512] [--decode 128] [--threads 2] [--out PREFIX]
@@ -32,6 +33,7 @@ from bisup.config import BiSupConfig, QuantConfig
 from bisup.eval.data import DATASETS
 from bisup.eval.perplexity import PROMPT_KV_MODES
 from bisup.exporters import DROPPABLE, FORMATS
+from bisup.generation import PROMPT_ACTIVATIONS
 from bisup.methods import registry
 from bisup.quant.formats import ACT_CONVENTIONS
 
@@ -221,6 +223,8 @@ def cmd_generate(a) -> dict:
         raise SystemExit(f"bisup generate: {a.model} has no tokenizer")
     if a.fp_model is not None and not a.system_prompt:
         raise ValueError("--fp-model computes the system prompt's KV: give --system-prompt too")
+    if a.fp_model is not None and a.prompt_activations != "fp":
+        raise ValueError("--fp-model computes the system prompt at full precision: drop --prompt-activations")
     sys_text, user_text = _prompt_texts(tok, a)
     encode = lambda text: tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(a.device)  # noqa: E731
     ids = encode(user_text)
@@ -228,6 +232,7 @@ def cmd_generate(a) -> dict:
     fp_model = None if a.fp_model is None else load_any(a.fp_model, a.device)[0]
     t = time.perf_counter()
     out, cache = bisup.generate(model, ids, system_ids=sys_ids, fp_model=fp_model, return_cache=True,
+                                prompt_activations=a.prompt_activations,
                                 max_new_tokens=a.max_new_tokens, do_sample=False,
                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     gen_s = time.perf_counter() - t
@@ -394,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp-model", default=None,
                    help="'default' or a model dir: compute the system prompt's KV with this unquantized model "
                         "(default: the quantized model with unquantized activations)")
+    g.add_argument("--prompt-activations", choices=PROMPT_ACTIVATIONS, default="fp",
+                   help="how the quantized model runs the system prompt whose KV it keeps: activations "
+                        "unquantized (fp) or quantized as for every token (quantized: as BiSup trains)")
     _add_mode(g)
     g.set_defaults(func=cmd_generate)
 

@@ -3,7 +3,8 @@
 
 The system prompt is run once with activations unquantized and KV unquantized (`full_precision`),
 by the quantized model itself (weights stay at their quantized values: a saved model holds no
-others) or by an unquantized `fp_model`. Its K/V seed the cache: real mode stores them FP16 in
+others) or by an unquantized `fp_model`; or (`activations="quantized"`) by the quantized model
+running as it runs every token, only its KV unquantized - what BiSup trains behind a prompt with. Its K/V seed the cache: real mode stores them FP16 in
 the MixedPrecisionKVCache prompt segment and quantizes every later token to kv_bits; fake mode
 keeps them in a DynamicCache and the fake attention quantizes every position after them.
 """
@@ -128,25 +129,38 @@ def _to_value_basis(model: nn.Module, cache: DynamicCache) -> DynamicCache:
     return out
 
 
+PROMPT_ACTIVATIONS = ("fp", "quantized")
+
+
 @torch.no_grad()
-def prompt_kv(model: nn.Module, system_ids: torch.Tensor, fp_model: Optional[nn.Module] = None) -> DynamicCache:
+def prompt_kv(model: nn.Module, system_ids: torch.Tensor, fp_model: Optional[nn.Module] = None,
+              activations: str = "fp") -> DynamicCache:
     """K/V of the system prompt [B, P] at full precision, as a DynamicCache: computed by the
-    quantized model with unquantized activations and KV (weights stay quantized), or, with
-    fp_model (the unquantized model), by fp_model and mapped into the quantized model's value basis."""
+    quantized model with unquantized activations and KV (weights stay quantized), or with its
+    activations quantized as for every token (activations="quantized": only the KV is unquantized,
+    as BiSup trains behind a prompt, QuantConfig.prompt_len), or, with fp_model (the unquantized
+    model), by fp_model and mapped into the quantized model's value basis."""
+    if activations not in PROMPT_ACTIVATIONS:
+        raise ValueError(f"activations={activations!r}: expected one of {list(PROMPT_ACTIVATIONS)}")
     if fp_model is not None:
+        if activations != "fp":
+            raise ValueError("fp_model computes the prompt at full precision: activations must be 'fp'")
         _check_fp_model(model, fp_model)
     src = model if fp_model is None else fp_model
     cache = DynamicCache(config=src.config)
-    with full_precision(src):
+    run = full_precision(src) if activations == "fp" else _kv_specs_replaced(src, lambda spec: None)
+    with run:
         src(system_ids, use_cache=True, **{cache_argument(src): cache})
     return cache if fp_model is None else _to_value_basis(model, cache)
 
 
 @torch.no_grad()
 def generate(model: nn.Module, input_ids: torch.Tensor, system_ids: Optional[torch.Tensor] = None,
-             fp_model: Optional[nn.Module] = None, return_cache: bool = False, **generate_kwargs):
+             fp_model: Optional[nn.Module] = None, return_cache: bool = False, prompt_activations: str = "fp",
+             **generate_kwargs):
     """model.generate() on concat(system_ids, input_ids), the system prompt's KV computed at full
-    precision (see the module doc) and kept unquantized; later tokens' KV at the model's kv_bits.
+    precision (see the module doc; prompt_activations="quantized": by the quantized model running its
+    activations quantized, see prompt_kv) and kept unquantized; later tokens' KV at the model's kv_bits.
 
     Returns the generated ids [B, P + T + new] (and the cache with return_cache).
     """
@@ -156,7 +170,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, system_ids: Optional[tor
     else:
         if system_ids.shape[0] != input_ids.shape[0]:
             raise ValueError(f"system_ids has batch {system_ids.shape[0]}, input_ids {input_ids.shape[0]}")
-        pkv = prompt_kv(model, system_ids, fp_model)
+        pkv = prompt_kv(model, system_ids, fp_model, prompt_activations)
         cache = make_cache(model, prompt_kv=pkv)
         full = torch.cat([system_ids, input_ids], dim=1)
     kw = dict(generate_kwargs)

@@ -6,10 +6,10 @@ predictions are scored (the same seq_len - 1 tokens per window as without a prom
 and without a prompt, and with the prompt's KV kept at full precision or not, score the same tokens:
 
 - prompt_kv="low-bit":   the prompt is run with the window, everything quantized (KV included);
-- prompt_kv="kv-fp":     the prompt is run with the window, activations quantized as for every token,
-                         and only the prompt's KV kept at full precision (QuantConfig.prompt_len = P:
-                         what BiSup trains behind a prompt with, so a tuned model sees the prompt as
-                         it was trained to);
+- prompt_kv="kv-fp":     the prompt's KV is computed once by the quantized model with its activations
+                         quantized as for every token and kept at full precision (what BiSup trains
+                         behind a prompt with, QuantConfig.prompt_len = P: a tuned model sees the
+                         prompt as it was trained to);
 - prompt_kv="quantized": the prompt's KV is computed once by the quantized model with unquantized
                          activations and KV (weights stay quantized) and kept at full precision;
                          every window token's activations and KV are low-bit;
@@ -82,8 +82,9 @@ def window_nll(model, tokens: torch.Tensor, seq_len: int = 512, max_windows: Opt
     model.eval()
     p = 0 if system_ids is None else system_ids.shape[1]
     pkv = None
-    if p and prompt_kv in ("quantized", "fp-model"):
-        pkv = compute_prompt_kv(model, system_ids.to(device), fp_model if prompt_kv == "fp-model" else None)
+    if p and prompt_kv != "low-bit":
+        pkv = compute_prompt_kv(model, system_ids.to(device), fp_model if prompt_kv == "fp-model" else None,
+                                "quantized" if prompt_kv == "kv-fp" else "fp")
     out = torch.empty(n_windows, seq_len - 1, device="cpu")  # filled with .cpu() rows
     for w in tqdm(range(n_windows), desc="perplexity", disable=not progress, leave=False):
         ids = tokens[w * seq_len:(w + 1) * seq_len].to(device)[None]
@@ -95,11 +96,10 @@ def window_nll(model, tokens: torch.Tensor, seq_len: int = 512, max_windows: Opt
             inputs, first = ids, 0
         else:
             inputs = ids if not p else torch.cat([system_ids.to(device), ids], dim=1)
-            if p:  # full-precision positions: the prompt's KV ("kv-fp") or none at all ("low-bit")
-                keep = p if prompt_kv == "kv-fp" else 0
-                run = None if config is None else config.replace(prompt_len=keep)
-                cache = make_cache(model, run) if run is not None else None
-                context = prompt_len_replaced(model, keep)
+            if p:  # everything low-bit: no full-precision positions at all
+                low = None if config is None else config.replace(prompt_len=0)
+                cache = make_cache(model, low) if low is not None else None
+                context = prompt_len_replaced(model, 0)
             else:
                 cache = make_cache(model)  # real mode: a fresh mixed-precision KV cache per window
             first = p

@@ -45,17 +45,17 @@ def test_quantize_save_then_eval_and_generate(tiny_dir, tmp_path, capsys):
 
 
 @pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")
-@pytest.mark.parametrize("mode", ["real", "fake"])
-def test_generate_with_a_full_precision_system_prompt(tiny_dir, tmp_path, capsys, mode):
-    """--system-prompt: its KV computed at full precision and kept FP, later tokens 4-bit; --mode
-    runs the saved (fake-mode) file on the real kernels."""
+@pytest.mark.parametrize("mode,activations", [("real", "fp"), ("fake", "fp"), ("real", "quantized"), ("fake", "quantized")])
+def test_generate_with_a_full_precision_system_prompt(tiny_dir, tmp_path, capsys, mode, activations):
+    """--system-prompt: its KV computed at full precision (the prompt run with activations unquantized
+    or quantized) and kept FP, later tokens 4-bit; --mode runs the saved (fake-mode) file on the real kernels."""
     out = tmp_path / "q"
     assert main(["quantize", "--model", str(tiny_dir), "--group-size", "32", "--kv-bits", "4", "--save", str(out),
                  "--no-progress"]) == 0
     js = tmp_path / "g.json"
     system, prompt = "You answer in one word.", "Hi"
     assert main(["generate", "--model", str(out), "--mode", mode, "--prompt", prompt, "--system-prompt", system,
-                 "--max-new-tokens", "5", "--json", str(js), "--no-progress"]) == 0
+                 "--prompt-activations", activations, "--max-new-tokens", "5", "--json", str(js), "--no-progress"]) == 0
     g = json.loads(js.read_text())
     tok = tiny_tokenizer()
     n_sys = len(tok(system, add_special_tokens=False)["input_ids"])
@@ -68,7 +68,7 @@ def test_generate_with_a_full_precision_system_prompt(tiny_dir, tmp_path, capsys
     model = bisup.load_quantized(out, mode=mode)
     enc = lambda t: tok(t, return_tensors="pt", add_special_tokens=False)["input_ids"]  # noqa: E731
     ids = bisup.generate(model, enc(prompt), system_ids=enc(system), max_new_tokens=5, do_sample=False,
-                         pad_token_id=tok.eos_token_id)
+                         pad_token_id=tok.eos_token_id, prompt_activations=activations)
     assert g["completion"] == tok.decode(ids[0, n_sys + len(prompt):], skip_special_tokens=True)
 
 

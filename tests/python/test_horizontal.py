@@ -8,7 +8,7 @@ import bisup
 from bisup.config import BiSupConfig, QuantConfig
 from bisup.eval.perplexity import (PROMPT_KV_MODES, default_system_prompt, perplexity_on_tokens, position_perplexity,
                                    system_prompt_ids, window_nll)
-from bisup.generation import prompt_kv, split_chat
+from bisup.generation import prompt_kv, set_prompt_len, split_chat
 from bisup.models.adapters import get_adapter
 from bisup.models.tiny import TINY_GROUP, random_tokens, tiny_model, tiny_tokenizer
 from bisup.nn.attention import value_basis
@@ -125,6 +125,25 @@ def test_fp_prompt_kv_changes_only_the_prompt_segment(mode):
     for prompt_mode, got in (("low-bit", low), ("quantized", fp16), ("kv-fp", kv_fp)):
         ref = window_nll(fake, tokens, 32, 2, sys_ids, prompt_mode, progress=False)
         torch.testing.assert_close(got, ref, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("mode", ["fake", "real"])
+def test_kv_fp_prompt_is_what_prompt_aware_training_computes(mode):
+    """prompt_kv="kv-fp" (the prompt's KV precomputed with quantized activations) scores the window as
+    one joint run of prompt + window does with QuantConfig.prompt_len = P (BiSup's prompt-aware training)."""
+    tokens, sys_ids = random_tokens(1, 2 * 32, seed=1).flatten(), random_tokens(1, 10, seed=2)
+    q = bisup.quantize_model(tiny_model("llama"), _config("quarot", w_group_size=32, a_group_size=32, mode=mode),
+                             progress=False)
+    kv_fp = window_nll(q, tokens, 32, 2, sys_ids, "kv-fp", progress=False)
+    set_prompt_len(q, sys_ids.shape[1])
+    for w in range(2):
+        ids = torch.cat([sys_ids, tokens[None, w * 32:(w + 1) * 32]], dim=1)
+        cache = make_cache(q)
+        logits = q(ids, **({} if cache is None else {cache_argument(q): cache})).logits[0, 10:10 + 31].float()
+        joint = torch.nn.functional.cross_entropy(logits, ids[0, 11:], reduction="none")
+        torch.testing.assert_close(kv_fp[w], joint, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="fp_model computes the prompt at full precision"):
+        prompt_kv(q, sys_ids, tiny_model("llama"), activations="quantized")
 
 
 def test_default_system_prompt_and_ids():
