@@ -305,7 +305,7 @@ def gptq_rounding_start(block: Block, inputs, chunks: List[int]) -> None:
         lo, hi = m.clip_bounds(w)
         main = w if m.outlier_idx is None else w[:, m._main_idx]
         plan = layer_plan(hessians[name], config, m.outlier_idx, w.device)
-        res = gptq_quantize(m.clamp_to_clip(w), None, config.w_bits, config.w_group_size, sym=config.w_sym, clip=1.0,
+        res = gptq_quantize(m.clamp_to_clip(w, (lo, hi)), None, config.w_bits, config.w_group_size, sym=config.w_sym, clip=1.0,
                             damp=config.gptq_damp, act_order=config.gptq_act_order,
                             block_size=config.gptq_block_size, outlier_idx=m.outlier_idx,
                             outlier_bits=config.atom_outlier_bits, plan=plan)

@@ -368,10 +368,11 @@ class LearnableLinear(nn.Module):
         return wc, w, b, clip
 
     @torch.no_grad()
-    def clamp_to_clip(self, w: torch.Tensor) -> torch.Tensor:
-        """w [N, K] with its main channels clamped to the learned clipping's range (outliers as they are)."""
+    def clamp_to_clip(self, w: torch.Tensor, bounds: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """w [N, K] with its main channels clamped to the learned clipping's range (outliers as they are);
+        bounds: clip_bounds(w) when the caller has them."""
         main = w if self.outlier_idx is None else w[:, self._main_idx]
-        lo, hi = self.clip_bounds(w)
+        lo, hi = self.clip_bounds(w) if bounds is None else bounds
         clamped = torch.maximum(torch.minimum(main, hi), lo)
         if self.outlier_idx is None:
             return clamped
