@@ -76,6 +76,9 @@ VARIANTS = {
     "rounding_only": only("rounding"),
     "rotation_only": only("head_rotation"),
     "no_rounding": dict(rounding=False),
+    # the defaults of 2026-12-07 morning (all-token MSE, smoothing on, no head rotations): where today's
+    # defaults, chosen on SmolLM2, do worse on another model
+    "bisup_morning": dict(loss="mse", smooth=True, head_rotation=False),
     # +both with prompt-aware training: every calibration window starts with the system prompt and
     # its KV stays unquantized while BiSup trains (QuantConfig.prompt_len = P), as at inference
     "bisup_prompt": {},
@@ -229,7 +232,8 @@ def markdown(jobs: dict) -> str:
                      f"| {_commit_of(fp)} |")
     names = {"base": "base / +horizontal", "bisup": "+vertical / +both",
              "bisup_prompt": "+vertical / +both, prompt-aware training",
-             "bisup_sink": "+vertical / +both, trained with the sink token's KV FP"}
+             "bisup_sink": "+vertical / +both, trained with the sink token's KV FP",
+             "bisup_morning": "+vertical / +both, the defaults of 2026-12-07 morning"}
     for cell in CELLS:
         for variant in names:
             r = jobs.get(f"{cell}:{variant}")
