@@ -227,8 +227,8 @@ def markdown(jobs: dict) -> str:
              "| ppl 32w prompt KV FP (FP model) | quantize s | peak RSS MiB | commit |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     if fp:
-        lines.append(f"| FP (W16A16) | - | {_f2(fp['ppl_8w'])} | | {_other_text(jobs, 'fp', fp)} | {_f2(fp['ppl_32w_low-bit'])} "
-                     f"| {_f2(fp.get('ppl_32w_kv-fp'))} | {_f2(fp['ppl_32w_quantized'])} | | | {fp['peak_rss_mib']:.0f} "
+        lines.append(f"| FP (W16A16) | - | {_f2(fp['ppl_8w'])} | | {_other_text(jobs, 'fp', fp)} | {_f2(fp.get('ppl_32w_low-bit'))} "
+                     f"| {_f2(fp.get('ppl_32w_kv-fp'))} | {_f2(fp.get('ppl_32w_quantized'))} | | | {fp['peak_rss_mib']:.0f} "
                      f"| {_commit_of(fp)} |")
     names = {"base": "base / +horizontal", "bisup": "+vertical / +both",
              "bisup_prompt": "+vertical / +both, prompt-aware training",
@@ -247,8 +247,8 @@ def markdown(jobs: dict) -> str:
     rows = [(cell, v) for cell in CELLS for v in ("base",) + ABLATION_VARIANTS + ("bisup",)
             if f"{cell}:{v}" in jobs and (cell == ABLATION_CELL or v in ABLATION_VARIANTS)]
     if rows:
-        lines += ["", "Ablation of BiSup's parameter spaces (8-window protocol; each space alone, all of them, "
-                  "or all but learned rounding):", "",
+        lines += ["", "Ablation of BiSup's parameter spaces (8-window protocol; each space alone, the defaults, "
+                  "the defaults without learned rounding):", "",
                   "| what ran | parameter spaces | ppl 8w | vs base | other text 8w: wiki head / Python docs (vs base) "
                   "| quantize s | peak RSS MiB | commit |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -290,7 +290,8 @@ def plots(jobs: dict, out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out.with_name(out.name + "_bars.png"), dpi=120)
         plt.close(fig)
-    key = next((k for k in ("quarot_g64", "atom_g64") if f"{k}:bisup" in jobs), None)
+    key = next((k for k in ("quarot_g64", "atom_g64") if f"{k}:bisup" in jobs  # (8w-only jobs have no curves)
+                and all("curve_32w_low-bit" in jobs[f"{k}:{v}"] for v in ("base", "bisup"))), None)
     if key:
         fig, ax = plt.subplots(figsize=(6, 4))
         for variant in ("base", "bisup"):
