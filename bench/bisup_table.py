@@ -2,7 +2,7 @@
 protocol on a second real model family, in its own table): base, +vertical,
 +horizontal, +both, for Atom and QuaRot, at W4A4 g64 KV4, W4A4 per-channel KV4, W3A3 g64 KV4 and
 W4A4 / W3A3 g128 KV4 (the paper's setting; 576 = 4.5 x 128 is a ragged last group),
-plus an ablation of the three parameter spaces.
+plus an ablation of BiSup's parameter spaces.
 
 Each job (a cell = base config, and a variant = base | bisup | one parameter space) runs in its own
 subprocess, so its peak RSS is its own: load the model, quantize (calibration: the first n_calib
@@ -36,6 +36,7 @@ import sys
 import time
 from pathlib import Path
 
+from bisup.config import BiSupConfig
 from bisup.provenance import git_commit
 
 G64 = dict(w_bits=4, a_bits=4, kv_bits=4, w_group_size=64, a_group_size=64, a_clip=0.9, gptq=True)
@@ -58,12 +59,9 @@ CELLS = {
     # weights only, against AutoRound W4A16 g64 (8-window protocol only: no activation / KV quantization)
     "gptq_w4a16": dict(G64, method="gptq", a_bits=16, kv_bits=16, a_clip=1.0),
 }
-SPACES = ("weight_clip", "act_clip", "smooth", "lowrank", "rounding", "head_rotation")  # BiSupConfig.SPACES
-
-
 def only(*names: str) -> dict:
     """BiSup with exactly these parameter spaces on (the ablation's variants)."""
-    return {space: space in names for space in SPACES}
+    return {space: space in names for space in BiSupConfig.SPACES}
 
 
 # Every variant is BiSupConfig() as the job's commit defines it, with these fields changed.

@@ -201,8 +201,6 @@ def cmd_generate(a) -> dict:
         raise SystemExit(f"bisup generate: {a.model} has no tokenizer")
     if a.fp_model is not None and not a.system_prompt:
         raise ValueError("--fp-model computes the system prompt's KV: give --system-prompt too")
-    if a.fp_model is not None and a.prompt_activations != "fp":
-        raise ValueError("--fp-model computes the system prompt at full precision: drop --prompt-activations")
     sys_text, user_text = _prompt_texts(tok, a)
     encode = lambda text: tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(a.device)  # noqa: E731
     ids = encode(user_text)

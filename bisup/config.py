@@ -324,9 +324,9 @@ class QuantConfig:
         notes = []
         if self.bisup is not None:  # BiSup settings that change what trains, where they differ from today's
             today = BiSupConfig()
+            owner_on = lambda name: name not in BiSupConfig.OWNER or getattr(self.bisup, BiSupConfig.OWNER[name])  # noqa: E731
             notes += [f"BiSup {name}={getattr(self.bisup, name)}" for name in BiSupConfig.LABELLED
-                      if getattr(self.bisup, name) != getattr(today, name)
-                      and getattr(self.bisup, BiSupConfig.OWNER.get(name, "trains_anything"))]
+                      if getattr(self.bisup, name) != getattr(today, name) and owner_on(name)]
         if self.method == "quarot" and self.rotation_seed:
             notes.append(f"rotation seed {self.rotation_seed}")
         if self.quantizes_activations and self.a_convention != BISUP_ACTS:

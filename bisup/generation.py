@@ -4,9 +4,10 @@
 The system prompt is run once with activations unquantized and KV unquantized (`full_precision`),
 by the quantized model itself (weights stay at their quantized values: a saved model holds no
 others) or by an unquantized `fp_model`; or (`activations="quantized"`) by the quantized model
-running as it runs every token, only its KV unquantized - what BiSup trains behind a prompt with. Its K/V seed the cache: real mode stores them FP16 in
-the MixedPrecisionKVCache prompt segment and quantizes every later token to kv_bits; fake mode
-keeps them in a DynamicCache and the fake attention quantizes every position after them.
+running as it runs every token, only its KV unquantized - what BiSup trains behind a prompt with.
+Its K/V seed the cache: real mode stores them FP16 in the MixedPrecisionKVCache prompt segment and
+quantizes every later token to kv_bits; fake mode keeps them in a DynamicCache and the fake
+attention quantizes every position after them.
 """
 from __future__ import annotations
 
