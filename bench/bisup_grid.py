@@ -3,10 +3,12 @@
 Each row runs in its own subprocess (so peak RSS is that row's): load the model, quantize with
 bisup.quantize_model (calibration: the first n_calib windows of the embedded corpus's calibration
 split), evaluate perplexity on the held-out windows (bisup.eval.perplexity's default: 8 x 512) and
-on VALIDATION windows taken from the calibration split right after the calibration windows (what
-the defaults are chosen on; never the held-out evaluation windows). Writes JSON + a markdown table.
+on VALIDATION windows, the last windows of the calibration split (bisup.eval.data.validation_batches:
+the same windows whatever --n-calib; what the defaults are chosen on; never the held-out evaluation
+windows; rows before 2026-12-07 used the windows right after the calibration ones). Writes JSON + a
+markdown table.
 
-  python bench/bisup_grid.py [--rows quarot_rtn,quarot_rtn_bisup,...] [--n-calib 16] [--val-windows 4]
+  python bench/bisup_grid.py [--rows quarot_rtn,quarot_rtn_bisup,...] [--n-calib 16] [--val-windows 16]
                              [--set rows.FIELD=VALUE ...] [--out bench/results/bisup_first]
   python bench/bisup_grid.py --list
 """
@@ -34,11 +36,14 @@ ROWS = {
 }
 
 
+VAL_SOURCE = "calibration split tail"  # where val_ppl's windows come from (older rows: after the calib windows)
+
+
 def run_one(name: str, overrides: dict, n_calib: int, val_windows: int, windows: int, seq_len: int) -> dict:
     import torch
 
     import bisup
-    from bisup.eval.data import calibration_batches
+    from bisup.eval.data import calibration_batches, validation_batches
     from bisup.eval.perplexity import perplexity, perplexity_on_tokens
     from bisup.models.default import load_default_model
 
@@ -51,20 +56,20 @@ def run_one(name: str, overrides: dict, n_calib: int, val_windows: int, windows:
     cfg = bisup.QuantConfig(**spec, n_calib=n_calib, calib_seq_len=seq_len,
                             bisup=None if bis is None else bisup.BiSupConfig(**bis))
     model, tok = load_default_model()
-    both = calibration_batches(tok, n_calib + val_windows, seq_len)
-    calib, val = both[:n_calib], both[n_calib:]
+    calib = calibration_batches(tok, n_calib, seq_len)
     t = time.perf_counter()
     bisup.quantize_model(model, cfg, calib_data=calib, progress=True)
     quant_s = time.perf_counter() - t
     t = time.perf_counter()
     ppl = perplexity(model, tok, "embedded", seq_len, windows, progress=False)
-    val_ppl = perplexity_on_tokens(model, val.reshape(-1), seq_len, val_windows, False) if val_windows else None
+    val_ppl = None if not val_windows else perplexity_on_tokens(
+        model, validation_batches(tok, val_windows, seq_len).reshape(-1), seq_len, val_windows, False)
     eval_s = time.perf_counter() - t
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (Linux)
     log = getattr(model, "bisup_log", None)
     return dict(row=name, config=cfg.to_dict(), ppl=ppl, val_ppl=val_ppl, quantize_s=quant_s, eval_s=eval_s,
                 peak_rss_mib=rss, eval_windows=windows, seq_len=seq_len, n_calib=n_calib, val_windows=val_windows,
-                torch_threads=torch.get_num_threads(), commit=git_commit(), label=cfg.label(), layer_log=log)
+                val_source=VAL_SOURCE, torch_threads=torch.get_num_threads(), commit=git_commit(), label=cfg.label(), layer_log=log)
 
 
 def lowrank_probe(rank: int = 8) -> dict:
@@ -102,7 +107,7 @@ def energy_probe(windows: int = 2) -> dict:
     is per token: with the all-token MSE these few tokens own the block loss)."""
     import torch
 
-    from bisup.eval.data import calibration_batches
+    from bisup.eval.data import calibration_batches, validation_batches
     from bisup.models.default import load_default_model
 
     model, tok = load_default_model()
@@ -135,7 +140,8 @@ def markdown(results) -> str:
         meth = QuantConfig.from_dict(c).label()  # from the config that ran, against today's defaults
         b = c.get("bisup")
         bis = "-" if b is None else bisup_settings(b)
-        vp = "" if r["val_ppl"] is None else f"{r['val_ppl']:.2f}"
+        where = "tail" if r.get("val_source") == VAL_SOURCE else "after calib"
+        vp = "" if r["val_ppl"] is None else f"{r['val_ppl']:.2f} ({r['val_windows']} {where})"
         lines.append(f"| {r['row']} | {meth} | {bis} | {r['ppl']:.2f} | {vp} | {r['quantize_s']:.0f} | {r['peak_rss_mib']:.0f} | {(r.get('commit') or 'not recorded')[:12]} |")
     return "\n".join(lines) + "\n"
 
@@ -159,7 +165,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", default="quarot_rtn,quarot_rtn_bisup")
     p.add_argument("--n-calib", type=int, default=16)
-    p.add_argument("--val-windows", type=int, default=4)
+    p.add_argument("--val-windows", type=int, default=16)
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--set", action="append", default=[], metavar="[bisup.]FIELD=VALUE")

@@ -82,22 +82,26 @@ def _tokens_from_docs(tokenizer, docs: List[str], n_tokens: int, chunk: int = 64
     raise ValueError(f"the corpus slice holds only {len(ids)} tokens, {n_tokens} were asked for")
 
 
-def embedded_eval_tokens(tokenizer, n_tokens: int) -> torch.Tensor:
-    """The LAST n_tokens of the embedded corpus (inside its held-out documents), 1-D LongTensor.
+def _tail_tokens(tokenizer, docs: List[str], n_tokens: int, what: str) -> torch.Tensor:
+    """The LAST n_tokens of the docs joined by DOC_SEPARATOR, 1-D LongTensor.
 
     Documents are taken from the end, more each round, until their tokens cover n_tokens; the tail
     of the token stream does not depend on how many documents were read.
     """
-    held_out = split_documents(corpus_documents())[1]
     m = 16
     while True:
-        ids = _encode(tokenizer, DOC_SEPARATOR.join(held_out[-m:]))
-        if len(ids) > n_tokens or m >= len(held_out):
+        ids = _encode(tokenizer, DOC_SEPARATOR.join(docs[-m:]))
+        if len(ids) > n_tokens or m >= len(docs):
             break
         m *= 2
     if len(ids) < n_tokens:
-        raise ValueError(f"the held-out corpus slice holds only {len(ids)} tokens, {n_tokens} were asked for")
+        raise ValueError(f"the {what} holds only {len(ids)} tokens, {n_tokens} were asked for")
     return torch.tensor(ids[-n_tokens:], dtype=torch.long, device="cpu")
+
+
+def embedded_eval_tokens(tokenizer, n_tokens: int) -> torch.Tensor:
+    """The LAST n_tokens of the embedded corpus (inside its held-out documents), 1-D LongTensor."""
+    return _tail_tokens(tokenizer, split_documents(corpus_documents())[1], n_tokens, "held-out corpus slice")
 
 
 def embedded_head_tokens(tokenizer, n_tokens: int) -> torch.Tensor:
@@ -119,6 +123,14 @@ def calibration_batches(tokenizer, n: int = 32, seq_len: int = 512) -> torch.Ten
     """LongTensor [n, seq_len]: consecutive windows from the start of the embedded corpus."""
     tokens = _tokens_from_docs(tokenizer, split_documents(corpus_documents())[0], n * seq_len)
     return tokens.reshape(n, seq_len)
+
+
+def validation_batches(tokenizer, n: int = 16, seq_len: int = 512) -> torch.Tensor:
+    """LongTensor [n, seq_len]: the LAST windows of the calibration split, where hyperparameters are
+    chosen. Fixed whatever the number of calibration windows (those come from the split's start; the
+    split holds ~1875 windows of 512 SmolLM2 tokens), and never the held-out evaluation text."""
+    return _tail_tokens(tokenizer, split_documents(corpus_documents())[0], n * seq_len,
+                        "calibration split").reshape(n, seq_len)
 
 
 def _load_hf_dataset(name: str) -> str:

@@ -64,6 +64,22 @@ def test_calibration_and_eval_never_overlap():
 
 
 @needs_corpus
+def test_validation_windows_are_the_calibration_split_tail():
+    """Validation (where defaults are chosen) reads the END of the calibration split: not the calibration
+    windows at its start whatever their number, not the held-out documents."""
+    tok = ByteTokenizer()
+    calib_docs, held_out = eval_data.split_documents(eval_data.corpus_documents())
+    val = eval_data.validation_batches(tok, n=3, seq_len=100)
+    assert val.shape == (3, 100) and val.dtype == torch.long
+    assert torch.equal(val.flatten(), torch.tensor(tok.encode("\n\n".join(calib_docs[-5:]))[-300:]))
+    text = bytes(eval_data.validation_batches(tok, n=16, seq_len=2048).flatten().tolist())
+    calib = bytes(eval_data.calibration_batches(tok, n=128, seq_len=2048).flatten().tolist())
+    held = "\n\n".join(held_out).encode()
+    for piece in (text[:1000], text[len(text) // 2:len(text) // 2 + 1000], text[-1000:]):
+        assert piece not in calib and piece not in held
+
+
+@needs_corpus
 def test_other_held_out_text_is_disjoint_from_the_evaluation_windows():
     """embedded_head reads the held-out documents from their start, far from the tail that the 8- and
     32-window protocols read; pydoc is CPython's reference text. Byte tokens: 4 chars ~ 1 BPE token."""
