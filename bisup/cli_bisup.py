@@ -27,6 +27,11 @@ def add_bisup_args(q: argparse.ArgumentParser) -> None:
                    help="BiSup: where the learned rounding starts (RTN's or GPTQ's codes)")
     q.add_argument("--bisup-lr-schedule", choices=BiSupConfig.LR_SCHEDULES, default=None,
                    help="BiSup: learning rates constant, or decayed linearly to 0 over each block's steps")
+    q.add_argument("--bisup-e2e-epochs", type=int, default=None,
+                   help="BiSup: passes of end-to-end training of the weight scales and activation clips "
+                        "(codes fixed) on the full-precision model's next-token distribution, after the "
+                        "block-wise stage (0: none)")
+    q.add_argument("--bisup-e2e-lr", type=float, default=None, help="BiSup: learning rate of the end-to-end stage")
 
 
 def bisup_config_from_args(a):
@@ -47,6 +52,6 @@ def bisup_config_from_args(a):
     given = dict(epochs=a.bisup_epochs, batch_size=a.bisup_batch_size, lr=a.bisup_lr, lowrank_lr=a.bisup_lowrank_lr,
                  rank=a.bisup_rank, val_windows=a.bisup_val_windows,
                  weight_clip_search=a.bisup_clip_search, loss=a.bisup_loss, rounding_init=a.bisup_rounding_init,
-                 lr_schedule=a.bisup_lr_schedule)
+                 lr_schedule=a.bisup_lr_schedule, e2e_epochs=a.bisup_e2e_epochs, e2e_lr=a.bisup_e2e_lr)
     return BiSupConfig(**{k: v for k, v in given.items() if v is not None},
                        **{name: name in spaces for name in BiSupConfig.SPACES})

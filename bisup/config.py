@@ -117,6 +117,11 @@ class BiSupConfig:
     # Default on: calib-val ppl 28.14 vs 29.60 off (bench/results/bisup_clip_search.md).
     weight_clip_search: bool = True
     val_windows: int = 0  # trailing calibration windows held out of training (validation loss only)
+    # after the block-wise training: passes of end-to-end training of every quantized linear's weight
+    # scales and activation clip (codes fixed) on the full-precision model's next-token distribution
+    # (bisup/methods/bisup_e2e.py); 0: none
+    e2e_epochs: int = 0
+    e2e_lr: float = 1e-3  # AdamW on the log of each scale / clip ratio
 
     SPACES = ("weight_clip", "act_clip", "smooth", "lowrank", "rounding", "head_rotation")
     LOSSES = ("mse", "token")
@@ -124,22 +129,22 @@ class BiSupConfig:
     LR_SCHEDULES = ("constant", "linear")
     # besides the spaces, what QuantConfig.label() names where it differs from today's default
     LABELLED = ("loss", "rounding_init", "lr_schedule", "epochs", "batch_size", "rank", "lr", "rounding_lr",
-                "lowrank_lr", "rotation_lr", "weight_clip_search")
+                "lowrank_lr", "rotation_lr", "weight_clip_search", "e2e_epochs", "e2e_lr")
     OWNER = {"rank": "lowrank", "lowrank_lr": "lowrank", "rounding_lr": "rounding", "rounding_init": "rounding",
-             "rotation_lr": "head_rotation", "weight_clip_search": "weight_clip"}  # a setting only its space reads
+             "rotation_lr": "head_rotation", "weight_clip_search": "weight_clip", "e2e_lr": "e2e_epochs"}  # a setting only its space reads
     WRITTEN_BEFORE = {"weight_clip_search": False, "head_rotation": False, "loss": "mse",
-                      "rounding_init": "rtn", "lr_schedule": "constant"}  # fields added later, with the value older configs meant
+                      "rounding_init": "rtn", "lr_schedule": "constant", "e2e_epochs": 0}  # fields added later, with the value older configs meant
 
     def __post_init__(self) -> None:
         own = "BiSupConfig"
         for name in self.SPACES + ("weight_clip_search",):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{own}.{name}={getattr(self, name)!r}: expected True or False")
-        for name, minimum in (("rank", 1), ("epochs", 0), ("batch_size", 1), ("val_windows", 0)):
+        for name, minimum in (("rank", 1), ("epochs", 0), ("batch_size", 1), ("val_windows", 0), ("e2e_epochs", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ValueError(f"{own}.{name}={value!r}: expected an int >= {minimum}")
-        for name in ("lr", "lowrank_lr", "rounding_lr", "rotation_lr"):
+        for name in ("lr", "lowrank_lr", "rounding_lr", "rotation_lr", "e2e_lr"):
             _check_float(own, name, getattr(self, name), 0.0, 10.0)
         if self.rounding_init not in self.ROUNDING_INITS:
             raise ValueError(f"{own}.rounding_init={self.rounding_init!r}: expected one of {list(self.ROUNDING_INITS)}")

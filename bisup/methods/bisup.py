@@ -56,6 +56,7 @@ Defaults (BiSupConfig) and how they were chosen: bench/results/bisup_first.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Dict, List, Optional
 
@@ -63,6 +64,7 @@ import torch
 from torch import nn
 
 from bisup.config import BiSupConfig, QuantConfig
+from bisup.methods.bisup_e2e import train_end_to_end
 from bisup.methods.bisup_training import block_loss, train_block
 from bisup.methods.calibration import InputStats, iterate_layers
 from bisup.methods.common import BiSupBase, act_quantizer
@@ -336,7 +338,8 @@ def _input_hessians(block: Block, inputs, chunks: List[int]) -> Dict[str, InputS
 def apply(model: nn.Module, adapter, config: QuantConfig, calib_batches: torch.Tensor, base: BiSupBase,
           progress: bool = True, placement: Optional[Placement] = None) -> List[dict]:
     """BiSup on top of `base` (the config.method's BiSupBase), in place; returns (and stores as
-    model.bisup_log) one dict per layer with its training and validation losses."""
+    model.bisup_log) one dict per layer with its training and validation losses (then, with
+    BiSupConfig.e2e_epochs, one for the end-to-end stage: bisup_e2e.py)."""
     bc = config.bisup
     if calib_batches is None:
         raise ValueError("BiSup needs calibration batches")
@@ -350,11 +353,15 @@ def apply(model: nn.Module, adapter, config: QuantConfig, calib_batches: torch.T
                          f"leaves no training batch of the {n} calibration windows")
     train_chunks, val_chunks = list(range(n_chunks - n_val)), list(range(n_chunks - n_val, n_chunks))
     placement = placement or Placement.for_model(model)
+    finish = placement.finish if bc.e2e_epochs else None  # (mode="real") after the end-to-end stage, not per layer
+    if finish is not None:
+        placement = dataclasses.replace(placement, finish=None)
     transforms = base.prepare(model, adapter, config, placement) or {}
     use_gptq = base.gptq(config) and config.quantizes_weights and not bc.rounding  # learned rounding makes the codes
     kinds = tuple(sorted(set(base.stats) | ({"channel"} if bc.smooth else set())))
     model.requires_grad_(False)
     log: List[dict] = []
+    final_targets: List[torch.Tensor] = []  # the last layer's full-precision outputs: the end-to-end teacher
     for index, layer, inputs in iterate_layers(model, adapter, calib_batches, progress=progress, stats=kinds,
                                                targets=True, batch_size=bc.batch_size, desc="BiSup",
                                                placement=placement):
@@ -372,6 +379,13 @@ def apply(model: nn.Module, adapter, config: QuantConfig, calib_batches: torch.T
         if val_chunks:
             entry["val_after"] = block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, val_chunks, bc.loss)
         log.append(entry)
+        if bc.e2e_epochs and index == len(adapter.layers()) - 1:
+            final_targets = [placement.hold(t) for t in inputs.targets]
         del block, hessians
+    if bc.e2e_epochs:
+        log.append(train_end_to_end(adapter, calib_batches, final_targets, bc, train_chunks, val_chunks,
+                                    config.seed * 1000003 - 1, progress))
+        for layer in adapter.layers() if finish is not None else ():
+            finish(layer)
     model.bisup_log = log
     return log
