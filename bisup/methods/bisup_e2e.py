@@ -119,6 +119,8 @@ def train_end_to_end(adapter, calib_batches: torch.Tensor, final_targets: List[t
                 adapter.set_linear(layer, name, st)
                 tuned.append((layer, name, st))
     params = [p for _, _, st in tuned for p in (st.log_scale, st.log_outlier_scale, st.log_clip) if p is not None]
+    if not params:  # nothing quantized to tune (e.g. W16 with KV quantization only)
+        return log
     opt = torch.optim.AdamW(params, lr=bc.e2e_lr, weight_decay=0.0)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     steps = tqdm(total=bc.e2e_epochs * len(train_chunks), desc="BiSup end-to-end", disable=not progress, leave=False)

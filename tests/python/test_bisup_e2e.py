@@ -7,7 +7,7 @@ import torch
 import bisup
 from bisup.config import BiSupConfig, QuantConfig
 from bisup.methods.bisup_e2e import distribution_loss
-from bisup.models.tiny import random_tokens, tiny_model
+from bisup.models.tiny import FAMILIES, random_tokens, tiny_model
 from bisup.nn.fake_quant import FakeQuantLinear
 
 
@@ -68,6 +68,27 @@ def test_end_to_end_model_saves_and_runs_real_mode_as_fake(tmp_path):
         assert torch.equal(loaded(ids).logits, ref)
         out = real(ids).logits
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_end_to_end_runs_on_every_family(family):
+    """The teacher (final norm + head of the last layer's FP outputs) and the student (the decoder's
+    normed output + head) are the same function on the unquantized model: the KL starts at the
+    quantization's, and the stage lowers it on its own windows."""
+    calib = random_tokens(4, 24)
+    m = bisup.quantize_model(tiny_model(family), _cfg("quarot", e2e_epochs=6, e2e_lr=2e-2), calib_data=calib,
+                             progress=False)
+    entry = m.bisup_log[-1]
+    assert 0 < entry["e2e_kl_last_epoch"] < entry["e2e_kl_first_epoch"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_teacher_is_the_full_precision_model(family):
+    """Nothing quantized (QuaRot's rotations only): the quantized model's distribution is the teacher's."""
+    cfg = QuantConfig(method="quarot", w_bits=16, a_bits=16, kv_bits=16,
+                      bisup=BiSupConfig(epochs=0, batch_size=2, e2e_epochs=1, val_windows=2))
+    m = bisup.quantize_model(tiny_model(family), cfg, calib_data=random_tokens(4, 24), progress=False)
+    assert m.bisup_log[-1]["e2e_val_kl_before"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_distribution_loss_is_the_mean_token_kl():
