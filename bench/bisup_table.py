@@ -102,7 +102,7 @@ def load_model(name: str):
 
 
 def run_job(cell: str, variant: str, fp_prompt_from_fp_model: bool, only_8w: bool = False,
-            model_name: str = DEFAULT_MODEL) -> dict:
+            model_name: str = DEFAULT_MODEL, n_calib: int = N_CALIB) -> dict:
     import torch
 
     import bisup
@@ -121,14 +121,14 @@ def run_job(cell: str, variant: str, fp_prompt_from_fp_model: bool, only_8w: boo
         bis = VARIANTS[variant]
         # evaluated in real mode (packed weights, the integer GEMM, the mixed-precision KV cache):
         # what the kernels deliver (fake mode computes the same bits, tests/python/test_fake_real.py)
-        calib, p = calibration_batches(tok, N_CALIB, SEQ_LEN), 0
+        calib, p = calibration_batches(tok, n_calib, SEQ_LEN), 0
         if variant in PROMPT_AWARE:  # the same calibration tokens, behind the system prompt
             calib, p = prompt_aware_calibration(calib, sys_ids)
         if variant in SINK_AWARE:
             p = 1
         # weights only (A16): no real-mode GEMM for 16-bit activations, so fake mode (the same weights)
         mode = "fake" if CELLS[cell]["a_bits"] == 16 else "real"
-        cfg = bisup.QuantConfig(**CELLS[cell], n_calib=N_CALIB, calib_seq_len=SEQ_LEN, mode=mode, prompt_len=p,
+        cfg = bisup.QuantConfig(**CELLS[cell], n_calib=n_calib, calib_seq_len=SEQ_LEN, mode=mode, prompt_len=p,
                                 bisup=None if bis is None else bisup.BiSupConfig(**bis))
         res["config"] = cfg.to_dict()
         res["label"] = cfg.label()  # what ran, made from the config
@@ -219,7 +219,10 @@ def _other_text(jobs: dict, cell: str, r: dict) -> str:
 
 def markdown(jobs: dict) -> str:
     fp = jobs.get("fp:base")
-    lines = ["| what ran (label from the job's config) | row | ppl 8w (no prompt) | 8w vs base "
+    calib = sorted({r["config"]["n_calib"] for r in jobs.values() if "config" in r})
+    lines = [f"Calibration: the first {' or '.join(map(str, calib))} x {SEQ_LEN} windows of the calibration split "
+             "(each row's config records its own).", "",
+             "| what ran (label from the job's config) | row | ppl 8w (no prompt) | 8w vs base "
              "| other text 8w: wiki head / Python docs (vs base) | ppl 32w all low-bit "
              "| ppl 32w prompt KV FP (prompt run low-bit) | ppl 32w prompt KV FP (prompt run FP) "
              "| ppl 32w prompt KV FP (FP model) | quantize s | peak RSS MiB | commit |",
@@ -317,20 +320,22 @@ def main(argv=None) -> int:
                    help="the 8-window protocol only (ablation rows: no system-prompt evaluation)")
     p.add_argument("--model", choices=list(MODELS), default=DEFAULT_MODEL,
                    help="the model of the jobs run now (a second table: give it its own --out)")
+    p.add_argument("--n-calib", type=int, default=N_CALIB,
+                   help="calibration windows of the jobs run now (another count: give them their own --out)")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--report", action="store_true")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one is not None:
         cell, variant = a.one.split(":")
-        print("RESULT " + json.dumps(run_job(cell, variant, a.fp_model_prompt, a.only_8w, a.model)))
+        print("RESULT " + json.dumps(run_job(cell, variant, a.fp_model_prompt, a.only_8w, a.model, a.n_calib)))
         return 0
     jobs = load_jobs(a.out)
     for job in filter(None, a.jobs.split(",")):
         cell, _, variant = job.partition(":")
         if cell != "fp" and (cell not in CELLS or variant not in VARIANTS):
             raise SystemExit(f"unknown job {job!r}: cells {list(CELLS)}, variants {list(VARIANTS)}")
-        cmd = [sys.executable, __file__, "--one", job, "--model", a.model] + (["--fp-model-prompt"] if a.fp_model_prompt else []) + (
+        cmd = [sys.executable, __file__, "--one", job, "--model", a.model, "--n-calib", str(a.n_calib)] + (["--fp-model-prompt"] if a.fp_model_prompt else []) + (
             ["--only-8w"] if a.only_8w else [])
         t = time.perf_counter()
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
