@@ -18,6 +18,7 @@ full-precision outputs kept from the block-wise pass.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import List
@@ -25,6 +26,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from bisup.config import BiSupConfig
@@ -88,6 +90,22 @@ def distribution_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return F.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
+@contextlib.contextmanager
+def recomputed_layers(layers):
+    """While inside, each decoder layer's forward keeps only its inputs for the backward pass and runs
+    again there (activation checkpointing): the whole model's backward then holds one layer's
+    activations at a time, not every layer's (SmolLM2, 2 x 512 tokens: ~8 GB less), for ~1/3 more
+    compute."""
+    originals = [layer.forward for layer in layers]
+    for layer, forward in zip(layers, originals):
+        layer.forward = lambda *args, _f=forward, **kwargs: checkpoint(_f, *args, use_reentrant=False, **kwargs)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward  # the class's forward again
+
+
 def train_end_to_end(adapter, calib_batches: torch.Tensor, final_targets: List[torch.Tensor],
                      bc: BiSupConfig, train_chunks: List[int], val_chunks: List[int], seed: int,
                      progress: bool = True) -> dict:
@@ -125,7 +143,7 @@ def train_end_to_end(adapter, calib_batches: torch.Tensor, final_targets: List[t
     gen = torch.Generator(device="cpu").manual_seed(seed)
     steps = tqdm(total=bc.e2e_epochs * len(train_chunks), desc="BiSup end-to-end", disable=not progress, leave=False)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), recomputed_layers(adapter.layers()):
             for epoch in range(bc.e2e_epochs):
                 order = [train_chunks[i] for i in torch.randperm(len(train_chunks), generator=gen).tolist()]
                 total = 0.0

@@ -6,7 +6,8 @@ import torch
 
 import bisup
 from bisup.config import BiSupConfig, QuantConfig
-from bisup.methods.bisup_e2e import distribution_loss
+from bisup.methods.bisup_e2e import distribution_loss, recomputed_layers
+from bisup.models.adapters import get_adapter
 from bisup.models.tiny import FAMILIES, random_tokens, tiny_model
 from bisup.nn.fake_quant import FakeQuantLinear
 
@@ -89,6 +90,30 @@ def test_teacher_is_the_full_precision_model(family):
                       bisup=BiSupConfig(epochs=0, batch_size=2, e2e_epochs=1, val_windows=2))
     m = bisup.quantize_model(tiny_model(family), cfg, calib_data=random_tokens(4, 24), progress=False)
     assert m.bisup_log[-1]["e2e_val_kl_before"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_recomputed_layers_give_the_same_gradients():
+    model, ids = tiny_model("qwen3"), random_tokens(2, 20)
+    adapter = get_adapter(model)
+    model.requires_grad_(False)
+    scale = torch.nn.Parameter(torch.ones(model.config.hidden_size))
+    grads, calls = [], []
+    adapter.layers()[1].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    for recompute in (False, True):
+        hook = adapter.layers()[1].register_forward_pre_hook(lambda m, args, kwargs: ((args[0] * scale,) + args[1:], kwargs),
+                                                             with_kwargs=True)
+        ctx = recomputed_layers(adapter.layers()) if recompute else torch.enable_grad()
+        with ctx:
+            loss = model(ids).logits.square().mean()
+        loss.backward()
+        hook.remove()
+        grads.append(scale.grad.clone())
+        calls.append(0)
+        scale.grad = None
+    torch.testing.assert_close(grads[0], grads[1])
+    assert calls == [1, 0, 1, 1, 0]  # recomputed: the layer ran again in the backward pass
+    assert grads[0].abs().sum() > 0
+    assert all("forward" not in vars(layer) for layer in adapter.layers())  # the class's forward again
 
 
 def test_distribution_loss_is_the_mean_token_kl():
