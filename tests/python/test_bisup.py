@@ -465,7 +465,8 @@ def test_save_load_is_exact_and_real_mode_runs(tmp_path, method, rotation):
     calib, ids = random_tokens(4, 24), random_tokens(1, 16, seed=3)
     config = _cfg(method, group=32, val_windows=2, head_rotation=rotation, rotation_lr=1e-2)  # the real kernels take groups of 32
     m = bisup.quantize_model(tiny_model("llama"), config, calib_data=calib, progress=False)
-    assert len(m.bisup_log) == 2 and all("val_after" in e for e in m.bisup_log)
+    layers, e2e = m.bisup_log[:-1], m.bisup_log[-1]  # one entry per layer, then the end-to-end stage's
+    assert len(layers) == 2 and all("val_after" in e for e in layers) and e2e["stage"] == "end-to-end"
     clips = {float(mod.act_quantizer.clip) for mod in m.modules() if isinstance(mod, FakeQuantLinear)}
     assert len(clips) > 1  # learned per linear
     bisup.save_quantized(m, tmp_path / "q")

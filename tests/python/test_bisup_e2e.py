@@ -25,7 +25,7 @@ def _linears(model):
 def test_end_to_end_moves_only_scales_and_clips_and_lowers_the_kl(method):
     calib = random_tokens(6, 24)
     fp = tiny_model("llama")
-    without = bisup.quantize_model(copy.deepcopy(fp), _cfg(method, val_windows=2), calib_data=calib, progress=False)
+    without = bisup.quantize_model(copy.deepcopy(fp), _cfg(method, val_windows=2, e2e_epochs=0), calib_data=calib, progress=False)
     with_e2e = bisup.quantize_model(copy.deepcopy(fp), _cfg(method, val_windows=2, e2e_epochs=8, e2e_lr=2e-2),
                                     calib_data=calib, progress=False)
     entry = with_e2e.bisup_log[-1]
@@ -132,9 +132,10 @@ def test_bad_end_to_end_settings_are_refused(field, value):
 
 
 def test_label_names_the_end_to_end_stage():
-    assert "e2e_epochs=2" in _cfg(e2e_epochs=2).label()
-    assert "e2e_lr" not in _cfg(e2e_lr=5e-3).label()  # read only with the stage on
-    assert "e2e_lr=0.005" in _cfg(e2e_epochs=2, e2e_lr=5e-3).label()
+    assert "e2e" not in _cfg().label()  # today's defaults
+    assert "e2e_epochs=0" in _cfg(e2e_epochs=0).label()
+    assert "e2e_lr" not in _cfg(e2e_epochs=0, e2e_lr=1e-3).label()  # read only with the stage on
+    assert "e2e_lr=0.001" in _cfg(e2e_lr=1e-3).label()
 
 
 def test_cli_end_to_end_options():
