@@ -130,11 +130,12 @@ def bisup_settings(b: dict) -> str:
 
 
 def markdown(results) -> str:
-    lines = ["| row | what ran (label from the config) | BiSup | held-out ppl (8x512) | calib-val ppl | quantize s | peak RSS MiB | commit |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | what ran (label from the config) | BiSup | calib windows | held-out ppl (8x512) | calib-val ppl "
+             "| quantize s | peak RSS MiB | commit |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['row']} | error: {r['error'][:80]} | | | | | | |")
+            lines.append(f"| {r['row']} | error: {r['error'][:80]} | | | | | | | |")
             continue
         c = r["config"]
         meth = QuantConfig.from_dict(c).label()  # from the config that ran, against today's defaults
@@ -142,7 +143,7 @@ def markdown(results) -> str:
         bis = "-" if b is None else bisup_settings(b)
         where = "tail" if r.get("val_source") == VAL_SOURCE else "after calib"
         vp = "" if r["val_ppl"] is None else f"{r['val_ppl']:.2f} ({r['val_windows']} {where})"
-        lines.append(f"| {r['row']} | {meth} | {bis} | {r['ppl']:.2f} | {vp} | {r['quantize_s']:.0f} | {r['peak_rss_mib']:.0f} | {(r.get('commit') or 'not recorded')[:12]} |")
+        lines.append(f"| {r['row']} | {meth} | {bis} | {r.get('n_calib', '')} | {r['ppl']:.2f} | {vp} | {r['quantize_s']:.0f} | {r['peak_rss_mib']:.0f} | {(r.get('commit') or 'not recorded')[:12]} |")
     return "\n".join(lines) + "\n"
 
 
