@@ -4,7 +4,9 @@ Per shape (random weights, `--layers` decoder layers, a small vocabulary so the 
 job in its own subprocess (so its peak RSS is its own):
   fp32_forward  a plain fp32 forward of the model over the calibration tokens (the yardstick)
   base          QuaRot+GPTQ W4A4 g128 KV4 (quantize_model on the bf16 model)
-  bisup         the same + BiSup (BiSupConfig(epochs=--epochs), the library defaults otherwise)
+  bisup         the same + BiSup's block-wise stage (BiSupConfig(epochs=--epochs, e2e_epochs=0), the library
+                defaults otherwise: the end-to-end stage runs the whole model once per step, not per layer,
+                and is skipped anyway for a model that lives off its compute device)
 reports seconds per layer, peak RSS, FLOPs per layer, and projections of the full model's time:
 on this machine (measured seconds per layer x layers) and on one H100 (FLOP count / an assumed
 achieved rate, plus per-column GPTQ launch overhead: a PROJECTION until a GPU run replaces it).
@@ -136,7 +138,7 @@ def run_job(shape_name: str, variant: str, layers: int, n_seq: int, seq_len: int
             model(input_ids=tokens.to(device), use_cache=False)
     else:
         cfg = bisup.QuantConfig(**BASE, n_calib=n_seq, calib_seq_len=seq_len,
-                                bisup=bisup.BiSupConfig(epochs=epochs) if variant == "bisup" else None)
+                                bisup=bisup.BiSupConfig(epochs=epochs, e2e_epochs=0) if variant == "bisup" else None)
         bisup.quantize_model(model, cfg, calib_data=tokens, device=device, progress=False)
     if device.startswith("cuda"):
         torch.cuda.synchronize()

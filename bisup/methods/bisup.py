@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -69,7 +70,7 @@ from bisup.methods.bisup_training import block_loss, train_block
 from bisup.methods.calibration import InputStats, iterate_layers
 from bisup.methods.common import BiSupBase, act_quantizer
 from bisup.methods.gptq import gptq_linear, layer_plan
-from bisup.methods.placement import Placement
+from bisup.methods.placement import Placement, module_device
 from bisup.nn.attention import ROTATION_BUFFER, compose_value_basis, get_kv_spec, kv_rotation
 from bisup.nn.fake_quant import FakeQuantLinear
 from bisup.quant.gptq import gptq_quantize
@@ -353,7 +354,14 @@ def apply(model: nn.Module, adapter, config: QuantConfig, calib_batches: torch.T
                          f"leaves no training batch of the {n} calibration windows")
     train_chunks, val_chunks = list(range(n_chunks - n_val)), list(range(n_chunks - n_val, n_chunks))
     placement = placement or Placement.for_model(model)
-    finish = placement.finish if bc.e2e_epochs else None  # (mode="real") after the end-to-end stage, not per layer
+    # the end-to-end stage runs the whole model where it lives: not when layers live off the compute device
+    moved = [i for i, layer in enumerate(adapter.layers()) if placement.compute(layer) != module_device(layer)]
+    e2e = bc.e2e_epochs > 0 and not moved
+    if bc.e2e_epochs and moved:
+        warnings.warn(f"BiSup: the end-to-end stage (e2e_epochs={bc.e2e_epochs}) is skipped: {len(moved)} decoder "
+                      f"layers live off the compute device {placement.device}, and the stage needs the whole model "
+                      "there; load the model onto that device to run it, or set BiSupConfig(e2e_epochs=0)")
+    finish = placement.finish if e2e else None  # (mode="real") after the end-to-end stage, not per layer
     if finish is not None:
         placement = dataclasses.replace(placement, finish=None)
     transforms = base.prepare(model, adapter, config, placement) or {}
@@ -379,10 +387,12 @@ def apply(model: nn.Module, adapter, config: QuantConfig, calib_batches: torch.T
         if val_chunks:
             entry["val_after"] = block_loss(layer, inputs.hidden, inputs.kwargs, inputs.targets, val_chunks, bc.loss)
         log.append(entry)
-        if bc.e2e_epochs and index == len(adapter.layers()) - 1:
+        if e2e and index == len(adapter.layers()) - 1:
             final_targets = [placement.hold(t) for t in inputs.targets]
         del block, hessians
-    if bc.e2e_epochs:
+    if bc.e2e_epochs and not e2e:
+        log.append({"stage": "end-to-end", "skipped": f"{len(moved)} layers live off the compute device"})
+    if e2e:
         log.append(train_end_to_end(adapter, calib_batches, final_targets, bc, train_chunks, val_chunks,
                                     config.seed * 1000003 - 1, progress))
         for layer in adapter.layers() if finish is not None else ():

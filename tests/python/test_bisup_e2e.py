@@ -116,6 +116,21 @@ def test_recomputed_layers_give_the_same_gradients():
     assert all("forward" not in vars(layer) for layer in adapter.layers())  # the class's forward again
 
 
+def test_skipped_with_a_warning_when_layers_live_off_the_compute_device(monkeypatch):
+    """A model kept in CPU RAM and quantized layer by layer on a GPU cannot run the whole-model stage:
+    BiSup warns, records it, and the result is the block-wise one."""
+    from bisup.methods import bisup as bisup_method
+
+    calib, ids = random_tokens(4, 24), random_tokens(1, 16, seed=3)
+    ref = bisup.quantize_model(tiny_model("llama"), _cfg(e2e_epochs=0), calib_data=calib, progress=False)
+    monkeypatch.setattr(bisup_method, "module_device", lambda module: torch.device("cuda"))  # "home" != compute
+    with pytest.warns(UserWarning, match="end-to-end stage .* is skipped: 2 decoder layers live off the compute"):
+        m = bisup.quantize_model(tiny_model("llama"), _cfg(), calib_data=calib, progress=False)
+    assert m.bisup_log[-1] == {"stage": "end-to-end", "skipped": "2 layers live off the compute device"}
+    with torch.no_grad():
+        assert torch.equal(m(ids).logits, ref(ids).logits)
+
+
 def test_distribution_loss_is_the_mean_token_kl():
     gen = torch.Generator().manual_seed(0)
     s, t = torch.randn(2, 5, 11, generator=gen), torch.randn(2, 5, 11, generator=gen)
