@@ -60,8 +60,8 @@ CELLS = {
     "gptq_w4a16": dict(G64, method="gptq", a_bits=16, kv_bits=16, a_clip=1.0),
 }
 def only(*names: str) -> dict:
-    """BiSup with exactly these parameter spaces on (the ablation's variants)."""
-    return {space: space in names for space in BiSupConfig.SPACES}
+    """BiSup's block-wise stage with exactly these parameter spaces on (the ablation's variants)."""
+    return dict({space: space in names for space in BiSupConfig.SPACES}, e2e_epochs=0)
 
 
 # Every variant is BiSupConfig() as the job's commit defines it, with these fields changed.
@@ -74,6 +74,7 @@ VARIANTS = {
     "rounding_only": only("rounding"),
     "rotation_only": only("head_rotation"),
     "no_rounding": dict(rounding=False),
+    "no_e2e": dict(e2e_epochs=0),  # the block-wise stage alone
     # the defaults of 2026-12-07 morning (all-token MSE, smoothing on, no head rotations): where today's
     # defaults, chosen on SmolLM2, do worse on another model
     "bisup_morning": dict(loss="mse", smooth=True, head_rotation=False),
@@ -194,7 +195,8 @@ def _cell_label(cell: str) -> str:
 
 
 ABLATION_CELL = "quarot_rtn_g64"
-ABLATION_VARIANTS = ("clip_only", "smooth_only", "lowrank_only", "rounding_only", "rotation_only", "no_rounding")
+ABLATION_VARIANTS = ("clip_only", "smooth_only", "lowrank_only", "rounding_only", "rotation_only", "no_rounding",
+                     "no_e2e")
 
 
 def _f2(v) -> str:
@@ -256,7 +258,8 @@ def markdown(jobs: dict) -> str:
         spaces = {"base": "none (base)", "clip_only": "weight + activation clipping", "smooth_only": "smoothing",
                   "lowrank_only": "low-rank compensation", "rounding_only": "learned rounding",
                   "rotation_only": "learned head rotations",
-                  "no_rounding": "the defaults but learned rounding", "bisup": "the defaults of the job's commit"}
+                  "no_rounding": "the defaults but learned rounding",
+                  "no_e2e": "the defaults but the end-to-end stage", "bisup": "the defaults of the job's commit"}
         for cell, v in rows:
             r = jobs[f"{cell}:{v}"]
             lines.append(f"| {_row_label(r, cell)} | {spaces[v]} | {_f2(r['ppl_8w'])} | {_vs_base(jobs, cell, r)} "

@@ -1,5 +1,6 @@
 """BiSup's end-to-end stage (BiSupConfig.e2e_epochs > 0), after the block-wise training: every quantized
-linear keeps its integer codes; its weight group scales and its activation clip ratio are trained
+linear keeps its integer codes; its weight group scales and its activation clip ratio (when
+BiSupConfig.act_clip is on and the activations use bisup's own quantizer) are trained
 together, over the whole model, so that the quantized model's next-token distribution matches the
 full-precision model's (KL divergence, mean over tokens) on the calibration windows. The block loss
 sees one layer's output; this loss sees what the perplexity sees, and lets a layer's scales make
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 
 from bisup.config import BiSupConfig
 from bisup.nn.fake_quant import FakeQuantLinear
+from bisup.quant.formats import BISUP_ACTS
 from bisup.quant.learnable import _fp16_ste
 
 
@@ -38,15 +40,16 @@ class ScaleTunedLinear(nn.Module):
     """A FakeQuantLinear's forward with trainable scales: s = s0 * exp(t) (t = 0 at the start: the
     exported model exactly, up to the float path's rounding), clip = min(1, clip0 * exp(t_clip))."""
 
-    def __init__(self, fq: FakeQuantLinear):
+    def __init__(self, fq: FakeQuantLinear, learn_act_clip: bool = True):
         super().__init__()
         self.fq = fq
         self.codes = fq.weight_codes()
         self.log_scale = nn.Parameter(torch.zeros_like(self.codes.scales, dtype=torch.float32))
         out = self.codes.outlier_scales if self.codes.has_outliers else None
         self.log_outlier_scale = None if out is None else nn.Parameter(torch.zeros_like(out, dtype=torch.float32))
-        aq = fq.act_quantizer
-        self.clip0 = None if aq is None or not aq.enabled else float(aq.clip)
+        aq = fq.act_quantizer  # an engine's activation quantizer (compressed-tensors) is unclipped: not trained
+        trains_clip = learn_act_clip and aq is not None and aq.enabled and aq.convention == BISUP_ACTS
+        self.clip0 = float(aq.clip) if trains_clip else None
         self.log_clip = None if self.clip0 is None else nn.Parameter(torch.zeros((), device=self.log_scale.device))
 
     def _scales(self):
@@ -133,7 +136,7 @@ def train_end_to_end(adapter, calib_batches: torch.Tensor, final_targets: List[t
         for name in adapter.linear_names():
             fq = adapter.get_linear(layer, name)
             if isinstance(fq, FakeQuantLinear) and fq.quantized:
-                st = ScaleTunedLinear(fq)
+                st = ScaleTunedLinear(fq, learn_act_clip=bc.act_clip)
                 adapter.set_linear(layer, name, st)
                 tuned.append((layer, name, st))
     params = [p for _, _, st in tuned for p in (st.log_scale, st.log_outlier_scale, st.log_clip) if p is not None]

@@ -1,5 +1,6 @@
 """BiSup's end-to-end stage (bisup/methods/bisup_e2e.py, BiSupConfig.e2e_epochs) on tiny random models."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -129,6 +130,22 @@ def test_skipped_with_a_warning_when_layers_live_off_the_compute_device(monkeypa
     assert m.bisup_log[-1] == {"stage": "end-to-end", "skipped": "2 layers live off the compute device"}
     with torch.no_grad():
         assert torch.equal(m(ids).logits, ref(ids).logits)
+
+
+@pytest.mark.parametrize("convention,act_clip", [("bisup", False), ("compressed-tensors", False)])
+def test_clips_stay_where_they_are_not_learned(convention, act_clip):
+    """act_clip off, or an engine's (unclipped) activation quantizer: the stage trains the scales only."""
+    cfg = QuantConfig(method="quarot", w_group_size=32, a_group_size=32, a_convention=convention,
+                      a_clip=1.0 if convention != "bisup" else 0.9,
+                      bisup=BiSupConfig(epochs=1, batch_size=2, rank=4, act_clip=act_clip, e2e_epochs=2, e2e_lr=2e-2))
+    calib = random_tokens(4, 24)
+    m = bisup.quantize_model(tiny_model("llama"), cfg, calib_data=calib, progress=False)
+    ref = bisup.quantize_model(tiny_model("llama"), cfg.replace(bisup=dataclasses.replace(cfg.bisup, e2e_epochs=0)), calib_data=calib,
+                               progress=False)
+    clips = {float(mod.act_quantizer.clip) for mod in _linears(m).values()}
+    assert clips == {cfg.a_clip}
+    a, b = _linears(ref), _linears(m)
+    assert all(not torch.equal(a[n].weight_codes().scales, b[n].weight_codes().scales) for n in a)
 
 
 def test_distribution_loss_is_the_mean_token_kl():
