@@ -13,9 +13,10 @@ the teacher's logits. What it changes is what every quantized linear already sto
 and a clip ratio - so the checkpoint, the kernels and mode="real" are unchanged (the scales are
 rounded to fp16 in every training forward: the trained model is the exported one).
 
-Costs: one forward and backward of the whole model per calibration batch (it runs where the model
-lives: for a model that does not fit its compute device, leave it off), plus the last layer's
-full-precision outputs kept from the block-wise pass.
+Costs: one forward and backward of the whole model per calibration batch (decoder layers recomputed
+in the backward pass: one layer's activations at a time), plus the last layer's full-precision
+outputs kept from the block-wise pass. It runs where the model lives: methods/bisup.py skips it, with
+a warning, when the layers live off the compute device (a model streamed layer by layer).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from tqdm.auto import tqdm
 from bisup.config import BiSupConfig
 from bisup.nn.fake_quant import FakeQuantLinear
 from bisup.quant.formats import BISUP_ACTS
-from bisup.quant.learnable import _fp16_ste
+from bisup.quant.learnable import fp16_ste
 
 
 class ScaleTunedLinear(nn.Module):
@@ -53,10 +54,10 @@ class ScaleTunedLinear(nn.Module):
         self.log_clip = None if self.clip0 is None else nn.Parameter(torch.zeros((), device=self.log_scale.device))
 
     def _scales(self):
-        s = _fp16_ste(self.codes.scales.float() * self.log_scale.exp())
+        s = fp16_ste(self.codes.scales.float() * self.log_scale.exp())
         if self.log_outlier_scale is None:
             return s, None
-        return s, _fp16_ste(self.codes.outlier_scales.float() * self.log_outlier_scale.exp())
+        return s, fp16_ste(self.codes.outlier_scales.float() * self.log_outlier_scale.exp())
 
     def clip(self) -> torch.Tensor:
         return (self.clip0 * self.log_clip.exp()).clamp(max=1.0)

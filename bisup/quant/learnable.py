@@ -65,7 +65,7 @@ def logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
-def _fp16_ste(s: torch.Tensor) -> torch.Tensor:
+def fp16_ste(s: torch.Tensor) -> torch.Tensor:
     """s rounded to fp16 (and 0 -> 1) in the forward, identity gradient."""
     r = s.detach().clamp(max=FP16_MAX).to(SCALE_DTYPE).to(torch.float32)
     r = torch.where(r > 0, r, torch.ones_like(r))
@@ -91,10 +91,10 @@ def lwc_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool, hi_logi
         mx = xg.amax(-1, keepdim=True)
         mn = xg.amin(-1, keepdim=True)
         if sym:
-            s = _fp16_ste(torch.maximum(gam * mx.clamp(min=0), bet * (-mn).clamp(min=0)) / qmax)
+            s = fp16_ste(torch.maximum(gam * mx.clamp(min=0), bet * (-mn).clamp(min=0)) / qmax)
             z = torch.zeros_like(s)
         else:
-            s = _fp16_ste((gam * mx - bet * mn) / qmax)
+            s = fp16_ste((gam * mx - bet * mn) / qmax)
             z = round_ste(-(bet * mn) / s)
             z = z + (z.detach().clamp(-FP16_MAX, FP16_MAX).to(SCALE_DTYPE).to(torch.float32) - z).detach()
         v = xg / s
