@@ -149,7 +149,7 @@ def train_end_to_end(adapter, calib_batches: torch.Tensor, final_targets: List[t
     try:
         with torch.enable_grad(), recomputed_layers(adapter.layers()):
             for epoch in range(bc.e2e_epochs):
-                order = [train_chunks[i] for i in torch.randperm(len(train_chunks), generator=gen).tolist()]
+                order = [train_chunks[i] for i in torch.randperm(len(train_chunks), generator=gen, device="cpu").tolist()]
                 total = 0.0
                 for c in order:
                     loss = kl(c)
