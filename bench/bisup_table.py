@@ -234,6 +234,7 @@ def markdown(jobs: dict) -> str:
                      f"| {_f2(fp.get('ppl_32w_kv-fp'))} | {_f2(fp.get('ppl_32w_quantized'))} | | | {fp['peak_rss_mib']:.0f} "
                      f"| {_commit_of(fp)} |")
     names = {"base": "base / +horizontal", "bisup": "+vertical / +both",
+             "no_e2e": "+vertical / +both, block-wise stage only",
              "bisup_prompt": "+vertical / +both, prompt-aware training",
              "bisup_sink": "+vertical / +both, trained with the sink token's KV FP",
              "bisup_morning": "+vertical / +both, the defaults of 2026-12-07 morning"}
