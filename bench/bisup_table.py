@@ -295,8 +295,8 @@ def plots(jobs: dict, out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out.with_name(out.name + "_bars.png"), dpi=120)
         plt.close(fig)
-    key = next((k for k in ("quarot_g64", "atom_g64") if f"{k}:bisup" in jobs  # (8w-only jobs have no curves)
-                and all("curve_32w_low-bit" in jobs[f"{k}:{v}"] for v in ("base", "bisup"))), None)
+    key = next((k for k in ("quarot_g64", "atom_g64")  # (8w-only jobs have no curves)
+                if all("curve_32w_low-bit" in jobs.get(f"{k}:{v}", {}) for v in ("base", "bisup"))), None)
     if key:
         fig, ax = plt.subplots(figsize=(6, 4))
         for variant in ("base", "bisup"):
