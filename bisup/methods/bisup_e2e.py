@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from tqdm.auto import tqdm
 
 from bisup.config import BiSupConfig
+from bisup.methods.bisup_training import run_epochs
 from bisup.nn.fake_quant import FakeQuantLinear
 from bisup.quant.formats import BISUP_ACTS
 from bisup.quant.learnable import fp16_ste
@@ -144,26 +144,19 @@ def train_end_to_end(adapter, calib_batches: torch.Tensor, final_targets: List[t
     if not params:  # nothing quantized to tune (e.g. W16 with KV quantization only)
         return log
     opt = torch.optim.AdamW(params, lr=bc.e2e_lr, weight_decay=0.0)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    steps = tqdm(total=bc.e2e_epochs * len(train_chunks), desc="BiSup end-to-end", disable=not progress, leave=False)
+
+    def step(c: int) -> float:
+        loss = kl(c)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
     try:
         with torch.enable_grad(), recomputed_layers(adapter.layers()):
-            for epoch in range(bc.e2e_epochs):
-                order = [train_chunks[i] for i in torch.randperm(len(train_chunks), generator=gen, device="cpu").tolist()]
-                total = 0.0
-                for c in order:
-                    loss = kl(c)
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    total += loss.item()
-                    steps.update(1)
-                    steps.set_postfix(kl=f"{loss.item():.4g}")
-                log["e2e_kl_last_epoch"] = total / len(order)
-                if epoch == 0:
-                    log["e2e_kl_first_epoch"] = log["e2e_kl_last_epoch"]
+            log["e2e_kl_first_epoch"], log["e2e_kl_last_epoch"] = run_epochs(
+                step, train_chunks, bc.e2e_epochs, seed, "BiSup end-to-end", progress, name="kl")
     finally:
-        steps.close()
         for layer, name, st in tuned:
             adapter.set_linear(layer, name, st.export())
     if val_chunks:

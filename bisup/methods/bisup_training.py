@@ -2,7 +2,7 @@
 loss against the full-precision targets, the optimizers, the loop."""
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -54,6 +54,30 @@ def _optimizers(groups: List[dict], bc: BiSupConfig) -> List[torch.optim.Optimiz
     return opts + [SignSGD(g["params"], g["lr"]) for g in sign]
 
 
+def run_epochs(step: Callable[[int], float], chunks: List[int], epochs: int, seed: int, desc: str,
+               progress: bool, name: str = "loss") -> Tuple[float, float]:
+    """`epochs` passes over `chunks`, each in a seeded random order (the same on every device); step(c)
+    trains on chunk c and returns its loss. Returns the first and the last epoch's mean loss."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    first = last = float("nan")
+    bar = tqdm(total=epochs * len(chunks), desc=desc, disable=not progress, leave=False)
+    try:
+        for epoch in range(epochs):
+            order = [chunks[i] for i in torch.randperm(len(chunks), generator=gen, device="cpu").tolist()]
+            total = 0.0
+            for c in order:
+                value = step(c)
+                total += value
+                bar.update(1)
+                bar.set_postfix({name: f"{value:.4g}"})
+            last = total / len(order)
+            if epoch == 0:
+                first = last
+    finally:
+        bar.close()
+    return first, last
+
+
 def train_block(block, inputs, bc: BiSupConfig, train_chunks: List[int], seed: int,
                 desc: str, progress: bool) -> Dict[str, float]:
     """AdamW (and SignSGD, see _optimizers) over the block's parameters; returns the first/last epoch's
@@ -67,26 +91,18 @@ def train_block(block, inputs, bc: BiSupConfig, train_chunks: List[int], seed: i
     # "linear": step i runs at (1 - i / n_steps) of each group's lr, the last at 1 / n_steps of it
     decay = (lambda i: 1.0 - i / n_steps) if bc.lr_schedule == "linear" else (lambda i: 1.0)
     schedules = [torch.optim.lr_scheduler.LambdaLR(opt, decay) for opt in opts]
-    gen = torch.Generator(device="cpu").manual_seed(seed)  # the order is the same on every device
-    steps = tqdm(total=n_steps, desc=desc, disable=not progress, leave=False)
+
+    def step(c: int) -> float:
+        out = _out(block.layer(inputs.hidden[c], **inputs.kwargs[c]))
+        mse = relative_error(out, inputs.targets[c], bc.loss)
+        loss = mse + bc.smooth_penalty * block.penalty(bc) if bc.smooth_penalty > 0 else mse
+        loss.backward()
+        for opt, schedule in zip(opts, schedules):
+            opt.step()
+            opt.zero_grad(set_to_none=True)  # now, not before the next backward: no stale gradients
+            schedule.step()
+        return mse.item()
+
     with torch.enable_grad():
-        for epoch in range(bc.epochs):
-            order = [train_chunks[i] for i in torch.randperm(len(train_chunks), generator=gen, device="cpu").tolist()]
-            total = 0.0
-            for c in order:
-                out = _out(block.layer(inputs.hidden[c], **inputs.kwargs[c]))
-                mse = relative_error(out, inputs.targets[c], bc.loss)
-                loss = mse + bc.smooth_penalty * block.penalty(bc) if bc.smooth_penalty > 0 else mse
-                loss.backward()
-                for opt, schedule in zip(opts, schedules):
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)  # now, not before the next backward: no stale gradients
-                    schedule.step()
-                total += mse.item()
-                steps.update(1)
-                steps.set_postfix(loss=f"{mse.item():.4g}")
-            log["loss_last_epoch"] = total / len(order)
-            if epoch == 0:
-                log["loss_first_epoch"] = log["loss_last_epoch"]
-    steps.close()
-    return log
+        first, last = run_epochs(step, train_chunks, bc.epochs, seed, desc, progress)
+    return {"loss_first_epoch": first, "loss_last_epoch": last}
