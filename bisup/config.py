@@ -120,8 +120,8 @@ class BiSupConfig:
     # after the block-wise training: passes of end-to-end training of every quantized linear's weight
     # scales and activation clip (codes fixed) on the full-precision model's next-token distribution
     # (bisup/methods/bisup_e2e.py); 0: none. Default 2: calib-val ppl 24.26 vs 26.43 without (16 tail
-    # windows, bench/results/bisup_validation.md); it runs the whole model where it lives (off for a
-    # model that does not fit its compute device)
+    # windows, bench/results/bisup_validation.md); it runs the whole model where it lives (skipped, with
+    # a warning, when the layers live off the compute device: methods/bisup.py)
     e2e_epochs: int = 2
     e2e_lr: float = 5e-3  # AdamW on the log of each scale / clip ratio
 
