@@ -107,7 +107,7 @@ def energy_probe(windows: int = 2) -> dict:
     is per token: with the all-token MSE these few tokens own the block loss)."""
     import torch
 
-    from bisup.eval.data import calibration_batches, validation_batches
+    from bisup.eval.data import calibration_batches
     from bisup.models.default import load_default_model
 
     model, tok = load_default_model()

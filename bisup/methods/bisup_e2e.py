@@ -100,14 +100,17 @@ def recomputed_layers(layers):
     again there (activation checkpointing): the whole model's backward then holds one layer's
     activations at a time, not every layer's (SmolLM2, 2 x 512 tokens: ~8 GB less), for ~1/3 more
     compute."""
-    originals = [layer.forward for layer in layers]
-    for layer, forward in zip(layers, originals):
-        layer.forward = lambda *args, _f=forward, **kwargs: checkpoint(_f, *args, use_reentrant=False, **kwargs)
+    own = [vars(layer).get("forward") for layer in layers]  # an instance forward (e.g. accelerate's hook)
+    for layer in layers:
+        layer.forward = lambda *args, _f=layer.forward, **kwargs: checkpoint(_f, *args, use_reentrant=False, **kwargs)
     try:
         yield
     finally:
-        for layer in layers:
-            del layer.forward  # the class's forward again
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward  # the class's forward again
+            else:
+                layer.forward = forward
 
 
 def train_end_to_end(adapter, calib_batches: torch.Tensor, final_targets: List[torch.Tensor],
@@ -161,6 +164,6 @@ def train_end_to_end(adapter, calib_batches: torch.Tensor, final_targets: List[t
             adapter.set_linear(layer, name, st.export())
     if val_chunks:
         log["e2e_val_kl_after"] = val_kl()
-    if not math.isfinite(log["e2e_kl_last_epoch"]) and bc.e2e_epochs and train_chunks:
+    if not math.isfinite(log["e2e_kl_last_epoch"]):
         raise FloatingPointError(f"BiSup end-to-end: the KL became {log['e2e_kl_last_epoch']} (lower e2e_lr)")
     return log

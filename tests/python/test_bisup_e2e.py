@@ -115,6 +115,11 @@ def test_recomputed_layers_give_the_same_gradients():
     assert calls == [1, 0, 1, 1, 0]  # recomputed: the layer ran again in the backward pass
     assert grads[0].abs().sum() > 0
     assert all("forward" not in vars(layer) for layer in adapter.layers())  # the class's forward again
+    hooked = adapter.layers()[0]
+    hooked.forward = own = hooked.forward  # an instance forward, as accelerate's device hooks install
+    with recomputed_layers(adapter.layers()):
+        assert hooked.forward is not own
+    assert hooked.forward is own
 
 
 def test_skipped_with_a_warning_when_layers_live_off_the_compute_device(monkeypatch):
